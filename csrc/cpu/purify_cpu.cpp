@@ -1,0 +1,398 @@
+// Fused CPU kernels of purify_forward and purify_backward.
+//
+// Work is split into items: one z row (group) and a fixed share of the x rows it serves.
+// Per item the K x K Gram of z is factored once; per x row, the K dot products are one pass
+// over the row and the output is a second pass while the row is still in L1/L2, so no N x D
+// intermediate is written. 16-bit inputs are widened to float32 in registers only.
+// dz of a z row shared by many x rows is summed in float32 (float64) per item and the item
+// partials in a fixed order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../purify_host.h"
+#include "../row_math.h"
+
+namespace purified_ops {
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads and stores one block of T as accumulate-type vectors (two for 16-bit T).
+template <typename T>
+struct Block {
+  using acc_t = at::opmath_type<T>;
+  using AVec = Vectorized<acc_t>;
+  static constexpr int64_t kSize = Vectorized<T>::size();
+  static constexpr int kSub = static_cast<int>(kSize / AVec::size());
+
+  static inline void load(const T* p, AVec* out) {
+    if constexpr (kSub == 1) {
+      out[0] = AVec::loadu(p);
+    } else {
+      auto halves = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+      out[0] = std::get<0>(halves);
+      out[1] = std::get<1>(halves);
+    }
+  }
+  static inline void store(T* p, const AVec* in) {
+    if constexpr (kSub == 1) {
+      in[0].store(p);
+    } else {
+      at::vec::convert_from_float<T>(in[0], in[1]).store(p);
+    }
+  }
+};
+
+template <typename acc_t>
+inline acc_t sum_lanes(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t s = 0;
+  for (int i = 0; i < Vectorized<acc_t>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+// out[k] = <v, dirs[k]> for k < NB, in one pass over v (two accumulator chains for latency).
+template <typename T, int NB>
+inline void dots_block(const T* v, const T* const* dirs, int64_t D, at::opmath_type<T>* out) {
+  using B = Block<T>;
+  using AVec = typename B::AVec;
+  AVec acc0[NB][B::kSub], acc1[NB][B::kSub];
+  for (int k = 0; k < NB; ++k)
+    for (int s = 0; s < B::kSub; ++s) acc0[k][s] = acc1[k][s] = AVec(0);
+  int64_t d = 0;
+  AVec vv[B::kSub], zz[B::kSub];
+  for (; d + 2 * B::kSize <= D; d += 2 * B::kSize) {
+    B::load(v + d, vv);
+    for (int k = 0; k < NB; ++k) {
+      B::load(dirs[k] + d, zz);
+      for (int s = 0; s < B::kSub; ++s) acc0[k][s] = at::vec::fmadd(vv[s], zz[s], acc0[k][s]);
+    }
+    B::load(v + d + B::kSize, vv);
+    for (int k = 0; k < NB; ++k) {
+      B::load(dirs[k] + d + B::kSize, zz);
+      for (int s = 0; s < B::kSub; ++s) acc1[k][s] = at::vec::fmadd(vv[s], zz[s], acc1[k][s]);
+    }
+  }
+  if (d + B::kSize <= D) {
+    B::load(v + d, vv);
+    for (int k = 0; k < NB; ++k) {
+      B::load(dirs[k] + d, zz);
+      for (int s = 0; s < B::kSub; ++s) acc0[k][s] = at::vec::fmadd(vv[s], zz[s], acc0[k][s]);
+    }
+    d += B::kSize;
+  }
+  for (int k = 0; k < NB; ++k) {
+    AVec total = acc0[k][0] + acc1[k][0];
+    for (int s = 1; s < B::kSub; ++s) total = total + acc0[k][s] + acc1[k][s];
+    at::opmath_type<T> r = sum_lanes(total);
+    for (int64_t t = d; t < D; ++t)
+      r += static_cast<at::opmath_type<T>>(v[t]) * static_cast<at::opmath_type<T>>(dirs[k][t]);
+    out[k] = r;
+  }
+}
+
+// out[k] = <v, dirs[k]> for k < n, directions taken four at a time.
+template <typename T>
+inline void dots(const T* v, const T* const* dirs, int n, int64_t D, at::opmath_type<T>* out) {
+  int k = 0;
+  for (; k + 4 <= n; k += 4) dots_block<T, 4>(v, dirs + k, D, out + k);
+  for (; k + 2 <= n; k += 2) dots_block<T, 2>(v, dirs + k, D, out + k);
+  if (k < n) dots_block<T, 1>(v, dirs + k, D, out + k);
+}
+
+// y = x - sum_k w[k] dirs[k]
+template <typename T>
+inline void subtract_combination(const T* x, const T* const* dirs, const at::opmath_type<T>* w,
+                                 int K, int64_t D, T* y) {
+  using B = Block<T>;
+  using AVec = typename B::AVec;
+  using acc_t = at::opmath_type<T>;
+  int64_t d = 0;
+  AVec a[B::kSub], zz[B::kSub];
+  for (; d + B::kSize <= D; d += B::kSize) {
+    B::load(x + d, a);
+    for (int k = 0; k < K; ++k) {
+      const AVec neg_w(-w[k]);
+      B::load(dirs[k] + d, zz);
+      for (int s = 0; s < B::kSub; ++s) a[s] = at::vec::fmadd(neg_w, zz[s], a[s]);
+    }
+    B::store(y + d, a);
+  }
+  for (; d < D; ++d) {
+    acc_t r = static_cast<acc_t>(x[d]);
+    for (int k = 0; k < K; ++k) r = std::fma(-w[k], static_cast<acc_t>(dirs[k][d]), r);
+    y[d] = static_cast<T>(r);
+  }
+}
+
+// The K x K Cholesky factor of Z Z^T + eps I, into `chol` (row-major, upper part zero).
+template <typename T>
+inline void factor_gram(const T* const* dirs, int K, int64_t D, at::opmath_type<T> eps,
+                        at::opmath_type<T>* chol) {
+  for (int a = 0; a < K; ++a) {
+    dots(dirs[a], dirs, a + 1, D, chol + a * K);
+    chol[a * K + a] += eps;
+  }
+  cholesky_inplace(chol, K, eps);
+}
+
+struct ItemRange {
+  int64_t group, row_begin, row_end;
+};
+
+inline ItemRange item_range(const RowGrid& grid, int64_t chunks, int64_t item) {
+  const int64_t c = item % chunks;
+  return {item / chunks, c * grid.group_size / chunks, (c + 1) * grid.group_size / chunks};
+}
+
+inline int64_t item_grain(const RowGrid& grid, int64_t chunks) {
+  const int64_t rows = std::max<int64_t>(1, grid.group_size / chunks);
+  const int64_t cost = rows * std::max<int64_t>(1, grid.D) * (grid.K + 2);
+  return std::max<int64_t>(1, (int64_t{1} << 15) / cost);
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, double eps,
+                    at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
+  using acc_t = at::opmath_type<T>;
+  const RowGrid grid = make_row_grid(x, z, nullptr);
+  const int K = grid.K;
+  const int64_t D = grid.D;
+  const int64_t chunks = chunks_per_group(grid);
+  const T* xp = x.const_data_ptr<T>();
+  const T* zp = z.const_data_ptr<T>();
+  T* yp = y.mutable_data_ptr<T>();
+  acc_t* cp = coeff.mutable_data_ptr<acc_t>();
+  acc_t* lp = chol.mutable_data_ptr<acc_t>();
+  const acc_t s = static_cast<acc_t>(strength);
+  const acc_t e = static_cast<acc_t>(eps);
+
+  at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
+    std::vector<const T*> dirs(K);
+    std::vector<acc_t> L(static_cast<size_t>(K) * K), c(K), w(K);
+    for (int64_t item = begin; item < end; ++item) {
+      const ItemRange r = item_range(grid, chunks, item);
+      const RowOffsets go = decode_offsets(grid.group, r.group);
+      for (int k = 0; k < K; ++k) dirs[k] = zp + go.z + k * grid.z_dir_stride;
+      factor_gram(dirs.data(), K, D, e, L.data());
+      if (r.row_begin == 0) std::copy(L.begin(), L.end(), lp + r.group * K * K);
+      for (int64_t j = r.row_begin; j < r.row_end; ++j) {
+        const RowOffsets so = decode_offsets(grid.shared, j);
+        const T* xr = xp + go.x + so.x;
+        const int64_t row = go.row + so.row;
+        dots(xr, dirs.data(), K, D, c.data());
+        cholesky_solve_inplace(L.data(), K, c.data());
+        for (int k = 0; k < K; ++k) {
+          cp[row * K + k] = c[k];
+          w[k] = s * c[k];
+        }
+        subtract_combination(xr, dirs.data(), w.data(), K, D, yp + row * D);
+      }
+    }
+  });
+}
+
+// One row of the backward, second pass: dx = g - s q, the row's <g, p>, and its dz terms
+// c (g - q)^T + u (x - p)^T, either written scaled by -s (dz_out, a z row of its own) or
+// added to the float partial dz_acc (a z row shared by several x rows).
+template <typename T>
+inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* dirs,
+                                       const at::opmath_type<T>* c, const at::opmath_type<T>* u,
+                                       int K, int64_t D, at::opmath_type<T> s, T* dx,
+                                       T* dz_out, int64_t dz_dir_stride,
+                                       at::opmath_type<T>* dz_acc) {
+  using B = Block<T>;
+  using AVec = typename B::AVec;
+  using acc_t = at::opmath_type<T>;
+  constexpr int S = B::kSub;
+  const AVec neg_s(-s);
+  AVec gp_acc(0);
+  int64_t d = 0;
+  AVec gg[S], xx[S], zz[S], p[S], q[S], gq[S], xp[S], out[S];
+  for (; d + B::kSize <= D; d += B::kSize) {
+    B::load(g + d, gg);
+    B::load(x + d, xx);
+    for (int t = 0; t < S; ++t) p[t] = q[t] = AVec(0);
+    for (int k = 0; k < K; ++k) {
+      const AVec ck(c[k]), uk(u[k]);
+      B::load(dirs[k] + d, zz);
+      for (int t = 0; t < S; ++t) {
+        p[t] = at::vec::fmadd(ck, zz[t], p[t]);
+        q[t] = at::vec::fmadd(uk, zz[t], q[t]);
+      }
+    }
+    for (int t = 0; t < S; ++t) {
+      out[t] = at::vec::fmadd(neg_s, q[t], gg[t]);
+      gp_acc = at::vec::fmadd(gg[t], p[t], gp_acc);
+      gq[t] = gg[t] - q[t];
+      xp[t] = xx[t] - p[t];
+    }
+    B::store(dx + d, out);
+    if (dz_out != nullptr || dz_acc != nullptr) {
+      for (int k = 0; k < K; ++k) {
+        const AVec ck(c[k]), uk(u[k]);
+        for (int t = 0; t < S; ++t) out[t] = at::vec::fmadd(ck, gq[t], uk * xp[t]);
+        if (dz_out != nullptr) {
+          for (int t = 0; t < S; ++t) out[t] = neg_s * out[t];
+          B::store(dz_out + k * dz_dir_stride + d, out);
+        } else {
+          acc_t* a = dz_acc + k * D + d;
+          for (int t = 0; t < S; ++t) {
+            const int64_t o = t * AVec::size();
+            (AVec::loadu(a + o) + out[t]).store(a + o);
+          }
+        }
+      }
+    }
+  }
+  acc_t gp = sum_lanes(gp_acc);
+  for (; d < D; ++d) {
+    acc_t pv = 0, qv = 0;
+    for (int k = 0; k < K; ++k) {
+      const acc_t zv = static_cast<acc_t>(dirs[k][d]);
+      pv += c[k] * zv;
+      qv += u[k] * zv;
+    }
+    const acc_t gv = static_cast<acc_t>(g[d]), xv = static_cast<acc_t>(x[d]);
+    dx[d] = static_cast<T>(gv - s * qv);
+    gp += gv * pv;
+    for (int k = 0; k < K; ++k) {
+      const acc_t term = c[k] * (gv - qv) + u[k] * (xv - pv);
+      if (dz_out != nullptr) dz_out[k * dz_dir_stride + d] = static_cast<T>(-s * term);
+      else if (dz_acc != nullptr) dz_acc[k * D + d] += term;
+    }
+  }
+  return gp;
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z,
+                     double strength, const at::Tensor& coeff, const at::Tensor& chol,
+                     at::Tensor& dx, at::Tensor* dz, at::Tensor& ds) {
+  using acc_t = at::opmath_type<T>;
+  const RowGrid grid = make_row_grid(x, z, &g);
+  const int K = grid.K;
+  const int64_t D = grid.D;
+  const int64_t chunks = chunks_per_group(grid);
+  const int64_t items = grid.groups * chunks;
+  const bool direct_dz = dz != nullptr && grid.group_size == 1;
+  const T* gp = g.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* zp = z.const_data_ptr<T>();
+  const acc_t* cp = coeff.const_data_ptr<acc_t>();
+  const acc_t* lp = chol.const_data_ptr<acc_t>();
+  T* dxp = dx.mutable_data_ptr<T>();
+  T* dzp = dz != nullptr ? dz->mutable_data_ptr<T>() : nullptr;
+  const acc_t s = static_cast<acc_t>(strength);
+
+  // Per-item partial sums: <g, p> always, and dz (K x D each) for z rows shared by rows.
+  std::vector<acc_t> gp_part(items);
+  const bool partial_dz = dz != nullptr && !direct_dz;
+  at::Tensor dz_part;
+  acc_t* dz_partp = nullptr;
+  if (partial_dz) {
+    dz_part = at::zeros({items, K, D}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    dz_partp = dz_part.mutable_data_ptr<acc_t>();
+  }
+
+  at::parallel_for(0, items, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
+    std::vector<const T*> dirs(K);
+    std::vector<acc_t> u(K);
+    for (int64_t item = begin; item < end; ++item) {
+      const ItemRange r = item_range(grid, chunks, item);
+      const RowOffsets go = decode_offsets(grid.group, r.group);
+      for (int k = 0; k < K; ++k) dirs[k] = zp + go.z + k * grid.z_dir_stride;
+      const acc_t* L = lp + r.group * K * K;
+      acc_t* acc_dz = partial_dz ? dz_partp + item * K * D : nullptr;
+      acc_t gp_sum = 0;
+      for (int64_t j = r.row_begin; j < r.row_end; ++j) {
+        const RowOffsets so = decode_offsets(grid.shared, j);
+        const T* gr = gp + go.g + so.g;
+        const T* xr = xp + go.x + so.x;
+        const int64_t row = go.row + so.row;
+        dots(gr, dirs.data(), K, D, u.data());
+        cholesky_solve_inplace(L, K, u.data());
+        T* dz_row = direct_dz ? dzp + r.group * K * D : nullptr;
+        gp_sum += backward_row<T>(gr, xr, dirs.data(), cp + row * K, u.data(), K, D, s,
+                                  dxp + row * D, dz_row, D, acc_dz);
+      }
+      gp_part[item] = gp_sum;
+    }
+  });
+
+  if (partial_dz) {
+    // dz[m] = -s * sum over the group's items, in item order, for fixed-size column blocks.
+    constexpr int64_t kCols = 256;
+    const int64_t col_blocks = (static_cast<int64_t>(K) * D + kCols - 1) / kCols;
+    at::parallel_for(0, grid.groups * col_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sum(kCols);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t m = t / col_blocks;
+        const int64_t lo = (t % col_blocks) * kCols;
+        const int64_t hi = std::min<int64_t>(lo + kCols, static_cast<int64_t>(K) * D);
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        for (int64_t c = 0; c < chunks; ++c) {
+          const acc_t* part = dz_partp + (m * chunks + c) * K * D;
+          for (int64_t i = lo; i < hi; ++i) sum[i - lo] += part[i];
+        }
+        T* out = dzp + m * K * D;
+        for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<T>(-s * sum[i - lo]);
+      }
+    });
+  }
+
+  acc_t gp_total = 0;
+  for (const acc_t v : gp_part) gp_total += v;
+  ds.fill_(-gp_total);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cpu(const at::Tensor& x_in,
+                                                                 const at::Tensor& z_in,
+                                                                 const at::Tensor& strength,
+                                                                 double eps) {
+  check_forward_args(x_in, z_in, strength, eps, c10::DeviceType::CPU);
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
+  if (x.numel() == 0 && x.size(-1) != 0) {
+    chol.zero_();  // no rows: nothing reads the factor, but it is defined
+    return {y, coeff, chol};
+  }
+  const double s = strength.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_forward_cpu", [&] {
+    forward_kernel<scalar_t>(x, z, s, eps, y, coeff, chol);
+  });
+  return {y, coeff, chol};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+    const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+    bool compute_grad_z) {
+  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CPU);
+  const at::Tensor g = unit_last_stride(grad_y_in);
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
+  const double s = strength.item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_backward_cpu", [&] {
+    backward_kernel<scalar_t>(g, x, z, s, coeff, chol, dx, compute_grad_z ? &dz : nullptr, ds);
+  });
+  return {dx, dz, ds};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(purified_ops, CPU, m) {
+  m.impl("purify_forward", &purify_forward_cpu);
+  m.impl("purify_backward", &purify_backward_cpu);
+}
+
+}  // namespace purified_ops

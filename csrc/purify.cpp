@@ -1,0 +1,48 @@
+// The op schemas of purified_ops and the plain build-info binding. Implementations live in
+// cpu/ and cuda/ (TORCH_LIBRARY_IMPL), fake kernels and autograd in purified_ops/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifndef PURIFIED_OPS_CPU_CAPABILITY
+#define PURIFIED_OPS_CPU_CAPABILITY "unknown"
+#endif
+#ifndef PURIFIED_OPS_CXX_FLAGS
+#define PURIFIED_OPS_CXX_FLAGS ""
+#endif
+#ifndef PURIFIED_OPS_NVCC_FLAGS
+#define PURIFIED_OPS_NVCC_FLAGS ""
+#endif
+#ifndef PURIFIED_OPS_CUDA_ARCHS
+#define PURIFIED_OPS_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(purified_ops, m) {
+  // y = x - s Z^T (Z Z^T + eps I)^{-1} Z x per row; also returns the per-row coefficients c
+  // and the per-z-row Cholesky factor of the Gram matrix (accumulate dtype) for the backward.
+  m.def("purify_forward(Tensor x, Tensor z, Tensor strength, float eps) -> (Tensor, Tensor, Tensor)");
+  // (dx, dz, ds); dz is an empty [0] tensor when compute_grad_z is false.
+  m.def(
+      "purify_backward(Tensor grad_y, Tensor x, Tensor z, Tensor strength, Tensor coeff, "
+      "Tensor chol, bool compute_grad_z) -> (Tensor, Tensor, Tensor)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["cpu_capability"] = PURIFIED_OPS_CPU_CAPABILITY;
+    info["cxx_flags"] = PURIFIED_OPS_CXX_FLAGS;
+#ifdef PURIFIED_OPS_WITH_CUDA
+    info["cuda"] = true;
+#else
+    info["cuda"] = false;
+#endif
+    info["cuda_archs"] = PURIFIED_OPS_CUDA_ARCHS;
+    info["nvcc_flags"] = PURIFIED_OPS_NVCC_FLAGS;
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,168 @@
+#include "purify_host.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/irange.h>
+
+#include <algorithm>
+
+namespace purified_ops {
+
+at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+static bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+void check_forward_args(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                        double eps, c10::DeviceType device_type) {
+  TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()),
+                   "purify: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(z.scalar_type() == x.scalar_type(), "purify: z must have x's dtype ",
+                   x.scalar_type(), ", got ", z.scalar_type(), " (the Python API promotes)");
+  TORCH_CHECK_VALUE(x.dim() >= 1, "purify: x must be [..., D], got a 0-dim tensor");
+  TORCH_CHECK_VALUE(z.dim() == x.dim() + 1,
+                    "purify: z must be [..., K, D] with one dim more than x; got x ", x.sizes(),
+                    " and z ", z.sizes());
+  TORCH_CHECK_VALUE(z.size(-1) == x.size(-1), "purify: z's last dim must equal x's (D = ",
+                    x.size(-1), "); got x ", x.sizes(), " and z ", z.sizes());
+  TORCH_CHECK_VALUE(z.size(-2) >= 1, "purify: z must hold at least one direction (K >= 1); got z ",
+                    z.sizes());
+  for (const auto i : c10::irange(x.dim() - 1)) {
+    TORCH_CHECK_VALUE(z.size(i) == x.size(i) || z.size(i) == 1, "purify: z's leading dim ", i,
+                      " must equal x's or be 1; got x ", x.sizes(), " and z ", z.sizes());
+  }
+  TORCH_CHECK_VALUE(x.device() == z.device() && x.device() == strength.device(),
+                    "purify: x, z and strength must be on one device; got ", x.device(), ", ",
+                    z.device(), " and ", strength.device());
+  TORCH_CHECK_VALUE(x.device().type() == device_type, "purify: this kernel serves ", device_type,
+                    " tensors, got ", x.device());
+  TORCH_CHECK_VALUE(strength.dim() == 0 && strength.scalar_type() == accumulate_type(x.scalar_type()),
+                    "purify: strength must be a 0-dim ", accumulate_type(x.scalar_type()),
+                    " tensor, got shape ", strength.sizes(), " and dtype ", strength.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "purify: eps must be finite and > 0, got ", eps);
+}
+
+void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
+                         const at::Tensor& strength, const at::Tensor& coeff,
+                         const at::Tensor& chol, c10::DeviceType device_type) {
+  check_forward_args(x, z, strength, 1.0, device_type);
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
+                        grad_y.device() == x.device(),
+                    "purify_backward: grad_y must match x (", x.sizes(), ", ", x.scalar_type(),
+                    "); got ", grad_y.sizes(), ", ", grad_y.scalar_type(), " on ", grad_y.device());
+  auto [y, coeff_like, chol_like] = allocate_forward_outputs(x.to(at::kMeta), z.to(at::kMeta));
+  TORCH_CHECK_VALUE(coeff.sizes() == coeff_like.sizes() && coeff.scalar_type() == coeff_like.scalar_type() &&
+                        coeff.is_contiguous() && coeff.device() == x.device(),
+                    "purify_backward: coeff must be the contiguous ", coeff_like.sizes(), " ",
+                    coeff_like.scalar_type(), " tensor saved by purify_forward, got ", coeff.sizes(),
+                    " ", coeff.scalar_type());
+  TORCH_CHECK_VALUE(chol.sizes() == chol_like.sizes() && chol.scalar_type() == chol_like.scalar_type() &&
+                        chol.is_contiguous() && chol.device() == x.device(),
+                    "purify_backward: chol must be the contiguous ", chol_like.sizes(), " ",
+                    chol_like.scalar_type(), " tensor saved by purify_forward, got ", chol.sizes(),
+                    " ", chol.scalar_type());
+}
+
+at::Tensor unit_last_stride(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+// Appends the next outer dim to `dims` (filled inner to outer), merged into the previous,
+// inner one when every tensor's strides make the two one dim.
+static void push_outer_dim(DimList& dims, int64_t size, int64_t xs, int64_t gs, int64_t rs,
+                           int64_t zs) {
+  if (dims.ndim > 0) {
+    const int p = dims.ndim - 1;
+    const int64_t n = dims.size[p];
+    if (xs == dims.x_stride[p] * n && gs == dims.g_stride[p] * n &&
+        rs == dims.row_stride[p] * n && zs == dims.z_stride[p] * n) {
+      dims.size[p] *= size;
+      return;
+    }
+  }
+  TORCH_CHECK_VALUE(dims.ndim < kMaxGridDims, "purify: more than ", kMaxGridDims,
+                    " alternating broadcast and non-broadcast leading dims are not supported");
+  dims.size[dims.ndim] = size;
+  dims.x_stride[dims.ndim] = xs;
+  dims.g_stride[dims.ndim] = gs;
+  dims.row_stride[dims.ndim] = rs;
+  dims.z_stride[dims.ndim] = zs;
+  ++dims.ndim;
+}
+
+// Reverses a list filled inner to outer, since decode_offsets reads outermost first.
+static DimList outer_first(const DimList& r) {
+  DimList d;
+  for (int k = r.ndim - 1; k >= 0; --k) {
+    d.size[d.ndim] = r.size[k];
+    d.x_stride[d.ndim] = r.x_stride[k];
+    d.g_stride[d.ndim] = r.g_stride[k];
+    d.row_stride[d.ndim] = r.row_stride[k];
+    d.z_stride[d.ndim] = r.z_stride[k];
+    ++d.ndim;
+  }
+  return d;
+}
+
+RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor* grad_y) {
+  RowGrid grid;
+  grid.D = x.size(-1);
+  grid.K = static_cast<int>(z.size(-2));
+  grid.z_dir_stride = z.stride(-2);
+  grid.groups = 1;
+  grid.group_size = 1;
+  const int64_t lead = x.dim() - 1;
+  int64_t row_stride = 1;
+  // Walk from the innermost leading dim outwards: row strides are then the contiguous ones.
+  DimList group_rev, shared_rev;
+  for (int64_t i = lead - 1; i >= 0; --i) {
+    const int64_t n = x.size(i);
+    if (n != 1) {
+      const int64_t gs = grad_y ? grad_y->stride(i) : 0;
+      if (z.size(i) == 1) {
+        push_outer_dim(shared_rev, n, x.stride(i), gs, row_stride, 0);
+        grid.group_size *= n;
+      } else {
+        push_outer_dim(group_rev, n, x.stride(i), gs, row_stride, z.stride(i));
+        grid.groups *= n;
+      }
+    }
+    row_stride *= n;
+  }
+  grid.group = outer_first(group_rev);
+  grid.shared = outer_first(shared_rev);
+  return grid;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& x,
+                                                                        const at::Tensor& z) {
+  const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
+  const int64_t K = z.size(-2);
+  auto coeff_shape = x.sizes().vec();
+  coeff_shape.back() = K;
+  auto chol_shape = z.sizes().vec();
+  chol_shape.back() = K;
+  return {at::empty(x.sizes(), x.options()), at::empty(coeff_shape, acc), at::empty(chol_shape, acc)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(const at::Tensor& x,
+                                                                         const at::Tensor& z,
+                                                                         bool compute_grad_z) {
+  const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
+  return {at::empty(x.sizes(), x.options()),
+          compute_grad_z ? at::empty(z.sizes(), z.options()) : at::empty({0}, z.options()),
+          at::empty({}, acc)};
+}
+
+int64_t chunks_per_group(const RowGrid& grid) {
+  // Enough work items for any thread count we meet (>= 64 in all), each with enough rows
+  // (>= 8) to amortize its K x D partial; a group's partials are summed in a fixed order.
+  constexpr int64_t kTargetItems = 64, kMinRows = 8;
+  if (grid.groups <= 0 || grid.group_size <= 0) return 1;
+  const int64_t want = (kTargetItems + grid.groups - 1) / grid.groups;
+  return std::max<int64_t>(1, std::min(want, grid.group_size / kMinRows));
+}
+
+}  // namespace purified_ops

@@ -1,0 +1,43 @@
+// Host-side pieces shared by the CPU and CUDA implementations of the registered ops:
+// argument checks (a raw op call gets a clear error too, not only the Python API),
+// the row grid of a call, and the outputs' allocation. Compiled by the host compiler only.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#include "row_grid.h"
+
+namespace purified_ops {
+
+at::ScalarType accumulate_type(at::ScalarType t);
+
+// Checks the arguments every implementation of purify_forward shares. `device_type` is the
+// backend's (CPU or CUDA).
+void check_forward_args(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                        double eps, c10::DeviceType device_type);
+void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
+                         const at::Tensor& strength, const at::Tensor& coeff,
+                         const at::Tensor& chol, c10::DeviceType device_type);
+
+// x and grad_y must have unit stride in the last dim (see unit_last_stride).
+RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor* grad_y);
+
+// `t` itself when its last dim is contiguous (or has one element), else a contiguous copy.
+at::Tensor unit_last_stride(const at::Tensor& t);
+
+// y (x's shape and dtype), coeff ([*x.shape[:-1], K]) and chol ([*z.shape[:-2], K, K]),
+// all contiguous, coeff and chol in the accumulate dtype. The Python fake kernel mirrors this.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& x,
+                                                                        const at::Tensor& z);
+// dx (x's shape), dz (z's shape, or an empty [0] tensor when not wanted), ds (0-dim accumulate).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(const at::Tensor& x,
+                                                                         const at::Tensor& z,
+                                                                         bool compute_grad_z);
+
+// How the rows of one z row are split into work items for a deterministic reduction of dz.
+// Depends on the shapes alone, never on the thread count, so results are bitwise stable.
+int64_t chunks_per_group(const RowGrid& grid);
+
+}  // namespace purified_ops

@@ -1,0 +1,54 @@
+// How the kernels address rows. x's leading dims split into "group" dims, where z has its own
+// rows, and "shared" dims, where z has size 1 and one z row serves many x rows (tokens, pixels).
+// A row is addressed as (m, j): m the z row (group), j the row within the group. Offsets come
+// from per-tensor strides, so x, grad_y and z are read in place: any strides, any storage
+// offset, and a broadcast z is never materialized. No torch headers here (nvcc-friendly).
+#pragma once
+
+#include <cstdint>
+
+#include "row_math.h"
+
+namespace purified_ops {
+
+// Dims left after dropping size-1 dims and merging neighbours; alternating group/shared
+// dims beyond this many are rejected by the host with a clear error.
+constexpr int kMaxGridDims = 12;
+
+struct DimList {
+  int ndim = 0;
+  int64_t size[kMaxGridDims] = {};
+  int64_t x_stride[kMaxGridDims] = {};     // elements of x
+  int64_t g_stride[kMaxGridDims] = {};     // elements of grad_y (backward only)
+  int64_t row_stride[kMaxGridDims] = {};   // rows of the contiguous outputs (y, dx, coeff)
+  int64_t z_stride[kMaxGridDims] = {};     // elements of z (group dims only)
+};
+
+struct RowGrid {
+  int64_t groups = 0;      // z rows actually used (product of group dims)
+  int64_t group_size = 0;  // x rows per z row (product of shared dims)
+  int64_t D = 0;           // feature length
+  int K = 0;               // directions per row
+  int64_t z_dir_stride = 0;  // elements between the K directions of one z row
+  DimList group, shared;
+};
+
+// The offsets of one multi-index, decoded from a linear index over `dims`.
+struct RowOffsets {
+  int64_t x = 0, g = 0, row = 0, z = 0;
+};
+
+PURIFY_HD RowOffsets decode_offsets(const DimList& dims, int64_t linear) {
+  RowOffsets o;
+  for (int d = dims.ndim - 1; d >= 0; --d) {
+    const int64_t i = linear % dims.size[d];
+    linear /= dims.size[d];
+    o.x += i * dims.x_stride[d];
+    o.g += i * dims.g_stride[d];
+    o.row += i * dims.row_stride[d];
+    o.z += i * dims.z_stride[d];
+  }
+  return o;
+}
+
+}  // namespace purified_ops

@@ -1,0 +1,92 @@
+"""Argument checks of the public entry points, run before any kernel.
+
+Errors follow DESIGN.md: ValueError for shapes, broadcasting, eps, backend names and devices;
+TypeError for non-tensors and non-floating dtypes. Messages name the offending shapes or values.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from .reference import accumulate_dtype, as_directions
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class PurifyArgs:
+    """Validated arguments in the form the kernels take."""
+
+    x: torch.Tensor          # promoted dtype
+    z: torch.Tensor          # promoted dtype, [..., K, D]
+    strength: torch.Tensor   # 0-dim, accumulate dtype, on x's device
+    eps: float
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"purify: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"purify: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"purify: eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"purify: eps must be finite and > 0, got {eps}")
+    return eps
+
+
+def check_strength(strength) -> None:
+    if isinstance(strength, torch.Tensor):
+        if strength.dim() != 0:
+            raise ValueError(f"purify: strength must be a float or a 0-dim tensor, got shape {tuple(strength.shape)}")
+        if not strength.is_floating_point():
+            raise TypeError(f"purify: a strength tensor must be floating point, got {strength.dtype}")
+    elif isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+        raise TypeError(f"purify: strength must be a float or a 0-dim tensor, got {type(strength).__name__}")
+
+
+def check_shapes(x: torch.Tensor, z: torch.Tensor) -> None:
+    if x.dim() < 1:
+        raise ValueError("purify: x must be [..., D], got a 0-dim tensor")
+    if z.dim() not in (x.dim(), x.dim() + 1):
+        raise ValueError(
+            f"purify: z must be [..., D] (one direction) or [..., K, D] with the same number of dims as x "
+            f"or one more; got x {tuple(x.shape)} and z {tuple(z.shape)}")
+    if z.shape[-1] != x.shape[-1]:
+        raise ValueError(f"purify: z's last dim must equal x's (D = {x.shape[-1]}); got x {tuple(x.shape)} "
+                         f"and z {tuple(z.shape)}")
+    z3 = as_directions(x, z)
+    if z3.shape[-2] < 1:
+        raise ValueError(f"purify: z must hold at least one direction (K >= 1); got z {tuple(z.shape)}")
+    for i, (nx, nz) in enumerate(zip(x.shape[:-1], z3.shape[:-2])):
+        if nz != nx and nz != 1:
+            raise ValueError(f"purify: z's leading dim {i} must equal x's or be 1 (z is broadcast over x's rows, "
+                             f"never x over z's); got x {tuple(x.shape)} and z {tuple(z.shape)}")
+
+
+def check_purify_args(x, z, strength, eps) -> PurifyArgs:
+    """Validates and canonicalizes: promoted dtype, z as [..., K, D], strength as a tensor."""
+    _check_tensor("x", x)
+    _check_tensor("z", z)
+    if x.device != z.device:
+        raise ValueError(f"purify: x and z must be on one device, got {x.device} and {z.device}")
+    check_shapes(x, z)
+    eps = check_eps(eps)
+    check_strength(strength)
+    dtype = torch.promote_types(x.dtype, z.dtype)
+    acc = accumulate_dtype(dtype)
+    if isinstance(strength, torch.Tensor):
+        if strength.device != x.device and strength.device.type != "cpu":
+            raise ValueError(f"purify: strength must be on x's device ({x.device}) or a CPU scalar, "
+                             f"got {strength.device}")
+        s = strength.to(device=x.device, dtype=acc)
+    else:
+        s = torch.tensor(float(strength), dtype=acc, device=x.device)
+    return PurifyArgs(x.to(dtype), as_directions(x, z).to(dtype), s, eps)

@@ -1,0 +1,82 @@
+"""Builds purified_ops._C: the op schemas, the fused CPU kernels and, when a CUDA build of torch
+and nvcc are present, the fused CUDA kernels.
+
+Environment:
+  PURIFIED_OPS_CUDA=0|1          force the CUDA extension off or on (default: automatic)
+  TORCH_CUDA_ARCH_LIST           CUDA archs (default "8.0;9.0")
+  PURIFIED_OPS_CPU_CAPABILITY    DEFAULT, AVX2 or AVX512 (default: what torch detects here)
+  PURIFIED_OPS_PTXAS_VERBOSE=1   print ptxas' register and spill report for every kernel
+"""
+import glob
+import os
+import shlex
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# at::vec::Vectorized picks its implementation from CPU_CAPABILITY_* defines; without them it
+# is a scalar emulation several times slower. The capability is fixed at build time, for the
+# machine that builds (the package is built where it runs).
+CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
+               "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def cpu_capability():
+    cap = os.environ.get("PURIFIED_OPS_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
+    if cap not in CPU_CAPABILITY_FLAGS:
+        cap = "AVX512" if cap.startswith("AVX512") else "DEFAULT"
+    return cap
+
+
+def want_cuda():
+    forced = os.environ.get("PURIFIED_OPS_CUDA")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise SystemExit(f"PURIFIED_OPS_CUDA must be 0 or 1, got {forced!r}")
+        if forced == "1" and (torch.version.cuda is None or cpp_extension.CUDA_HOME is None):
+            raise SystemExit("PURIFIED_OPS_CUDA=1 needs a CUDA build of torch and nvcc "
+                             f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})")
+        return forced == "1"
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def c_string(flags):
+    return '"' + " ".join(flags).replace('"', '\\"') + '"'
+
+
+def extension():
+    cap = cpu_capability()
+    cxx = ["-O3", "-std=c++17", "-fopenmp", *CPU_CAPABILITY_FLAGS[cap]]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    defines = [("PURIFIED_OPS_CPU_CAPABILITY", f'"{cap}"'), ("PURIFIED_OPS_CXX_FLAGS", c_string(cxx))]
+    link = ["-fopenmp"]
+    if not want_cuda():
+        return cpp_extension.CppExtension("purified_ops._C", sources, define_macros=defines,
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    if os.environ.get("PURIFIED_OPS_PTXAS_VERBOSE") == "1":
+        nvcc.append("-Xptxas=-v")
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    defines += [("PURIFIED_OPS_WITH_CUDA", None), ("PURIFIED_OPS_NVCC_FLAGS", c_string(nvcc)),
+                ("PURIFIED_OPS_CUDA_ARCHS", f'"{archs}"')]
+    # ATen/cuda headers pull in cusparse.h, which a pip CUDA torch ships under nvidia/cu13.
+    includes = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))
+    return cpp_extension.CUDAExtension("purified_ops._C", sources, define_macros=defines,
+                                       include_dirs=[os.path.abspath(p) for p in includes],
+                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                                       extra_link_args=link)
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
