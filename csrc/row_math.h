@@ -16,17 +16,31 @@ namespace purified_ops {
 // K up to this is fused with per-row register/stack storage (G is K x K).
 constexpr int kMaxFusedK = 16;
 
+template <typename T>
+PURIFY_HD T unit_roundoff();
+template <>
+PURIFY_HD float unit_roundoff<float>() { return 1.1920929e-07f; }
+template <>
+PURIFY_HD double unit_roundoff<double>() { return 2.220446049250313e-16; }
+
 // In place: the lower triangle of the row-major K x K matrix `a` (holding G) becomes its
 // Cholesky factor L (G = L L^T); the strict upper triangle is set to zero.
-// For G = A + eps I with A positive semi-definite every pivot is >= eps in exact arithmetic,
-// so clamping pivots to eps is exact math that keeps rounding (repeated or nearly dependent
-// directions, |z|^2 >> eps) from producing a zero or negative pivot and thus NaN or Inf.
+//
+// Pivot floor: for G = A + eps I with A positive semi-definite every pivot is >= eps in exact
+// arithmetic. A computed pivot can still fall below that when a direction is (numerically)
+// dependent on the earlier ones, since rounding in G is ~K u G_jj; the noise then grows through
+// the factor into Inf or NaN. So pivots are floored at max(eps, 4 K u G_jj): exact math where G
+// is resolvable in this precision, and where it is not (|z|^2 / eps beyond 1/u), the factor of a
+// G whose dependent directions get a regularization at the rounding level, which stays finite.
 template <typename T>
 PURIFY_HD void cholesky_inplace(T* a, int K, T eps) {
+  const T rel = T(4) * T(K) * unit_roundoff<T>();
   for (int j = 0; j < K; ++j) {
-    T d = a[j * K + j];
+    const T gjj = a[j * K + j];
+    T d = gjj;
     for (int p = 0; p < j; ++p) d -= a[j * K + p] * a[j * K + p];
-    d = d > eps ? d : eps;  // also maps a NaN pivot to eps; NaN inputs still reach c via Z x
+    const T floor = eps > rel * gjj ? eps : rel * gjj;
+    d = d > floor ? d : floor;  // also maps a NaN pivot to the floor; NaN rows still reach c via Z x
     const T r = std::sqrt(d);
     a[j * K + j] = r;
     const T inv = T(1) / r;

@@ -1,0 +1,84 @@
+"""Forward and every gradient against the float64 truth, through each public entry point."""
+import pytest
+import torch
+
+import purified_ops
+from purified_ops import PurifyFunction, PurifyLayer, reference
+
+from accuracy import TOLERANCE, rel_err, truth
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+KS = [1, 2, 5, 16, 20]
+DS = [1, 3, 127, 1000]
+
+
+def _inputs(K, D, dtype, device, layout):
+    g = torch.Generator().manual_seed(1000 * K + D)
+    x = torch.randn(2, 3, D, generator=g).to(device, dtype)
+    if layout == "per_sample":  # one z per sample, shared by its 3 rows
+        z = torch.randn(2, 1, K, D, generator=g)
+    else:  # one z per position, shared by the 2 samples
+        z = torch.randn(1, 3, K, D, generator=g)
+    if K >= D:
+        # K >= D directions span R^D: with |z|^2 >> eps the output is ~eps/|z|^2 of x, a
+        # cancellation no float32 evaluation resolves (test_rank_deficient covers that regime).
+        # With |z|^2 ~ eps the Gram matrix is well conditioned and DESIGN's bounds apply.
+        z = z * 1e-3
+    z = z.to(device, dtype)
+    if K == 1 and layout == "per_sample":
+        z = z.squeeze(-2)  # the [..., D] form of a single direction
+    grad = torch.randn(2, 3, D, generator=g).to(device, dtype)
+    return x, z, grad
+
+
+def _run(entry, x, z, strength, grad):
+    """Output and gradients (x, z, strength) of one entry point."""
+    x = x.detach().requires_grad_()
+    z = z.detach().requires_grad_()
+    if entry == "layer":
+        layer = PurifyLayer(strength=float(strength), learnable_strength=True).to(x.device, strength.dtype)
+        y = layer(x, z)
+        s = layer.strength
+    else:
+        s = strength.detach().to(x.device).requires_grad_()
+        y = PurifyFunction.apply(x, z, s, 1e-6) if entry == "function" else purified_ops.purify(x, z, strength=s)
+    gx, gz, gs = torch.autograd.grad(y, (x, z, s), grad)
+    return y, gx, gz, gs
+
+
+@pytest.mark.parametrize("entry", ["function", "purify", "layer"])
+@pytest.mark.parametrize("D", DS)
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_float64_truth(device, dtype, K, D, entry):
+    layout = "per_sample" if K % 2 else "per_position"
+    x, z, grad = _inputs(K, D, dtype, device, layout)
+    strength = torch.tensor(0.75, dtype=reference.accumulate_dtype(dtype))  # a gradient has its input's dtype
+    ours = _run(entry, x, z, strength, grad)
+    assert ours[0].dtype == dtype and ours[0].shape == x.shape
+
+    # Truth: float64 from the very same (rounded) inputs.
+    x64, z64 = x.double().requires_grad_(), z.double().requires_grad_()
+    s64 = strength.double().to(device).requires_grad_()
+    true = (y := truth(x64, z64, s64),) + torch.autograd.grad(y, (x64, z64, s64), grad.double())
+    for name, o, t in zip(["y", "dx", "dz", "dstrength"], ours, true):
+        err = rel_err(o, t)
+        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.3g} ({dtype}, K={K}, D={D}, {entry})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_rank_deficient_is_stable(device, dtype):
+    """K >= D with |z|^2 >> eps: y is ~eps/|z|^2 of x. Its error is bounded relative to x, the
+    scale of the computation (backward stability), rather than to the tiny y."""
+    g = torch.Generator().manual_seed(7)
+    u = torch.finfo(reference.accumulate_dtype(dtype)).eps
+    for K, D in [(1, 1), (5, 3), (16, 3), (20, 1), (20, 3)]:
+        x = torch.randn(64, D, generator=g).to(device, dtype)
+        z = torch.randn(64, K, D, generator=g).to(device, dtype)
+        y = purified_ops.purify(x, z)
+        # The exact result, well conditioned: Z^T (Z Z^T + eps)^-1 Z = I - eps (Z^T Z + eps)^-1.
+        x64, z64 = x.double(), z.double()
+        m = z64.transpose(-1, -2) @ z64 + 1e-6 * torch.eye(D, dtype=torch.float64, device=device)
+        exact = 1e-6 * torch.linalg.solve(m, x64)
+        err = ((y.double() - exact).norm(dim=-1) / x64.norm(dim=-1)).max().item()
+        assert err <= 64 * K * u, f"K={K}, D={D}: {err:.3g}"
