@@ -20,6 +20,9 @@ except ImportError as exc:  # no compiled extension: the reference serves, with 
     _C = None
     _LOAD_ERROR = exc
 
+# Read once: purify() consults it on every call, also while torch.compile traces.
+_BUILD_INFO: dict = _C.build_info() if _C is not None else {}
+
 _warned_fallback = False
 
 
@@ -29,7 +32,7 @@ def build_info() -> dict:
     if _C is None:
         info["extension_error"] = f"{type(_LOAD_ERROR).__name__}: {_LOAD_ERROR}"
     else:
-        info.update(_C.build_info())
+        info.update(_BUILD_INFO)
     return info
 
 
@@ -39,7 +42,7 @@ def available_backends() -> tuple[str, ...]:
     found = []
     if _C is not None:
         found.append("cpu")
-        if _C.build_info()["cuda"] and torch.cuda.is_available():
+        if _BUILD_INFO["cuda"] and torch.cuda.is_available():
             found.append("cuda")
     found.append("reference")
     return tuple(found)
@@ -77,23 +80,25 @@ class PurifyFunction(torch.autograd.Function):
             raise RuntimeError(f"purified_ops: the compiled extension did not load ({_LOAD_ERROR}); "
                                "use purify(..., backend='reference') or rebuild the package")
         y, coeff, chol = torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)
-        ctx.save_for_backward(args.x, args.z, args.strength, coeff, chol)
+        # The original inputs too: a double backward must differentiate through them, not
+        # through the promoted views made here.
+        s_in = strength if isinstance(strength, torch.Tensor) else args.strength
+        ctx.save_for_backward(x, z, s_in, args.x, args.z, args.strength, coeff, chol)
         ctx.eps = args.eps
-        ctx.z_shape = z.shape
         ctx.strength_meta = (strength.device, strength.dtype) if isinstance(strength, torch.Tensor) else None
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, z, strength, coeff, chol = ctx.saved_tensors
+        x_in, z_in, s_in, x, z, strength, coeff, chol = ctx.saved_tensors
         need_x, need_z, need_s, _ = ctx.needs_input_grad
         if torch.is_grad_enabled():
-            dx, dz, ds = reference.purify_backward(grad_y, x, z, strength, ctx.eps)
+            dx, dz, ds = reference.purify_backward(grad_y, x_in, reference.as_directions(x_in, z_in), s_in, ctx.eps)
         else:
             dx, dz, ds = torch.ops.purified_ops.purify_backward(
                 grad_y.to(x.dtype), x, z, strength, coeff, chol, need_z)
         return (dx if need_x else None,
-                dz.reshape(ctx.z_shape) if need_z else None,
+                dz.reshape(z_in.shape) if need_z else None,
                 ds.to(*ctx.strength_meta) if need_s else None,
                 None)
 
