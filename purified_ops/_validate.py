@@ -26,7 +26,7 @@ class PurifyArgs:
     eps: float
 
 
-def _check_tensor(name: str, t) -> None:
+def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"purify: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
@@ -73,8 +73,8 @@ def check_shapes(x: torch.Tensor, z: torch.Tensor) -> None:
 
 def check_purify_args(x, z, strength, eps) -> PurifyArgs:
     """Validates and canonicalizes: promoted dtype, z as [..., K, D], strength as a tensor."""
-    _check_tensor("x", x)
-    _check_tensor("z", z)
+    check_tensor("x", x)
+    check_tensor("z", z)
     if x.device != z.device:
         raise ValueError(f"purify: x and z must be on one device, got {x.device} and {z.device}")
     check_shapes(x, z)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validate import check_eps, check_strength
+from ._validate import check_eps, check_strength, check_tensor
 from .ops import purify
 
 __all__ = ["PurifyLayer"]
@@ -67,12 +67,12 @@ class PurifyLayer(nn.Module):
             self.strength = float(strength)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not isinstance(z, torch.Tensor):
-            raise TypeError(f"PurifyLayer: x and z must be tensors, got {type(x).__name__} and {type(z).__name__}")
+        check_tensor("x", x)
+        check_tensor("z", z)
         if self.detach_irrelevant:
             z = z.detach()
         if x.dim() == 0:
-            raise ValueError("PurifyLayer: x must have at least one dim")
+            raise ValueError("PurifyLayer: x must have at least one dim, got a 0-dim tensor")
         dim = self.dim + x.dim() if self.dim < 0 else self.dim
         if not 0 <= dim < x.dim():
             raise ValueError(f"PurifyLayer: dim={self.dim} is out of range for x of shape {tuple(x.shape)}")

@@ -1,0 +1,169 @@
+"""The public API: errors of DESIGN.md, PurifyLayer, the fallback without the extension, the CLI."""
+import copy
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import purified_ops
+from purified_ops import PurifyFunction, PurifyLayer, purify, reference
+
+ENTRY_POINTS = {
+    "purify": lambda x, z, **kw: purify(x, z, **kw),
+    "function": lambda x, z, strength=1.0, eps=1e-6: PurifyFunction.apply(x, z, strength, eps),
+    "layer": lambda x, z, strength=1.0, eps=1e-6: PurifyLayer(strength, eps=eps)(x, z),
+}
+
+BAD_INPUTS = [
+    # (x, z, kwargs, error class, message fragment)
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 7), {}, ValueError, r"last dim must equal x's \(D = 8\)"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(8), {}, ValueError, r"x \(3, 8\) and z \(8,\)"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(1, 1, 1, 8), {}, ValueError, "one more"),
+    (lambda: torch.randn(4, 8), lambda: torch.randn(3, 8), {}, ValueError, "leading dim 0 must equal x's or be 1"),
+    (lambda: torch.randn(1, 8), lambda: torch.randn(3, 8), {}, ValueError, "never x over z's"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 0, 8), {}, ValueError, "at least one direction"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"eps": 0.0}, ValueError, "eps must be finite and > 0, got 0.0"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"eps": -1e-3}, ValueError, "got -0.001"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"eps": float("nan")}, ValueError, "eps must be finite"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"eps": float("inf")}, ValueError, "eps must be finite"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"eps": "1e-6"}, TypeError, "eps must be a real number"),
+    (lambda: torch.randint(0, 5, (3, 8)), lambda: torch.randn(3, 8), {}, TypeError, "x must be float16, bfloat16, float32 or float64, got torch.int64"),
+    (lambda: torch.randn(3, 8), lambda: torch.ones(3, 8, dtype=torch.bool), {}, TypeError, "z must be float16"),
+    (lambda: torch.randn(3, 8, dtype=torch.complex64), lambda: torch.randn(3, 8), {}, TypeError, "complex64"),
+    (lambda: [[1.0, 2.0]], lambda: torch.randn(1, 2), {}, TypeError, "x must be a torch.Tensor, got list"),
+    (lambda: torch.randn(3, 8), lambda: None, {}, TypeError, "z must be a torch.Tensor, got NoneType"),
+    (lambda: torch.tensor(1.0), lambda: torch.tensor(1.0), {}, ValueError, "0-dim"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8, device="meta"), {}, ValueError, "one device, got cpu and meta"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": torch.ones(2)}, ValueError, r"0-dim tensor, got shape \(2,\)"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": "1"}, TypeError, "strength must be a float"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": torch.tensor(1)}, TypeError, "floating point"),
+]
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_raises_documented_error(entry, case):
+    make_x, make_z, kwargs, error, message = BAD_INPUTS[case]
+    if entry == "layer" and "strength" in kwargs and not isinstance(kwargs["strength"], (int, float)):
+        pytest.skip("the layer checks strength when constructed (test_layer_rejects_bad_arguments)")
+    with pytest.raises(error, match=message):
+        ENTRY_POINTS[entry](make_x(), make_z(), **kwargs)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'gpu'"):
+        purify(torch.randn(2, 3), torch.randn(2, 3), backend="gpu")
+
+
+def test_backend_for_other_device():
+    with pytest.raises(ValueError, match="serves cpu tensors, but x is on meta"):
+        purify(torch.randn(2, 3, device="meta"), torch.randn(2, 3, device="meta"), backend="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_unavailable_backend():
+    with pytest.raises(RuntimeError, match="'cuda' is not available"):
+        purify(torch.randn(2, 3), torch.randn(2, 3), backend="cuda")
+
+
+def test_layer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="eps"):
+        PurifyLayer(eps=0)
+    with pytest.raises(TypeError, match="strength"):
+        PurifyLayer(strength="strong")
+    with pytest.raises(TypeError, match="dim must be an int"):
+        PurifyLayer(dim=1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        PurifyLayer(dim=3)(torch.randn(2, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"\[B, C\] or \[B, K, C\]"):
+        PurifyLayer(dim=1)(torch.randn(2, 4, 3, 3), torch.randn(2, 1, 1, 1, 4))
+
+
+def test_errors_come_before_any_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.ops.purified_ops.purify_forward, "default", lambda *a: calls.append(a))
+    with pytest.raises(ValueError):
+        purify(torch.randn(3, 8), torch.randn(4, 8))
+    assert calls == []
+
+
+def test_layer_nchw_matches_channels_last(device):
+    layer = PurifyLayer(dim=1)
+    x = torch.randn(2, 6, 5, 4, device=device)
+    for z in (torch.randn(2, 6, device=device), torch.randn(2, 3, 6, device=device)):
+        y = layer(x, z)
+        assert y.shape == x.shape
+        z_rows = z.view(2, 1, 1, *z.shape[1:])
+        expect = purify(x.permute(0, 2, 3, 1), z_rows).permute(0, 3, 1, 2)
+        torch.testing.assert_close(y, expect)
+        # The purified channels are orthogonal to each sample's directions at every pixel.
+        proj = torch.einsum("bchw,bkc->bkhw", y, z.view(2, -1, 6))
+        assert proj.abs().max() < 1e-3
+
+
+def test_layer_learnable_strength_gets_gradient(device):
+    layer = PurifyLayer(0.5, learnable_strength=True).to(device)
+    assert isinstance(layer.strength, torch.nn.Parameter)
+    x, z = torch.randn(5, 8, device=device), torch.randn(5, 8, device=device)
+    layer(x, z).square().sum().backward()
+    assert layer.strength.grad is not None and layer.strength.grad.abs() > 0
+    s = torch.tensor(0.5, requires_grad=True, device=device)
+    reference.purify(x, z, strength=s).square().sum().backward()
+    torch.testing.assert_close(layer.strength.grad, s.grad)
+
+
+def test_layer_detach_irrelevant_stops_gradient_to_z(device):
+    x = torch.randn(5, 8, device=device, requires_grad=True)
+    z = torch.randn(5, 8, device=device, requires_grad=True)
+    PurifyLayer(detach_irrelevant=True)(x, z).sum().backward()
+    assert z.grad is None and x.grad is not None
+    PurifyLayer()(x, z).sum().backward()
+    assert z.grad is not None
+
+
+def test_layer_repr_state_and_copy():
+    layer = PurifyLayer(0.25, learnable_strength=True, eps=1e-5, detach_irrelevant=True, dim=1)
+    assert repr(layer) == ("PurifyLayer(strength=0.25, learnable_strength=True, eps=1e-05, "
+                           "detach_irrelevant=True, dim=1)")
+    assert list(layer.state_dict()) == ["strength"]
+    clone = copy.deepcopy(layer)
+    assert clone.strength.item() == 0.25 and clone.strength is not layer.strength
+    plain = PurifyLayer()
+    assert list(plain.state_dict()) == [] and "strength=1.0" in repr(plain)
+
+
+def test_layer_docstring_example():
+    import doctest
+
+    finder = doctest.DocTestFinder()
+    tests = finder.find(PurifyLayer, globs={"torch": torch, "PurifyLayer": PurifyLayer})
+    runner = doctest.DocTestRunner()
+    for t in tests:
+        runner.run(t)
+    assert runner.summarize().failed == 0 and runner.summarize().attempted > 0
+
+
+def test_fallback_without_extension(monkeypatch):
+    from purified_ops import ops
+
+    monkeypatch.setattr(ops, "_C", None)
+    monkeypatch.setattr(ops, "_LOAD_ERROR", ImportError("no _C here"))
+    monkeypatch.setattr(ops, "_warned_fallback", False)
+    assert purified_ops.available_backends() == ("reference",)
+    assert "no _C here" in purified_ops.build_info()["extension_error"]
+    x, z = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.warns(RuntimeWarning, match="falling back to the pure-PyTorch reference"):
+        y = purify(x, z)
+    torch.testing.assert_close(y, reference.purify(x, z))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        purify(x, z)  # warned once only
+    with pytest.raises(RuntimeError, match="did not load"):
+        PurifyFunction.apply(x, z, 1.0, 1e-6)
+
+
+def test_cli_info():
+    out = subprocess.run([sys.executable, "-m", "purified_ops", "info"], capture_output=True, text=True, check=True).stdout
+    assert "backends: ['cpu'" in out and "cpu_capability:" in out and "openmp: True" in out
