@@ -24,6 +24,16 @@ TORCH_LIBRARY(purified_ops, m) {
   m.def(
       "purify_backward(Tensor grad_y, Tensor x, Tensor z, Tensor strength, Tensor coeff, "
       "Tensor chol, bool compute_grad_z) -> (Tensor, Tensor, Tensor)");
+  // The same into preallocated outputs (exactly the shapes, dtypes and layout the functional
+  // ops return), for callers that reuse buffers and for kernel-only timing. They return
+  // nothing: torch.compile functionalizes custom ops only without aliased outputs.
+  m.def(
+      "purify_forward_out(Tensor x, Tensor z, Tensor strength, float eps, Tensor(a!) y, "
+      "Tensor(b!) coeff, Tensor(c!) chol) -> ()");
+  m.def(
+      "purify_backward_out(Tensor grad_y, Tensor x, Tensor z, Tensor strength, Tensor coeff, "
+      "Tensor chol, bool compute_grad_z, Tensor(a!) grad_x, Tensor(b!) grad_z, "
+      "Tensor(c!) grad_strength) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

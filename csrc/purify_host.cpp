@@ -44,6 +44,9 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& z, const at::Tens
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "purify: eps must be finite and > 0, got ", eps);
 }
 
+static void check_matches(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                          c10::Device device);
+
 void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
                          const at::Tensor& strength, const at::Tensor& coeff,
                          const at::Tensor& chol, c10::DeviceType device_type) {
@@ -53,16 +56,34 @@ void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at
                     "purify_backward: grad_y must match x (", x.sizes(), ", ", x.scalar_type(),
                     "); got ", grad_y.sizes(), ", ", grad_y.scalar_type(), " on ", grad_y.device());
   auto [y, coeff_like, chol_like] = allocate_forward_outputs(x.to(at::kMeta), z.to(at::kMeta));
-  TORCH_CHECK_VALUE(coeff.sizes() == coeff_like.sizes() && coeff.scalar_type() == coeff_like.scalar_type() &&
-                        coeff.is_contiguous() && coeff.device() == x.device(),
-                    "purify_backward: coeff must be the contiguous ", coeff_like.sizes(), " ",
-                    coeff_like.scalar_type(), " tensor saved by purify_forward, got ", coeff.sizes(),
-                    " ", coeff.scalar_type());
-  TORCH_CHECK_VALUE(chol.sizes() == chol_like.sizes() && chol.scalar_type() == chol_like.scalar_type() &&
-                        chol.is_contiguous() && chol.device() == x.device(),
-                    "purify_backward: chol must be the contiguous ", chol_like.sizes(), " ",
-                    chol_like.scalar_type(), " tensor saved by purify_forward, got ", chol.sizes(),
-                    " ", chol.scalar_type());
+  check_matches("purify_backward", "coeff", coeff, coeff_like, x.device());
+  check_matches("purify_backward", "chol", chol, chol_like, x.device());
+}
+
+// `t` must be a contiguous tensor of `like`'s shape and dtype on `device`.
+static void check_matches(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                          c10::Device device) {
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() &&
+                        t.is_contiguous() && t.device() == device,
+                    op, ": ", name, " must be a contiguous ", like.sizes(), " ", like.scalar_type(),
+                    " tensor on ", device, ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device(),
+                    t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+void check_forward_outputs(const at::Tensor& x, const at::Tensor& z, const at::Tensor& y,
+                           const at::Tensor& coeff, const at::Tensor& chol) {
+  auto [y_like, coeff_like, chol_like] = allocate_forward_outputs(x.to(at::kMeta), z.to(at::kMeta));
+  check_matches("purify_forward_out", "y", y, y_like, x.device());
+  check_matches("purify_forward_out", "coeff", coeff, coeff_like, x.device());
+  check_matches("purify_forward_out", "chol", chol, chol_like, x.device());
+}
+
+void check_backward_outputs(const at::Tensor& x, const at::Tensor& z, bool compute_grad_z,
+                            const at::Tensor& dx, const at::Tensor& dz, const at::Tensor& ds) {
+  auto [dx_like, dz_like, ds_like] = allocate_backward_outputs(x.to(at::kMeta), z.to(at::kMeta), compute_grad_z);
+  check_matches("purify_backward_out", "grad_x", dx, dx_like, x.device());
+  check_matches("purify_backward_out", "grad_z", dz, dz_like, x.device());
+  check_matches("purify_backward_out", "grad_strength", ds, ds_like, x.device());
 }
 
 at::Tensor unit_last_stride(const at::Tensor& t) {

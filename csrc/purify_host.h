@@ -21,6 +21,12 @@ void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at
                          const at::Tensor& strength, const at::Tensor& coeff,
                          const at::Tensor& chol, c10::DeviceType device_type);
 
+// Out tensors of the .out overloads must be exactly what allocate_*_outputs would return.
+void check_forward_outputs(const at::Tensor& x, const at::Tensor& z, const at::Tensor& y,
+                           const at::Tensor& coeff, const at::Tensor& chol);
+void check_backward_outputs(const at::Tensor& x, const at::Tensor& z, bool compute_grad_z,
+                            const at::Tensor& dx, const at::Tensor& dz, const at::Tensor& ds);
+
 // x and grad_y must have unit stride in the last dim (see unit_last_stride).
 RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor* grad_y);
 

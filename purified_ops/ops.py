@@ -63,6 +63,15 @@ if _C is not None:
         return (x.new_empty(x.shape), z.new_empty(z.shape if compute_grad_z else (0,)),
                 x.new_empty((), dtype=acc))
 
+    @torch.library.register_fake("purified_ops::purify_forward_out")
+    def _purify_forward_out_fake(x, z, strength, eps, y, coeff, chol):
+        return None
+
+    @torch.library.register_fake("purified_ops::purify_backward_out")
+    def _purify_backward_out_fake(grad_y, x, z, strength, coeff, chol, compute_grad_z, grad_x, grad_z,
+                                  grad_strength):
+        return None
+
 
 class PurifyFunction(torch.autograd.Function):
     """Autograd wiring of the compiled ops: ``PurifyFunction.apply(x, z, strength, eps)``.

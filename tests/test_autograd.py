@@ -59,6 +59,28 @@ def test_opcheck_forward_and_backward(device):
         for want_dz in (True, False):
             torch.library.opcheck(torch.ops.purified_ops.purify_backward.default,
                                   (g, x, z, s, coeff, chol, want_dz))
+            dx, dz, ds = torch.ops.purified_ops.purify_backward(g, x, z, s, coeff, chol, want_dz)
+            outs = (torch.empty_like(dx), torch.empty_like(dz), torch.empty_like(ds))
+            args = (g, x, z, s, coeff, chol, want_dz)
+            torch.library.opcheck(torch.ops.purified_ops.purify_backward_out.default, args + outs)
+            torch.ops.purified_ops.purify_backward_out(*args, *outs)
+            assert all(torch.equal(a, b) for a, b in zip((dx, dz, ds), outs))
+        outs = (torch.empty_like(y), torch.empty_like(coeff), torch.empty_like(chol))
+        torch.library.opcheck(torch.ops.purified_ops.purify_forward_out.default, (x, z, s, 1e-6) + outs)
+        torch.ops.purified_ops.purify_forward_out(x, z, s, 1e-6, *outs)
+        assert all(torch.equal(a, b) for a, b in zip((y, coeff, chol), outs))
+
+
+def test_out_variants_reject_wrong_outputs(device):
+    x, z, s = torch.randn(3, 8, device=device), torch.randn(3, 1, 8, device=device), torch.tensor(1.0, device=device)
+    y, coeff, chol = torch.ops.purified_ops.purify_forward(x, z, s, 1e-6)
+    with pytest.raises(ValueError, match=r"y must be a contiguous \[3, 8\] Float"):
+        torch.ops.purified_ops.purify_forward_out(x, z, s, 1e-6, y[:2], coeff, chol)
+    with pytest.raises(ValueError, match="not contiguous"):
+        torch.ops.purified_ops.purify_forward_out(x, z, s, 1e-6, torch.empty(8, 3, device=device).t(), coeff, chol)
+    with pytest.raises(ValueError, match="grad_z must be"):
+        torch.ops.purified_ops.purify_backward_out(y, x, z, s, coeff, chol, True, torch.empty_like(x),
+                                                   torch.empty(0, device=device), s.clone())
 
 
 def _model(device):

@@ -353,38 +353,50 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   ds.fill_(-gp_total);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cpu(const at::Tensor& x_in,
-                                                                 const at::Tensor& z_in,
-                                                                 const at::Tensor& strength,
-                                                                 double eps) {
+void purify_forward_out_cpu(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
+                               double eps, at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
   check_forward_args(x_in, z_in, strength, eps, c10::DeviceType::CPU);
+  check_forward_outputs(x_in, z_in, y, coeff, chol);
   const at::Tensor x = unit_last_stride(x_in);
   const at::Tensor z = unit_last_stride(z_in);
-  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
   if (x.numel() == 0 && x.size(-1) != 0) {
     chol.zero_();  // no rows: nothing reads the factor, but it is defined
-    return {y, coeff, chol};
+    return;
   }
   const double s = strength.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_forward_cpu", [&] {
     forward_kernel<scalar_t>(x, z, s, eps, y, coeff, chol);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cpu(const at::Tensor& x, const at::Tensor& z,
+                                                                 const at::Tensor& strength, double eps) {
+  check_forward_args(x, z, strength, eps, c10::DeviceType::CPU);
+  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
+  purify_forward_out_cpu(x, z, strength, eps, y, coeff, chol);
   return {y, coeff, chol};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
-    const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
-    bool compute_grad_z) {
+void purify_backward_out_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+                                const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+                                bool compute_grad_z, at::Tensor& dx, at::Tensor& dz, at::Tensor& ds) {
   check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CPU);
+  check_backward_outputs(x_in, z_in, compute_grad_z, dx, dz, ds);
   const at::Tensor g = unit_last_stride(grad_y_in);
   const at::Tensor x = unit_last_stride(x_in);
   const at::Tensor z = unit_last_stride(z_in);
-  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
   const double s = strength.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_backward_cpu", [&] {
     backward_kernel<scalar_t>(g, x, z, s, coeff, chol, dx, compute_grad_z ? &dz : nullptr, ds);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+    const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z) {
+  check_backward_args(grad_y, x, z, strength, coeff, chol, c10::DeviceType::CPU);
+  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
+  purify_backward_out_cpu(grad_y, x, z, strength, coeff, chol, compute_grad_z, dx, dz, ds);
   return {dx, dz, ds};
 }
 
@@ -393,6 +405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cpu(
 TORCH_LIBRARY_IMPL(purified_ops, CPU, m) {
   m.impl("purify_forward", &purify_forward_cpu);
   m.impl("purify_backward", &purify_backward_cpu);
+  m.impl("purify_forward_out", &purify_forward_out_cpu);
+  m.impl("purify_backward_out", &purify_backward_out_cpu);
 }
 
 }  // namespace purified_ops
