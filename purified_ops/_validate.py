@@ -5,6 +5,7 @@ TypeError for non-tensors and non-floating dtypes. Messages name the offending s
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -71,6 +72,18 @@ def check_shapes(x: torch.Tensor, z: torch.Tensor) -> None:
                              f"never x over z's); got x {tuple(x.shape)} and z {tuple(z.shape)}")
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Read-only constants: making a tensor per call costs more than a small op's kernel.
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def strength_tensor(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced code makes its own constant
+        return torch.tensor(value, dtype=dtype, device=device)
+    return _cached_scalar(value, dtype, device)
+
+
 def check_purify_args(x, z, strength, eps) -> PurifyArgs:
     """Validates and canonicalizes: promoted dtype, z as [..., K, D], strength as a tensor."""
     check_tensor("x", x)
@@ -80,7 +93,7 @@ def check_purify_args(x, z, strength, eps) -> PurifyArgs:
     check_shapes(x, z)
     eps = check_eps(eps)
     check_strength(strength)
-    dtype = torch.promote_types(x.dtype, z.dtype)
+    dtype = x.dtype if x.dtype == z.dtype else torch.promote_types(x.dtype, z.dtype)
     acc = accumulate_dtype(dtype)
     if isinstance(strength, torch.Tensor):
         if strength.device != x.device and strength.device.type != "cpu":
@@ -88,5 +101,6 @@ def check_purify_args(x, z, strength, eps) -> PurifyArgs:
                              f"got {strength.device}")
         s = strength.to(device=x.device, dtype=acc)
     else:
-        s = torch.tensor(float(strength), dtype=acc, device=x.device)
-    return PurifyArgs(x.to(dtype), as_directions(x, z).to(dtype), s, eps)
+        s = strength_tensor(float(strength), acc, x.device)
+    z = as_directions(x, z)
+    return PurifyArgs(x if x.dtype == dtype else x.to(dtype), z if z.dtype == dtype else z.to(dtype), s, eps)

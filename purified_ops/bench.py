@@ -22,7 +22,11 @@ import torch
 from . import __version__
 from .ops import purify
 
-PROVIDERS = ("purified_ops", "eager", "compile")
+PROVIDERS = ("purified_ops", "purified_ops_kernel", "eager", "compile")
+# The bandwidth every figure is compared with, timed interleaved with the providers on the
+# same sizes: torch.add(a, b, out=c) on the CPU (2 reads and 1 write of N x D, the traffic of a
+# K = 1 forward), a device-to-device copy on CUDA (1 read, 1 write).
+COPY = "copy"
 MODES = ("forward", "backward", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -54,6 +58,13 @@ def compiled_formula(x, z, strength=1.0, eps=1e-6):
 
 
 FUNCTIONS = {"purified_ops": lambda x, z: purify(x, z), "eager": eager_formula, "compile": compiled_formula}
+
+
+def has_kernel_only(device: str) -> bool:
+    """Whether the out variants (preallocated outputs) are built for `device`."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device]
+    return hasattr(torch.ops.purified_ops, "purify_forward_out") and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "purified_ops::purify_forward_out", key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +129,14 @@ def _saved_bytes(fn, x, z) -> int:
 
 
 def _step(provider: str, mode: str, x, z, g):
-    """One timed unit of work; returns a callable that performs it."""
+    """One timed unit of work: returns a callable that performs it."""
+    if provider == COPY:
+        a, b, c = x.detach(), g, torch.empty_like(g)
+        if x.device.type == "cuda":
+            return lambda: c.copy_(a)
+        return lambda: torch.add(a, b, out=c)
+    if provider == "purified_ops_kernel":
+        return _kernel_step(mode, x.detach(), z.detach(), g)
     fn = FUNCTIONS[provider]
     if mode == "forward":
         def run():
@@ -134,6 +152,25 @@ def _step(provider: str, mode: str, x, z, g):
     def run():
         torch.autograd.grad(y, (x, z), g, retain_graph=True)
     return run
+
+
+def _kernel_step(mode: str, x, z, g):
+    """The registered ops alone, into preallocated outputs: no allocation, no autograd."""
+    ops = torch.ops.purified_ops
+    s = torch.tensor(1.0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    y, coeff, chol = ops.purify_forward(x, z, s, 1e-6)
+    dx, dz, ds = ops.purify_backward(g, x, z, s, coeff, chol, True)
+    forward = lambda: ops.purify_forward_out(x, z, s, 1e-6, y, coeff, chol)  # noqa: E731
+    backward = lambda: ops.purify_backward_out(g, x, z, s, coeff, chol, True, dx, dz, ds)  # noqa: E731
+    if mode == "forward":
+        return forward
+    if mode == "backward":
+        return backward
+
+    def full():
+        forward()
+        backward()
+    return full
 
 
 def _timer(device: str):
@@ -153,50 +190,43 @@ def _timer(device: str):
     return timed
 
 
-def copy_bandwidth_gbps(device: str, nbytes: int, reps: int = 20) -> float:
-    """Bandwidth of torch.add(a, b, out=c) (2 reads, 1 write) over `nbytes` per operand, GB/s."""
-    n = max(1, nbytes // 4)
-    a, b, c = (torch.rand(n, device=device) for _ in range(3))
-    timed = _timer(device)
-    run = lambda: torch.add(a, b, out=c)  # noqa: E731
-    for _ in range(3):
-        run()
-    ms = statistics.median(timed(run) for _ in range(reps))
-    return 3 * n * 4 / (ms * 1e-3) / 1e9
-
-
 def measure(cases: Iterable[Case], providers: Iterable[str] = PROVIDERS, reps: int = 30, warmup: int = 3,
             progress: bool = True) -> list[Measurement]:
-    """Times every provider on every case. Providers take turns rep by rep (interleaved), so a
-    change of machine load or clock hits all of them alike. On CUDA, inputs rotate over enough
-    copies that L2 cannot serve a repeat."""
+    """Times every provider, and the copy reference, on every case. Providers take turns rep by
+    rep (interleaved), so a change of machine load or clock hits all of them alike. On CUDA,
+    inputs rotate over enough copies that L2 cannot serve a repeat."""
     cases = list(cases)
-    providers = list(providers)
     results = []
     bar = _progress(len(cases), progress)
     for case in cases:
+        names = [p for p in providers if p != "purified_ops_kernel" or has_kernel_only(case.device)] + [COPY]
         copies = 1
         if case.device == "cuda":
             l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
             copies = max(1, math.ceil(3 * l2 / max(1, case.minimal_bytes())))
         sets = _make_inputs(case, copies, requires_grad=case.mode != "forward")
-        runs = {p: [_step(p, case.mode, *s) for s in sets] for p in providers}
+        runs = {p: [_step(p, case.mode, *s) for s in sets] for p in names}
         timed = _timer(case.device)
-        for p in providers:
+        for p in names:
             for i in range(warmup):
                 runs[p][i % copies]()
-        samples = {p: [] for p in providers}
+        samples = {p: [] for p in names}
         for r in range(reps):
-            for p in providers:
+            for p in names:
                 samples[p].append(timed(runs[p][r % copies]))
-        for p in providers:
-            x, z, _ = _make_inputs(case, 1, requires_grad=True)[0]
-            saved = _saved_bytes(FUNCTIONS[p], x, z) / 2**20
+        x, z, _ = _make_inputs(case, 1, requires_grad=True)[0]
+        for p in names:
+            saved = _saved_bytes(FUNCTIONS[p], x, z) / 2**20 if p in FUNCTIONS else 0.0
             results.append(Measurement(case, p, samples[p], saved))
         del runs, sets
         bar.update(1)
     bar.close()
     return results
+
+
+def copy_bytes(case: Case) -> int:
+    b = torch.finfo(DTYPES[case.dtype]).bits // 8
+    return (2 if case.device == "cuda" else 3) * case.N * case.D * b
 
 
 class _NoBar:
@@ -237,20 +267,23 @@ def device_name(device: str) -> str:
     return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
-def to_rows(results: list[Measurement], copy_gbps: dict[str, float]) -> list[dict]:
+def to_rows(results: list[Measurement]) -> list[dict]:
     by_case: dict[Case, dict[str, Measurement]] = {}
     for m in results:
         by_case.setdefault(m.case, {})[m.provider] = m
     rows = []
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for case, ms in by_case.items():
+        copy_gbps = copy_bytes(case) / (ms[COPY].median_ms * 1e-3) / 1e9
         for p, m in ms.items():
+            if p == COPY:
+                continue
             gbps = case.minimal_bytes() / (m.median_ms * 1e-3) / 1e9
             row = {
                 "device_name": device_name(case.device), "provider": p, "mode": case.mode, "dtype": case.dtype,
                 "N": case.N, "D": case.D, "K": case.K, "median_ms": m.median_ms, "p20_ms": m.quantile_ms(0.2),
-                "p80_ms": m.quantile_ms(0.8), "gbps": gbps, "copy_gbps": copy_gbps[case.device],
-                "pct_of_copy": 100 * gbps / copy_gbps[case.device], "saved_mb": m.saved_mb,
+                "p80_ms": m.quantile_ms(0.8), "gbps": gbps, "copy_gbps": copy_gbps,
+                "pct_of_copy": 100 * gbps / copy_gbps, "saved_mb": m.saved_mb,
                 "speedup_vs_eager": ms["eager"].median_ms / m.median_ms if "eager" in ms else float("nan"),
                 "speedup_vs_compile": ms["compile"].median_ms / m.median_ms if "compile" in ms else float("nan"),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "purified_ops": __version__,
@@ -278,12 +311,12 @@ def upsert_csv(path: str, rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = ("shape", "dtype", "K", "mode", "provider", "median ms [p20, p80]", "GB/s", "% copy",
-            "x eager", "x compile", "saved MB")
+            "copy GB/s", "x eager", "x compile", "saved MB")
     lines = [head]
     for r in rows:
         lines.append((f"{r['N']}x{r['D']}", r["dtype"], str(r["K"]), r["mode"], r["provider"],
                       f"{r['median_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]", f"{r['gbps']:.1f}",
-                      f"{r['pct_of_copy']:.0f}%", f"{r['speedup_vs_eager']:.2f}", f"{r['speedup_vs_compile']:.2f}",
+                      f"{r['pct_of_copy']:.0f}%", f"{r['copy_gbps']:.1f}", f"{r['speedup_vs_eager']:.2f}", f"{r['speedup_vs_compile']:.2f}",
                       f"{r['saved_mb']:.1f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)

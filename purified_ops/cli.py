@@ -46,12 +46,10 @@ def _bench(args) -> int:
         print("purified-ops bench: no CUDA device here", file=sys.stderr)
         return 2
     cases = bench.cases_for(args.device, args.dtypes, args.N, args.D, args.K, args.modes)
-    largest = max(c.minimal_bytes() for c in cases)
-    copy = {args.device: bench.copy_bandwidth_gbps(args.device, max(largest // 3, 1 << 20))}
     results = bench.measure(cases, args.providers, reps=args.reps, progress=not args.no_progress)
-    rows = bench.to_rows(results, copy)
-    print(f"device: {bench.device_name(args.device)}; torch {torch.__version__}; "
-          f"copy (torch.add out=) {copy[args.device]:.1f} GB/s")
+    rows = bench.to_rows(results)
+    copy = "torch.add(a, b, out=c)" if args.device == "cpu" else "a device-to-device copy"
+    print(f"device: {bench.device_name(args.device)}; torch {torch.__version__}; copy: {copy} of N x D, same run")
     print(bench.format_table(rows))
     if args.csv:
         bench.upsert_csv(args.csv, rows)

@@ -164,7 +164,11 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6,
     if not isinstance(backend, str):
         raise ValueError(f"purify: backend must be one of {BACKENDS}, got {backend!r}")
     if _resolve_backend(backend, x.device) == "compiled":
-        return PurifyFunction.apply(x, z, strength, eps)
+        if torch.is_grad_enabled() and (x.requires_grad or getattr(z, "requires_grad", False)
+                                        or getattr(strength, "requires_grad", False)):
+            return PurifyFunction.apply(x, z, strength, eps)
+        args = check_purify_args(x, z, strength, eps)  # nothing to record: the op alone
+        return torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)[0]
     args = check_purify_args(x, z, strength, eps)
     s = strength if isinstance(strength, torch.Tensor) else args.strength
     return reference.purify(args.x, args.z, strength=s, eps=args.eps)
