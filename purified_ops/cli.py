@@ -1,4 +1,4 @@
-"""The ``purified-ops`` command line: ``info`` (version, backends, build)."""
+"""The ``purified-ops`` command line: ``info`` (version, backends, build), ``demo`` (PurifiedLearning on digits)."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="version, backends and build information")
     info.add_argument("--json", action="store_true", help="one JSON object")
     info.set_defaults(run=_info)
+    from . import demo as _demo  # light: torch and numpy only; sklearn etc. load when it runs
+    demo = sub.add_parser("demo", help="PurifiedLearning vs. plain vs. multitask on digits with a "
+                                       "texture nuisance (offline, scikit-learn's digits)")
+    _demo.add_arguments(demo)
+    demo.set_defaults(run=_demo.main)
     return parser
 
 
