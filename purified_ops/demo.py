@@ -111,7 +111,8 @@ def encoder(hidden: int, dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
 
-def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32) -> PurifiedNet:
+def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
+              detach_irrelevant: bool = True) -> PurifiedNet:
     """The three arms; the main encoder and task head get the same initial weights in all of them."""
     torch.manual_seed(seed)
     main, task_head = encoder(hidden, dim), nn.Linear(dim, 10)
@@ -123,18 +124,19 @@ def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32) -> Purif
     if arm == "purified":
         irrelevant = encoder(hidden, dim)
         return PurifiedNet(main, irrelevant, task_head, irrelevant_head, purify=True,
-                           detach_irrelevant=True)
+                           detach_irrelevant=detach_irrelevant)
     raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
 
 
 def run_one(arm: str, regime: str, n_train: int, seed: int, *, steps: int, batch_size: int,
-            lr: float, irrelevant_weight: float, rho: float, device=None) -> float:
+            lr: float, irrelevant_weight: float, rho: float, device=None, schedule: str = "joint",
+            detach_irrelevant: bool = True) -> float:
     train, test = load_data(n_train, seed, regime, rho=rho)
-    model = build_arm(arm, seed)
-    epochs = max(1, round(steps * batch_size / n_train))
+    model = build_arm(arm, seed, detach_irrelevant=detach_irrelevant)
+    epochs = max(1, math.ceil(steps / math.ceil(n_train / batch_size)))  # >= steps optimizer steps
     fit(model, train, epochs=epochs, lr=lr, batch_size=batch_size,
         irrelevant_weight=0.0 if arm == "plain" else irrelevant_weight, seed=seed, device=device,
-        progress=False)
+        schedule=schedule if arm == "purified" else "joint", progress=False)
     return evaluate(model, test, device=device)["task_acc"]
 
 
@@ -187,7 +189,8 @@ def plot(results: dict, sizes, path: str, *, default_size=None) -> None:
             ax.fill_between(sizes, means - stds, means + stds, alpha=0.15)
         if default_size in sizes:
             ax.axvline(default_size, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log")
+        if len(sizes) > 1:
+            ax.set_xscale("log")
         ax.set_xticks(sizes)
         ax.set_xticklabels([str(n) for n in sizes])
         ax.set_xlabel("training-set size")
@@ -218,6 +221,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--irrelevant-weight", type=float, default=1.0)
+    p.add_argument("--schedule", choices=("joint", "two_stage"), default="joint",
+                   help="purified arm: joint training (default), or the irrelevant branch first, then frozen")
+    p.add_argument("--no-detach", action="store_true",
+                   help="purified arm: let the task loss reach the irrelevant encoder through z")
     p.add_argument("--rho", type=float, default=0.9,
                    help="correlated regime: share of training images whose texture is digit mod 4")
     p.add_argument("--plot", default="purified_demo.png", help="PNG of the learning curves")
@@ -243,7 +250,8 @@ def run(args) -> dict:
         bar = tqdm(total=len(jobs), desc="demo runs", unit="run", file=sys.stderr)
     for regime, n, seed, arm in jobs:
         acc = run_one(arm, regime, n, seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      irrelevant_weight=args.irrelevant_weight, rho=args.rho, device=args.device)
+                      irrelevant_weight=args.irrelevant_weight, rho=args.rho, device=args.device,
+                      schedule=args.schedule, detach_irrelevant=not args.no_detach)
         results[regime][n][arm].append(acc)
         if bar is not None:
             bar.set_postfix(regime=regime, n=n)

@@ -147,6 +147,8 @@ def freeze_irrelevant(model: PurifiedNet, frozen: bool = True) -> None:
     """Freezes (or unfreezes) the irrelevant encoder and head: no grads, eval mode."""
     for p in model.irrelevant_parameters():
         p.requires_grad_(not frozen)
+        if frozen:
+            p.grad = None
     for m in (model.irrelevant_encoder, model.irrelevant_head):
         m.train(not frozen)
 
@@ -190,7 +192,7 @@ def _to(t, device):
 def _train_epochs(model, data, params, epochs, *, lr, weight_decay, batch_size, device, generator,
                   task_weight, irrelevant_weight, progress, desc):
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
     history = []
     bar = _progress(range(epochs), progress, desc)
     for _ in bar:
