@@ -192,6 +192,7 @@ def plot(results: dict, sizes, path: str, *, default_size=None) -> None:
         if len(sizes) > 1:
             ax.set_xscale("log")
         ax.set_xticks(sizes)
+        ax.minorticks_off()
         ax.set_xticklabels([str(n) for n in sizes])
         ax.set_xlabel("training-set size")
         ax.set_ylabel("test accuracy")
@@ -227,7 +228,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="purified arm: let the task loss reach the irrelevant encoder through z")
     p.add_argument("--rho", type=float, default=0.9,
                    help="correlated regime: share of training images whose texture is digit mod 4")
-    p.add_argument("--plot", default="purified_demo.png", help="PNG of the learning curves")
+    p.add_argument("--plot", default="purified_demo.png",
+                   help="PNG of the learning curves (default purified_demo.png; '' for none)")
     p.add_argument("--table", default=None, help="also write the table to this text file")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
