@@ -78,7 +78,7 @@ def test_loss_values():
     task = F.cross_entropy(out.task_logits, y)
     irr = F.cross_entropy(out.irrelevant_logits, t)
     assert torch.allclose(loss, task + 0.3 * irr)
-    assert parts == pytest.approx({"task": float(task), "irrelevant": float(irr)})
+    assert parts == pytest.approx({"task": task.item(), "irrelevant": irr.item()})
     only_task, _ = purified_loss(out, y, None)
     assert torch.allclose(only_task, task)
 
