@@ -1,4 +1,4 @@
-"""The ``purified-ops`` command line: ``info`` (version, backends, build)."""
+"""The ``purified-ops`` command line: ``info`` (version, backends, build), ``demo`` (PurifiedLearning on digits)."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--csv", help="append (upsert) the rows to this long-format CSV")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(run=_bench)
+
+    from . import demo as _demo  # light: torch and numpy only; sklearn etc. load when it runs
+    demo = sub.add_parser("demo", help="PurifiedLearning vs. plain vs. multitask on digits with a "
+                                       "texture nuisance (offline, scikit-learn's digits)")
+    _demo.add_arguments(demo)
+    demo.set_defaults(run=_demo.main)
     return parser
 
 

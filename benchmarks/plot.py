@@ -1,0 +1,106 @@
+"""Plots of a benchmark CSV written by `purified-ops bench --csv`.
+
+    python benchmarks/plot.py benchmarks/results/cpu.csv --out benchmarks/results
+
+writes, per device and dtype, `<stem>_bandwidth.png` (achieved GB/s against D, one line per
+provider and mode, the copy bandwidth dashed) and `<stem>_speedup.png` (speedup of the fused op
+over the eager formula and over torch.compile, one bar group per size, K and mode).
+"""
+import argparse
+import csv
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("N", "D", "K"):
+            r[k] = int(r[k])
+        for k in ("median_ms", "gbps", "copy_gbps", "speedup_vs_eager", "speedup_vs_compile", "pct_of_copy"):
+            r[k] = float(r[k])
+    return rows
+
+
+def plot_bandwidth(rows, title, path):
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        lines = defaultdict(list)
+        copy = defaultdict(list)
+        for r in rows:
+            if r["mode"] == mode:
+                lines[(r["provider"], r["K"], r["N"])].append((r["D"], r["gbps"]))
+                copy[r["N"]].append((r["D"], r["copy_gbps"]))
+        for (provider, K, N), pts in sorted(lines.items()):
+            pts = sorted(set(pts))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{provider} K={K} N={N}")
+        for N, pts in sorted(copy.items()):
+            pts = sorted(set(pts))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", alpha=0.5, label=f"copy N={N}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("D")
+        ax.set_ylabel("GB/s over minimal bytes")
+        ax.set_title(mode)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_speedup(rows, title, path):
+    fused = [r for r in rows if r["provider"] in ("purified_ops", "purified_ops_kernel")]
+    groups = sorted({(r["N"], r["D"], r["K"], r["mode"]) for r in fused})
+    providers = sorted({r["provider"] for r in fused})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups)), 4))
+    width = 0.8 / (2 * len(providers))
+    i = 0
+    for provider in providers:
+        for base in ("eager", "compile"):
+            vals = []
+            for g in groups:
+                match = [r for r in fused if r["provider"] == provider and (r["N"], r["D"], r["K"], r["mode"]) == g]
+                vals.append(match[0][f"speedup_vs_{base}"] if match else 0)
+            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=f"{provider} vs {base}")
+            i += 1
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{N}x{D}\nK={K} {m}" for N, D, K, m in groups], fontsize=7)
+    ax.set_ylabel("speedup (x)")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv")
+    parser.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's)")
+    args = parser.parse_args(argv)
+    rows = load(args.csv)
+    out = args.out or os.path.dirname(os.path.abspath(args.csv))
+    stem = os.path.splitext(os.path.basename(args.csv))[0]
+    written = []
+    for (device, dtype) in sorted({(r["device_name"], r["dtype"]) for r in rows}):
+        sel = [r for r in rows if r["device_name"] == device and r["dtype"] == dtype]
+        tag = f"{stem}_{dtype}"
+        title = f"{device}, {dtype}, torch {sel[0]['torch']}"
+        for kind, fn in (("bandwidth", plot_bandwidth), ("speedup", plot_speedup)):
+            path = os.path.join(out, f"{tag}_{kind}.png")
+            fn(sel, title, path)
+            written.append(path)
+    print("\n".join(written))
+
+
+if __name__ == "__main__":
+    main()

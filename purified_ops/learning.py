@@ -1,0 +1,288 @@
+"""The PurifiedLearning recipe (arXiv 2102.10955) around your own networks.
+
+A main encoder gives task features ``x``; a task-irrelevant encoder, trained on task-irrelevant
+labels through an irrelevant head, gives irrelevant features ``z`` (one direction per sample, or K
+of them). A :class:`~purified_ops.PurifyLayer` removes from ``x`` its projection onto ``z`` and the
+task head sees only the rest::
+
+    input ──► [backbone] ──► main_encoder ──► x ──► PurifyLayer(x, z) ──► task_head ──► task logits
+                        └──► irrelevant_encoder ──► z ──┘
+                                                    └──► irrelevant_head ──► irrelevant logits
+
+    loss = CE(task logits, y) + irrelevant_weight * CE(irrelevant logits, y_irrelevant)
+
+The optional ``backbone`` is shared by both branches (``h = backbone(input)``); without it both
+encoders read the input. With ``backbone=my_encoder``, ``main_encoder=nn.Identity()`` and a small
+``irrelevant_encoder`` the irrelevant branch is a head on the main features.
+
+Training is joint (one loss, all parameters) or two-stage (:func:`fit` with
+``schedule="two_stage"``: the irrelevant branch, plus the backbone if any, first learns the
+irrelevant labels alone; then ``irrelevant_encoder`` and ``irrelevant_head`` are frozen and the
+rest learns the task through the purification).
+
+Only the public API of :mod:`purified_ops` is used here.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer import PurifyLayer
+
+__all__ = [
+    "PurifiedNet", "PurifiedOutput", "PerDirectionHeads", "purified_loss", "freeze_irrelevant",
+    "fit", "evaluate", "seed_everything", "choose_device",
+]
+
+
+@dataclass
+class PurifiedOutput:
+    """What :class:`PurifiedNet` returns."""
+
+    task_logits: torch.Tensor          # [B, num_classes]
+    irrelevant_logits: object          # a tensor, or a list of tensors (one per irrelevant label type)
+    features: torch.Tensor             # x, main features before purification
+    irrelevant_features: torch.Tensor  # z, [B, D] or [B, K, D]
+    purified: torch.Tensor             # the features the task head saw
+
+
+class PerDirectionHeads(nn.Module):
+    """K irrelevant label types, one direction each: head ``k`` classifies ``z[:, k]``.
+
+    For an irrelevant encoder that emits ``[B, K, D]``; returns a list of K logits tensors.
+    """
+
+    def __init__(self, dim: int, num_classes: Sequence[int]):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(dim, int(c)) for c in num_classes)
+
+    def forward(self, z: torch.Tensor):
+        if z.dim() != 3 or z.shape[1] != len(self.heads):
+            raise ValueError(f"PerDirectionHeads: expected z of shape [B, {len(self.heads)}, D], "
+                             f"got {tuple(z.shape)}")
+        return [head(z[:, k]) for k, head in enumerate(self.heads)]
+
+
+class PurifiedNet(nn.Module):
+    """Main encoder, task-irrelevant encoder and heads, with a :class:`PurifyLayer` between.
+
+    Args:
+        main_encoder: ``h -> x``, features ``[B, D]`` (or any ``[B, ..., D]`` the task head takes).
+        irrelevant_encoder: ``h -> z``, ``[B, D]`` (one direction per sample) or ``[B, K, D]``.
+        task_head: purified features -> task logits.
+        irrelevant_head: ``z`` -> irrelevant logits (a tensor, or a list for several label types,
+            e.g. :class:`PerDirectionHeads`).
+        backbone: optional module shared by both branches; ``h = backbone(input)``, else the input.
+        purify: False skips the purification (the task head sees ``x``): the baselines.
+        strength, learnable_strength, eps, detach_irrelevant: passed to :class:`PurifyLayer`.
+            ``detach_irrelevant=True`` keeps the task loss out of the irrelevant branch.
+    """
+
+    def __init__(self, main_encoder: nn.Module, irrelevant_encoder: nn.Module, task_head: nn.Module,
+                 irrelevant_head: nn.Module, *, backbone: nn.Module | None = None, purify: bool = True,
+                 strength: float = 1.0, learnable_strength: bool = False, eps: float = 1e-6,
+                 detach_irrelevant: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.main_encoder = main_encoder
+        self.irrelevant_encoder = irrelevant_encoder
+        self.task_head = task_head
+        self.irrelevant_head = irrelevant_head
+        self.purify = bool(purify)
+        self.purifier = PurifyLayer(strength, learnable_strength=learnable_strength, eps=eps,
+                                    detach_irrelevant=detach_irrelevant)
+
+    def irrelevant_parameters(self):
+        """The irrelevant branch: ``irrelevant_encoder`` and ``irrelevant_head``."""
+        yield from self.irrelevant_encoder.parameters()
+        yield from self.irrelevant_head.parameters()
+
+    def forward(self, inputs: torch.Tensor) -> PurifiedOutput:
+        h = self.backbone(inputs) if self.backbone is not None else inputs
+        x = self.main_encoder(h)
+        z = self.irrelevant_encoder(h)
+        if z.dim() not in (x.dim(), x.dim() + 1) or z.shape[-1] != x.shape[-1]:
+            raise ValueError(f"PurifiedNet: irrelevant features z {tuple(z.shape)} must be [..., D] or "
+                             f"[..., K, D] with the main features' D; x is {tuple(x.shape)}")
+        purified = self.purifier(x, z) if self.purify else x
+        return PurifiedOutput(self.task_head(purified), self.irrelevant_head(z), x, z, purified)
+
+
+def _as_list(logits, labels):
+    if isinstance(logits, torch.Tensor):
+        logits = [logits]
+    logits = list(logits)
+    if isinstance(labels, torch.Tensor):
+        labels = [labels] if labels.dim() == 1 else list(labels.unbind(-1))
+    labels = list(labels)
+    if len(logits) != len(labels):
+        raise ValueError(f"purified_loss: {len(logits)} irrelevant logits for {len(labels)} label types")
+    return logits, labels
+
+
+def purified_loss(out: PurifiedOutput, target: torch.Tensor, irrelevant_target=None, *,
+                  irrelevant_weight: float = 1.0, task_weight: float = 1.0):
+    """``task_weight * CE(task) + irrelevant_weight * mean over label types of CE(irrelevant)``.
+
+    ``irrelevant_target``: ``[B]`` for one label type, ``[B, T]`` or a list of T tensors for T
+    types (matching the irrelevant head's list of logits). Returns ``(loss, parts)`` with the two
+    terms, detached, in ``parts``.
+    """
+    task = F.cross_entropy(out.task_logits, target)
+    irr = task.new_zeros(())
+    if irrelevant_target is not None and irrelevant_weight != 0:
+        logits, labels = _as_list(out.irrelevant_logits, irrelevant_target)
+        irr = sum(F.cross_entropy(l, t) for l, t in zip(logits, labels)) / len(logits)
+    loss = task_weight * task + irrelevant_weight * irr
+    return loss, {"task": float(task.detach()), "irrelevant": float(irr.detach())}
+
+
+def freeze_irrelevant(model: PurifiedNet, frozen: bool = True) -> None:
+    """Freezes (or unfreezes) the irrelevant encoder and head: no grads, eval mode."""
+    for p in model.irrelevant_parameters():
+        p.requires_grad_(not frozen)
+        if frozen:
+            p.grad = None
+    for m in (model.irrelevant_encoder, model.irrelevant_head):
+        m.train(not frozen)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def choose_device(device=None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _batches(data, batch_size: int, shuffle: bool, generator: torch.Generator | None):
+    """Triples (inputs, task labels, irrelevant labels or None) from tensors or an iterable."""
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], torch.Tensor):
+        inputs, target = data[0], data[1]
+        irr = data[2] if len(data) == 3 else None
+        n = inputs.shape[0]
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            yield inputs[idx], target[idx], (irr[idx] if irr is not None else None)
+    else:
+        for batch in data:
+            yield batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+
+
+def _to(t, device):
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return t.to(device)
+    return [x.to(device) for x in t]
+
+
+def _train_epochs(model, data, params, epochs, *, lr, weight_decay, batch_size, device, generator,
+                  task_weight, irrelevant_weight, progress, desc):
+    params = [p for p in params if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
+    history = []
+    bar = _progress(range(epochs), progress, desc)
+    for _ in bar:
+        total, parts_sum, n = 0.0, {"task": 0.0, "irrelevant": 0.0}, 0
+        for inputs, target, irr in _batches(data, batch_size, True, generator):
+            inputs, target, irr = inputs.to(device), target.to(device), _to(irr, device)
+            out = model(inputs)
+            loss, parts = purified_loss(out, target, irr, irrelevant_weight=irrelevant_weight,
+                                        task_weight=task_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            b = inputs.shape[0]
+            total += float(loss.detach()) * b
+            parts_sum = {k: parts_sum[k] + parts[k] * b for k in parts_sum}
+            n += b
+        record = {"loss": total / max(n, 1), **{k: v / max(n, 1) for k, v in parts_sum.items()}}
+        history.append(record)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+    return history
+
+
+def _progress(iterable, progress, desc):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+def fit(model: PurifiedNet, data, *, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 0.0,
+        batch_size: int = 64, irrelevant_weight: float = 1.0, schedule: str = "joint",
+        stage1_epochs: int | None = None, device=None, seed: int | None = None,
+        progress: bool = True) -> dict:
+    """Trains ``model`` with Adam on ``data`` and returns the per-epoch losses.
+
+    Args:
+        data: ``(inputs, task_labels, irrelevant_labels)`` tensors (shuffled into batches of
+            ``batch_size``), or an iterable of such triples (e.g. a ``DataLoader``).
+        irrelevant_weight: the irrelevant loss's weight; 0 trains the task alone.
+        schedule: ``"joint"``, or ``"two_stage"``: ``stage1_epochs`` (default ``epochs``) on the
+            irrelevant loss alone, then the irrelevant branch frozen and ``epochs`` on the task loss.
+        device: ``"auto"``/``None`` (CUDA if available), or any torch device.
+        seed: seeds Python, NumPy and torch (init is the caller's; this seeds batch order).
+    Returns:
+        ``{"stage1": [...], "stage2": [...]}`` for two stages, ``{"joint": [...]}`` otherwise.
+    """
+    if schedule not in ("joint", "two_stage"):
+        raise ValueError(f"fit: schedule must be 'joint' or 'two_stage', got {schedule!r}")
+    if seed is not None:
+        seed_everything(seed)
+    generator = torch.Generator().manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
+    device = choose_device(device)
+    model.to(device).train()
+    common = dict(lr=lr, weight_decay=weight_decay, batch_size=batch_size, device=device,
+                  generator=generator, progress=progress)
+    if schedule == "joint":
+        return {"joint": _train_epochs(model, data, model.parameters(), epochs, task_weight=1.0,
+                                       irrelevant_weight=irrelevant_weight, desc="train", **common)}
+    # Stage 1: the irrelevant branch (and a shared backbone) on the irrelevant labels alone.
+    stage1_params = list(model.irrelevant_parameters())
+    if model.backbone is not None:
+        stage1_params += list(model.backbone.parameters())
+    h1 = _train_epochs(model, data, stage1_params, stage1_epochs if stage1_epochs is not None else epochs,
+                       task_weight=0.0, irrelevant_weight=1.0, desc="stage 1", **common)
+    # Stage 2: irrelevant branch frozen; the rest learns the task through the purification.
+    freeze_irrelevant(model)
+    h2 = _train_epochs(model, data, model.parameters(), epochs, task_weight=1.0, irrelevant_weight=0.0,
+                       desc="stage 2", **common)
+    return {"stage1": h1, "stage2": h2}
+
+
+@torch.no_grad()
+def evaluate(model: PurifiedNet, data, *, batch_size: int = 1024, device=None) -> dict:
+    """Task accuracy (and irrelevant accuracy per label type, when labels are given) on ``data``."""
+    device = choose_device(device)
+    was_training = model.training
+    model.to(device).eval()
+    correct, irr_correct, n = 0, None, 0
+    for inputs, target, irr in _batches(data, batch_size, False, None):
+        inputs, target = inputs.to(device), target.to(device)
+        out = model(inputs)
+        correct += int((out.task_logits.argmax(-1) == target).sum())
+        if irr is not None:
+            logits, labels = _as_list(out.irrelevant_logits, _to(irr, device))
+            hits = [int((l.argmax(-1) == t).sum()) for l, t in zip(logits, labels)]
+            irr_correct = hits if irr_correct is None else [a + b for a, b in zip(irr_correct, hits)]
+        n += inputs.shape[0]
+    model.train(was_training)
+    result = {"task_acc": correct / max(n, 1)}
+    if irr_correct is not None:
+        result["irrelevant_acc"] = [c / max(n, 1) for c in irr_correct]
+    return result

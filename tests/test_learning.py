@@ -1,0 +1,204 @@
+"""The PurifiedLearning recipe (purified_ops.learning) and a tiny run of the demo pipeline."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from purified_ops.learning import (PerDirectionHeads, PurifiedNet, evaluate, fit, freeze_irrelevant,
+                                   purified_loss)
+
+B, IN, D = 12, 10, 6
+
+
+def mlp(out=D):
+    return nn.Sequential(nn.Linear(IN, 16), nn.ReLU(), nn.Linear(16, out))
+
+
+def make_net(**kw):
+    torch.manual_seed(0)
+    return PurifiedNet(mlp(), mlp(), nn.Linear(D, 3), nn.Linear(D, 4), **kw)
+
+
+def make_data(n=B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, IN, generator=g), torch.randint(0, 3, (n,), generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_shapes_and_purification():
+    net = make_net()
+    x, _, _ = make_data()
+    out = net(x)
+    assert out.task_logits.shape == (B, 3)
+    assert out.irrelevant_logits.shape == (B, 4)
+    assert out.features.shape == out.irrelevant_features.shape == out.purified.shape == (B, D)
+    # strength 1: the purified features are orthogonal to each sample's irrelevant direction
+    dots = (out.purified * out.irrelevant_features).sum(-1)
+    assert dots.abs().max() < 1e-4 * out.features.norm(dim=-1).max() * out.irrelevant_features.norm(dim=-1).max()
+    # purify=False hands the features through unchanged
+    plain = make_net(purify=False)
+    o2 = plain(x)
+    assert torch.equal(o2.purified, o2.features)
+
+
+def test_k_directions_and_per_direction_heads():
+    torch.manual_seed(0)
+    K = 3
+
+    class KEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(IN, K * D)
+
+        def forward(self, h):
+            return self.lin(h).view(-1, K, D)
+
+    net = PurifiedNet(mlp(), KEncoder(), nn.Linear(D, 3), PerDirectionHeads(D, [4, 2, 5]))
+    x, y, _ = make_data()
+    out = net(x)
+    assert out.irrelevant_features.shape == (B, K, D)
+    assert [t.shape for t in out.irrelevant_logits] == [(B, 4), (B, 2), (B, 5)]
+    # orthogonal to all K directions
+    assert torch.einsum("bd,bkd->bk", out.purified, out.irrelevant_features).abs().max() < 1e-3
+    labels = torch.stack([torch.randint(0, c, (B,)) for c in (4, 2, 5)], -1)  # [B, T]
+    loss, parts = purified_loss(out, y, labels, irrelevant_weight=0.5)
+    expected_irr = sum(F.cross_entropy(l, labels[:, k]) for k, l in enumerate(out.irrelevant_logits)) / 3
+    assert torch.allclose(loss, F.cross_entropy(out.task_logits, y) + 0.5 * expected_irr, atol=1e-6)
+    assert parts["irrelevant"] == pytest.approx(float(expected_irr.detach()), rel=1e-6)
+    with pytest.raises(ValueError):
+        purified_loss(out, y, labels[:, :2])
+
+
+def test_loss_values():
+    net = make_net()
+    x, y, t = make_data()
+    out = net(x)
+    loss, parts = purified_loss(out, y, t, irrelevant_weight=0.3)
+    task = F.cross_entropy(out.task_logits, y)
+    irr = F.cross_entropy(out.irrelevant_logits, t)
+    assert torch.allclose(loss, task + 0.3 * irr)
+    assert parts == pytest.approx({"task": task.item(), "irrelevant": irr.item()})
+    only_task, _ = purified_loss(out, y, None)
+    assert torch.allclose(only_task, task)
+
+
+def test_bad_irrelevant_shape():
+    torch.manual_seed(0)
+    net = PurifiedNet(mlp(), mlp(out=D + 1), nn.Linear(D, 3), nn.Linear(D + 1, 4))
+    with pytest.raises(ValueError, match="irrelevant features"):
+        net(make_data()[0])
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_gradient_flow_detach_irrelevant(detach):
+    net = make_net(detach_irrelevant=detach)
+    x, y, t = make_data()
+    out = net(x)
+    F.cross_entropy(out.task_logits, y).backward()      # the task loss alone
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(net.main_encoder))
+    irr_grads = _grads(net.irrelevant_encoder)
+    if detach:
+        assert all(g is None for g in irr_grads)          # the task loss stops at z
+    else:
+        assert all(g is not None and g.abs().sum() > 0 for g in irr_grads)
+    assert all(g is None for g in _grads(net.irrelevant_head))
+    # the irrelevant loss reaches the irrelevant encoder whatever detach says
+    net.zero_grad(set_to_none=True)
+    out = net(x)
+    F.cross_entropy(out.irrelevant_logits, t).backward()
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(net.irrelevant_encoder))
+    assert all(g is None for g in _grads(net.main_encoder))
+
+
+def test_learnable_strength_gets_gradient():
+    net = make_net(learnable_strength=True, strength=0.5)
+    x, y, t = make_data()
+    loss, _ = purified_loss(net(x), y, t)
+    loss.backward()
+    assert net.purifier.strength.grad is not None and torch.isfinite(net.purifier.strength.grad)
+
+
+def test_two_stage_freezes_irrelevant_branch():
+    net = make_net()
+    data = make_data(n=32)
+    # capture after stage 1 by wrapping freeze: snapshot the branch when stage 2 begins
+    snapshots = {}
+    import purified_ops.learning as learning
+    real_freeze = learning.freeze_irrelevant
+
+    def spy(model, frozen=True):
+        snapshots["main"] = [p.detach().clone() for p in model.main_encoder.parameters()]
+        snapshots["irr"] = [p.detach().clone() for p in model.irrelevant_parameters()]
+        real_freeze(model, frozen)
+
+    before_main = [p.detach().clone() for p in net.main_encoder.parameters()]
+    learning.freeze_irrelevant = spy
+    try:
+        hist = fit(net, data, epochs=3, stage1_epochs=2, batch_size=8, schedule="two_stage", seed=0,
+                   progress=False, lr=1e-2)
+    finally:
+        learning.freeze_irrelevant = real_freeze
+    assert len(hist["stage1"]) == 2 and len(hist["stage2"]) == 3
+    assert all(h["task"] > 0 for h in hist["stage2"])
+    # stage 1 trains only the irrelevant branch: the main encoder is untouched
+    assert all(torch.equal(a, b) for a, b in zip(before_main, snapshots["main"]))
+    # stage 2: the irrelevant branch is unchanged and has no grads; the main encoder moved
+    for p, snap in zip(net.irrelevant_parameters(), snapshots["irr"]):
+        assert torch.equal(p.detach(), snap)
+        assert p.grad is None and not p.requires_grad
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(snapshots["main"], net.main_encoder.parameters()))
+    freeze_irrelevant(net, False)
+    assert all(p.requires_grad for p in net.irrelevant_parameters())
+
+
+def test_joint_fit_learns_and_is_seeded():
+    data = make_data(n=64)
+    accs = []
+    for _ in range(2):
+        net = make_net()
+        hist = fit(net, data, epochs=30, batch_size=16, seed=3, progress=False, lr=1e-2)
+        accs.append(evaluate(net, data))
+        assert hist["joint"][-1]["loss"] < hist["joint"][0]["loss"]
+    assert accs[0] == accs[1]                      # same seed, same result
+    assert accs[0]["task_acc"] > 0.6               # fits the training set
+    assert len(accs[0]["irrelevant_acc"]) == 1
+    with pytest.raises(ValueError):
+        fit(make_net(), data, schedule="three_stage", progress=False)
+
+
+def test_demo_data_is_honest():
+    pytest.importorskip("sklearn")
+    from purified_ops.demo import TEST_SIZE, load_data
+
+    (x, y, tex), (xt, yt, text) = load_data(200, 0, "correlated", rho=1.0)
+    assert x.shape == (200, 64) and xt.shape == (TEST_SIZE, 64)
+    assert torch.equal(tex, y % 4)                             # rho=1: the shortcut holds in training
+    agree = (text == yt % 4).float().mean()
+    assert 0.15 < agree < 0.35                                 # at test it does not (chance 0.25)
+    (_, y2, tex2), (xt2, _, text2) = load_data(200, 0, "independent")
+    assert 0.1 < (tex2 == y2 % 4).float().mean() < 0.4
+    assert torch.equal(xt, xt2) and torch.equal(text, text2)   # one fixed test set
+
+
+def test_demo_cli_tiny(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from purified_ops.cli import main
+
+    png = tmp_path / "curve.png"
+    rc = main(["demo", "--sizes", "20", "30", "--default-size", "20", "--seeds", "2", "--steps", "5",
+               "--plot", str(png), "--json", "--no-progress"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    obj = json.loads(lines[-1])
+    assert len(obj["baseline_acc"]) == len(obj["purified_acc"]) == len(obj["multitask_acc"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in obj["baseline_acc"] + obj["purified_acc"])
+    assert obj["regime"] == "correlated" and obj["default_size"] == 20
+    assert set(obj["by_regime"]) == {"correlated", "independent"}
+    assert png.stat().st_size > 1000
+    assert any("purified-plain" in line for line in lines)
