@@ -24,7 +24,7 @@ test: install
 	$(PY) -m pytest tests -q
 
 demo: install
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/purified-ops demo
 
 clean:
 	rm -rf build $(VENV) purified_ops/*.so

@@ -1,4 +1,5 @@
-"""The ``purified-ops`` command line: ``info`` (version, backends, build), ``demo`` (PurifiedLearning on digits)."""
+"""The ``purified-ops`` command line: ``info`` (version, backends, build), ``bench`` (timings against
+the eager formula and torch.compile), ``demo`` (PurifiedLearning on digits)."""
 from __future__ import annotations
 
 import argparse
