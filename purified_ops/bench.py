@@ -90,6 +90,7 @@ class Measurement:
     provider: str
     times_ms: list[float]
     saved_mb: float
+    peak_mb: float
 
     @property
     def median_ms(self) -> float:
@@ -126,6 +127,27 @@ def _saved_bytes(fn, x, z) -> int:
         fn(x, z)
     inputs = {x.untyped_storage().data_ptr(), z.untyped_storage().data_ptr()}
     return sum(n for p, n in seen.items() if p not in inputs)
+
+
+def _peak_bytes(run: Callable[[], None], device: str) -> int:
+    """Memory allocated by one call above what existed before it (its peak)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
 
 
 def _step(provider: str, mode: str, x, z, g):
@@ -217,7 +239,8 @@ def measure(cases: Iterable[Case], providers: Iterable[str] = PROVIDERS, reps: i
         x, z, _ = _make_inputs(case, 1, requires_grad=True)[0]
         for p in names:
             saved = _saved_bytes(FUNCTIONS[p], x, z) / 2**20 if p in FUNCTIONS else 0.0
-            results.append(Measurement(case, p, samples[p], saved))
+            peak = _peak_bytes(runs[p][0], case.device) / 2**20
+            results.append(Measurement(case, p, samples[p], saved, peak))
         del runs, sets
         bar.update(1)
     bar.close()
@@ -249,7 +272,7 @@ def _progress(total: int, enabled: bool):
 
 CSV_KEY = ("device_name", "provider", "mode", "dtype", "N", "D", "K")
 CSV_FIELDS = CSV_KEY + ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "copy_gbps",
-                        "speedup_vs_eager", "speedup_vs_compile", "saved_mb", "threads", "torch", "purified_ops",
+                        "speedup_vs_eager", "speedup_vs_compile", "saved_mb", "peak_mb", "threads", "torch", "purified_ops",
                         "timestamp")
 
 
@@ -283,7 +306,7 @@ def to_rows(results: list[Measurement]) -> list[dict]:
                 "device_name": device_name(case.device), "provider": p, "mode": case.mode, "dtype": case.dtype,
                 "N": case.N, "D": case.D, "K": case.K, "median_ms": m.median_ms, "p20_ms": m.quantile_ms(0.2),
                 "p80_ms": m.quantile_ms(0.8), "gbps": gbps, "copy_gbps": copy_gbps,
-                "pct_of_copy": 100 * gbps / copy_gbps, "saved_mb": m.saved_mb,
+                "pct_of_copy": 100 * gbps / copy_gbps, "saved_mb": m.saved_mb, "peak_mb": m.peak_mb,
                 "speedup_vs_eager": ms["eager"].median_ms / m.median_ms if "eager" in ms else float("nan"),
                 "speedup_vs_compile": ms["compile"].median_ms / m.median_ms if "compile" in ms else float("nan"),
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "purified_ops": __version__,
@@ -311,13 +334,13 @@ def upsert_csv(path: str, rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = ("shape", "dtype", "K", "mode", "provider", "median ms [p20, p80]", "GB/s", "% copy",
-            "copy GB/s", "x eager", "x compile", "saved MB")
+            "copy GB/s", "x eager", "x compile", "peak MB", "saved MB")
     lines = [head]
     for r in rows:
         lines.append((f"{r['N']}x{r['D']}", r["dtype"], str(r["K"]), r["mode"], r["provider"],
                       f"{r['median_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]", f"{r['gbps']:.1f}",
                       f"{r['pct_of_copy']:.0f}%", f"{r['copy_gbps']:.1f}", f"{r['speedup_vs_eager']:.2f}", f"{r['speedup_vs_compile']:.2f}",
-                      f"{r['saved_mb']:.1f}"))
+                      f"{r['peak_mb']:.1f}", f"{r['saved_mb']:.1f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
 
