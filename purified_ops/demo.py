@@ -272,6 +272,8 @@ def run(args) -> dict:
     sizes = sorted(set(args.sizes) | {args.default_size})
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
+    if args.k < 1:
+        raise SystemExit("--k must be >= 1")
     jobs = [(r, n, s, a) for r in regimes for n in sizes for s in range(args.seeds) for a in ARMS]
     results = {r: {n: {a: [] for a in ARMS} for n in sizes} for r in regimes}
     start = time.perf_counter()
