@@ -20,10 +20,17 @@ training set, same batches, optimizer, learning rate and number of steps):
 - ``plain``: main encoder -> task head, task loss only;
 - ``multitask``: the same network with an irrelevant head on its features, trained on task loss
   plus irrelevant loss, no purification;
-- ``purified``: PurifiedLearning: the same main encoder and task head, a task-irrelevant encoder
-  of the same architecture trained on the irrelevant labels, and a ``PurifyLayer`` that removes
-  from each sample's main features their projection onto its irrelevant features (joint training,
-  ``detach_irrelevant=True``).
+- ``purified``: PurifiedLearning with subspace purification of the input (``--variant
+  subspace``, the default): a :class:`~purified_ops.learning.LowRankProbe` learns K = 16
+  directions of pixel space from which a small MLP must predict the texture label; a
+  ``PurifyLayer`` removes that subspace (one set of directions shared by all samples) from every
+  image before the same main encoder and task head (joint training, ``detach_irrelevant=True``:
+  only the irrelevant loss shapes the directions). ``--variant per_sample`` is the per-sample
+  form: a task-irrelevant encoder of the main encoder's architecture gives each sample one
+  direction in main-feature space, which is removed from its main features.
+
+The variant was chosen on a validation split carved from the training pool, never on the test
+set; docs/demo.md reports every variant tried.
 """
 from __future__ import annotations
 
@@ -39,9 +46,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .learning import PurifiedNet, evaluate, fit, seed_everything
+from .learning import LowRankProbe, PurifiedNet, evaluate, fit, seed_everything
 
 ARMS = ("plain", "multitask", "purified")
+VARIANTS = ("subspace", "per_sample")
+SUBSPACE_K = 16              # directions of pixel space removed by the subspace variant
 REGIMES = ("correlated", "independent")
 N_TEXTURES = 4
 TEST_SIZE = 797
@@ -112,27 +121,42 @@ def encoder(hidden: int, dim: int) -> nn.Module:
 
 
 def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
-              detach_irrelevant: bool = True) -> PurifiedNet:
-    """The three arms; the main encoder and task head get the same initial weights in all of them."""
+              detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K) -> PurifiedNet:
+    """The three arms; the main encoder and task head get the same initial weights in all of them.
+
+    ``variant`` picks the purified arm: ``"subspace"`` purifies the input pixels against ``k``
+    learned directions shared by all samples; ``"per_sample"`` purifies the main features against
+    one direction per sample from a separate task-irrelevant encoder.
+    """
     torch.manual_seed(seed)
     main, task_head = encoder(hidden, dim), nn.Linear(dim, 10)
-    irrelevant_head = nn.Linear(dim, N_TEXTURES)
     if arm in ("plain", "multitask"):
         # The network alone; multitask puts the irrelevant head on its features.
+        irrelevant_head = nn.Linear(dim, N_TEXTURES)
         return PurifiedNet(nn.Identity(), nn.Identity(), task_head, irrelevant_head, backbone=main,
                            purify=False)
-    if arm == "purified":
+    if arm != "purified":
+        raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
+    if variant == "subspace":
+        # input -> PurifyLayer(input, P) -> main encoder -> task head; P [k, 64] is shared by all
+        # samples and learned (with the probe MLP) only from the texture labels.
+        probe = LowRankProbe(64, k)
+        irrelevant_head = nn.Sequential(nn.Linear(k, dim), nn.ReLU(), nn.Linear(dim, N_TEXTURES))
+        return PurifiedNet(nn.Identity(), probe, nn.Sequential(main, task_head), irrelevant_head,
+                           purify=True, detach_irrelevant=detach_irrelevant)
+    if variant == "per_sample":
+        irrelevant_head = nn.Linear(dim, N_TEXTURES)
         irrelevant = encoder(hidden, dim)
         return PurifiedNet(main, irrelevant, task_head, irrelevant_head, purify=True,
                            detach_irrelevant=detach_irrelevant)
-    raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
+    raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
 
 def run_one(arm: str, regime: str, n_train: int, seed: int, *, steps: int, batch_size: int,
             lr: float, irrelevant_weight: float, rho: float, device=None, schedule: str = "joint",
-            detach_irrelevant: bool = True) -> float:
+            detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K) -> float:
     train, test = load_data(n_train, seed, regime, rho=rho)
-    model = build_arm(arm, seed, detach_irrelevant=detach_irrelevant)
+    model = build_arm(arm, seed, detach_irrelevant=detach_irrelevant, variant=variant, k=k)
     epochs = max(1, math.ceil(steps / math.ceil(n_train / batch_size)))  # >= steps optimizer steps
     fit(model, train, epochs=epochs, lr=lr, batch_size=batch_size,
         irrelevant_weight=0.0 if arm == "plain" else irrelevant_weight, seed=seed, device=device,
@@ -222,6 +246,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--irrelevant-weight", type=float, default=1.0)
+    p.add_argument("--variant", choices=VARIANTS, default="subspace",
+                   help="purified arm: subspace purification of the input against K learned directions "
+                        "shared by all samples (default), or one direction per sample in feature space")
+    p.add_argument("--k", type=int, default=SUBSPACE_K,
+                   help=f"directions of the subspace variant (default {SUBSPACE_K})")
     p.add_argument("--schedule", choices=("joint", "two_stage"), default="joint",
                    help="purified arm: joint training (default), or the irrelevant branch first, then frozen")
     p.add_argument("--no-detach", action="store_true",
@@ -243,6 +272,8 @@ def run(args) -> dict:
     sizes = sorted(set(args.sizes) | {args.default_size})
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
+    if args.k < 1:
+        raise SystemExit("--k must be >= 1")
     jobs = [(r, n, s, a) for r in regimes for n in sizes for s in range(args.seeds) for a in ARMS]
     results = {r: {n: {a: [] for a in ARMS} for n in sizes} for r in regimes}
     start = time.perf_counter()
@@ -253,7 +284,8 @@ def run(args) -> dict:
     for regime, n, seed, arm in jobs:
         acc = run_one(arm, regime, n, seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       irrelevant_weight=args.irrelevant_weight, rho=args.rho, device=args.device,
-                      schedule=args.schedule, detach_irrelevant=not args.no_detach)
+                      schedule=args.schedule, detach_irrelevant=not args.no_detach,
+                      variant=args.variant, k=args.k)
         results[regime][n][arm].append(acc)
         if bar is not None:
             bar.set_postfix(regime=regime, n=n)
@@ -294,6 +326,7 @@ def main(args) -> int:
         row = out["results"][head][args.default_size]
         obj = {
             "regime": head, "default_size": args.default_size, "seeds": args.seeds,
+            "variant": args.variant, "k": args.k if args.variant == "subspace" else None,
             "baseline_acc": row["plain"], "purified_acc": row["purified"],
             "multitask_acc": row["multitask"], **compare(row["plain"], row["purified"]),
             "by_regime": {r: {str(n): out["results"][r][n] for n in out["sizes"]} for r in out["regimes"]},

@@ -36,7 +36,8 @@ from torch import nn
 from .layer import PurifyLayer
 
 __all__ = [
-    "PurifiedNet", "PurifiedOutput", "PerDirectionHeads", "purified_loss", "freeze_irrelevant",
+    "PurifiedNet", "PurifiedOutput", "PerDirectionHeads", "LowRankProbe", "purified_loss",
+    "freeze_irrelevant",
     "fit", "evaluate", "seed_everything", "choose_device",
 ]
 
@@ -69,14 +70,44 @@ class PerDirectionHeads(nn.Module):
         return [head(z[:, k]) for k, head in enumerate(self.heads)]
 
 
+class LowRankProbe(nn.Module):
+    """K learned directions shared by all samples: subspace purification (INLP/LEACE-like).
+
+    Holds ``P`` (``[K, D]``). ``forward(h)`` returns ``(P[None], h @ P.T)``: the directions the
+    :class:`PurifiedNet` purifies against (one set, broadcast to every sample, never materialized
+    per sample) and the sample's K coordinates along them, which the irrelevant head reads.
+    Trained on the irrelevant labels, ``P`` must span a subspace from which the irrelevant label
+    can be predicted; purification then removes that whole subspace from the features.
+
+    Args:
+        dim: D, the dimension of the features that are purified.
+        k: K, the number of directions.
+        detach_input: the irrelevant loss does not reach what produced ``h`` (with a shared
+            ``backbone``, the probe observes the features without shaping them).
+    """
+
+    def __init__(self, dim: int, k: int, *, detach_input: bool = False):
+        super().__init__()
+        self.directions = nn.Parameter(torch.empty(int(k), int(dim)))
+        nn.init.orthogonal_(self.directions)
+        self.detach_input = bool(detach_input)
+
+    def forward(self, h: torch.Tensor):
+        coords = (h.detach() if self.detach_input else h) @ self.directions.t()
+        return self.directions.unsqueeze(0), coords
+
+
 class PurifiedNet(nn.Module):
     """Main encoder, task-irrelevant encoder and heads, with a :class:`PurifyLayer` between.
 
     Args:
         main_encoder: ``h -> x``, features ``[B, D]`` (or any ``[B, ..., D]`` the task head takes).
-        irrelevant_encoder: ``h -> z``, ``[B, D]`` (one direction per sample) or ``[B, K, D]``.
+        irrelevant_encoder: ``h -> z``, ``[B, D]`` (one direction per sample) or ``[B, K, D]``
+            (``[1, K, D]``: K directions shared by all samples). It may also return a pair
+            ``(z, r)``: ``z`` is purified against and ``r`` goes to the irrelevant head (e.g.
+            :class:`LowRankProbe`).
         task_head: purified features -> task logits.
-        irrelevant_head: ``z`` -> irrelevant logits (a tensor, or a list for several label types,
+        irrelevant_head: ``z`` (or ``r``) -> irrelevant logits (a tensor, or a list for several label types,
             e.g. :class:`PerDirectionHeads`).
         backbone: optional module shared by both branches; ``h = backbone(input)``, else the input.
         purify: False skips the purification (the task head sees ``x``): the baselines.
@@ -107,11 +138,12 @@ class PurifiedNet(nn.Module):
         h = self.backbone(inputs) if self.backbone is not None else inputs
         x = self.main_encoder(h)
         z = self.irrelevant_encoder(h)
+        z, r = z if isinstance(z, tuple) else (z, z)
         if z.dim() not in (x.dim(), x.dim() + 1) or z.shape[-1] != x.shape[-1]:
             raise ValueError(f"PurifiedNet: irrelevant features z {tuple(z.shape)} must be [..., D] or "
                              f"[..., K, D] with the main features' D; x is {tuple(x.shape)}")
         purified = self.purifier(x, z) if self.purify else x
-        return PurifiedOutput(self.task_head(purified), self.irrelevant_head(z), x, z, purified)
+        return PurifiedOutput(self.task_head(purified), self.irrelevant_head(r), x, z, purified)
 
 
 def _as_list(logits, labels):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from purified_ops.learning import (PerDirectionHeads, PurifiedNet, evaluate, fit, freeze_irrelevant,
-                                   purified_loss)
+from purified_ops.learning import (LowRankProbe, PerDirectionHeads, PurifiedNet, evaluate, fit,
+                                   freeze_irrelevant, purified_loss)
 
 B, IN, D = 12, 10, 6
 
@@ -171,6 +171,115 @@ def test_joint_fit_learns_and_is_seeded():
         fit(make_net(), data, schedule="three_stage", progress=False)
 
 
+def make_subspace_net(K=3, backbone=False, detach_input=False, **kw):
+    """Subspace purification: K shared directions from a LowRankProbe, an MLP head on the coordinates."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(K, 8), nn.ReLU(), nn.Linear(8, 4))
+    if backbone:
+        return PurifiedNet(nn.Identity(), LowRankProbe(D, K, detach_input=detach_input), nn.Linear(D, 3), head,
+                           backbone=mlp(), **kw)
+    return PurifiedNet(nn.Identity(), LowRankProbe(IN, K), mlp(out=3), head, **kw)
+
+
+def test_low_rank_probe_shapes_and_shared_subspace():
+    K = 3
+    net = make_subspace_net(K)
+    x, y, t = make_data()
+    out = net(x)
+    P = net.irrelevant_encoder.directions
+    assert P.shape == (K, IN)
+    assert out.irrelevant_features.shape == (1, K, IN)          # one set, broadcast, not materialized
+    assert out.purified.shape == out.features.shape == (B, IN) and out.task_logits.shape == (B, 3)
+    assert out.irrelevant_logits.shape == (B, 4)
+    # the purified inputs are orthogonal to the whole subspace, and equal x minus its projection
+    assert (out.purified @ P.t()).abs().max() < 1e-4
+    Q, _ = torch.linalg.qr(P.detach().t())
+    assert torch.allclose(out.purified, x - (x @ Q) @ Q.t(), atol=1e-4)
+    # the irrelevant head reads the sample's coordinates along P
+    assert torch.allclose(out.irrelevant_logits, net.irrelevant_head(x @ P.t()))
+    loss, parts = purified_loss(out, y, t)
+    assert torch.allclose(loss, F.cross_entropy(out.task_logits, y) + F.cross_entropy(out.irrelevant_logits, t))
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_low_rank_probe_gradient_flow(detach):
+    net = make_subspace_net(detach_irrelevant=detach)
+    x, y, t = make_data()
+    F.cross_entropy(net(x).task_logits, y).backward()
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(net.task_head))
+    P = net.irrelevant_encoder.directions
+    if detach:
+        assert P.grad is None                                   # the task loss never moves the subspace
+    else:
+        assert P.grad is not None and P.grad.abs().sum() > 0
+    assert all(g is None for g in _grads(net.irrelevant_head))
+    net.zero_grad(set_to_none=True)
+    F.cross_entropy(net(x).irrelevant_logits, t).backward()
+    assert P.grad is not None and P.grad.abs().sum() > 0       # the irrelevant loss shapes it
+    assert all(g is None for g in _grads(net.task_head))
+
+
+@pytest.mark.parametrize("detach_input", [False, True])
+def test_low_rank_probe_on_shared_backbone(detach_input):
+    net = make_subspace_net(backbone=True, detach_input=detach_input, detach_irrelevant=True)
+    x, _, t = make_data()
+    out = net(x)
+    assert out.irrelevant_features.shape == (1, 3, D) and out.purified.shape == (B, D)
+    F.cross_entropy(out.irrelevant_logits, t).backward()
+    assert net.irrelevant_encoder.directions.grad is not None
+    backbone_grads = _grads(net.backbone)
+    if detach_input:
+        assert all(g is None for g in backbone_grads)           # the probe observes, does not shape
+    else:
+        assert all(g is not None and g.abs().sum() > 0 for g in backbone_grads)
+
+
+def test_two_stage_freezes_low_rank_probe():
+    net = make_subspace_net(detach_irrelevant=True)
+    data = make_data(n=32)
+    P0 = net.irrelevant_encoder.directions.detach().clone()
+    task0 = [p.detach().clone() for p in net.task_head.parameters()]
+    import purified_ops.learning as learning
+    real_freeze, snap = learning.freeze_irrelevant, {}
+
+    def spy(model, frozen=True):
+        snap["P"] = model.irrelevant_encoder.directions.detach().clone()
+        snap["task"] = [p.detach().clone() for p in model.task_head.parameters()]
+        real_freeze(model, frozen)
+
+    learning.freeze_irrelevant = spy
+    try:
+        fit(net, data, epochs=3, stage1_epochs=2, batch_size=8, schedule="two_stage", seed=0, progress=False,
+            lr=1e-2)
+    finally:
+        learning.freeze_irrelevant = real_freeze
+    assert not torch.equal(snap["P"], P0)                                    # stage 1 learned P
+    assert all(torch.equal(a, b) for a, b in zip(task0, snap["task"]))      # and nothing else
+    assert torch.equal(net.irrelevant_encoder.directions.detach(), snap["P"])  # stage 2 kept P
+    assert not net.irrelevant_encoder.directions.requires_grad
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(snap["task"], net.task_head.parameters()))
+
+
+def test_demo_arms_share_the_main_network():
+    pytest.importorskip("sklearn")
+    from purified_ops.demo import SUBSPACE_K, build_arm
+
+    plain = build_arm("plain", 3)
+    sub = build_arm("purified", 3)
+    per = build_arm("purified", 3, variant="per_sample")
+    main_sub, head_sub = sub.task_head[0], sub.task_head[1]
+    for a, b in zip(list(plain.backbone.parameters()) + list(plain.task_head.parameters()),
+                    list(main_sub.parameters()) + list(head_sub.parameters())):
+        assert torch.equal(a, b)                                 # same initial weights
+    for a, b in zip(plain.backbone.parameters(), per.main_encoder.parameters()):
+        assert torch.equal(a, b)
+    x = torch.rand(5, 64)
+    out = sub(x)
+    assert out.irrelevant_features.shape == (1, SUBSPACE_K, 64) and out.task_logits.shape == (5, 10)
+    with pytest.raises(ValueError):
+        build_arm("purified", 0, variant="nope")
+
+
 def test_demo_data_is_honest():
     pytest.importorskip("sklearn")
     from purified_ops.demo import TEST_SIZE, load_data
@@ -199,6 +308,13 @@ def test_demo_cli_tiny(tmp_path, capsys):
     assert len(obj["baseline_acc"]) == len(obj["purified_acc"]) == len(obj["multitask_acc"]) == 2
     assert all(0.0 <= a <= 1.0 for a in obj["baseline_acc"] + obj["purified_acc"])
     assert obj["regime"] == "correlated" and obj["default_size"] == 20
+    assert obj["variant"] == "subspace" and obj["k"] == 16
     assert set(obj["by_regime"]) == {"correlated", "independent"}
     assert png.stat().st_size > 1000
     assert any("purified-plain" in line for line in lines)
+    rc = main(["demo", "--sizes", "20", "--default-size", "20", "--seeds", "1", "--steps", "3",
+               "--regime", "independent",
+               "--variant", "per_sample", "--plot", "", "--json", "--no-progress"])
+    assert rc == 0
+    obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert obj["variant"] == "per_sample" and len(obj["purified_acc"]) == 1
