@@ -53,6 +53,11 @@ def compiled_formula(x, z, strength=1.0, eps=1e-6):
     """torch.compile of eager_formula (inductor), compiled once per process."""
     global _compiled_formula
     if _compiled_formula is None:
+        # The "backward" mode replays one graph (retain_graph=True), which donated buffers forbid;
+        # they save memory, not time.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         _compiled_formula = torch.compile(eager_formula, dynamic=False)
     return _compiled_formula(x, z, strength, eps)
 

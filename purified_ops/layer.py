@@ -55,6 +55,8 @@ class PurifyLayer(nn.Module):
                  detach_irrelevant: bool = False, dim: int = -1):
         super().__init__()
         check_strength(strength)
+        if isinstance(strength, torch.Tensor) and strength.device.type == "meta":
+            raise ValueError("PurifyLayer: strength must hold a value, got a meta tensor")
         self.eps = check_eps(eps)
         if not isinstance(dim, int) or isinstance(dim, bool):
             raise TypeError(f"PurifyLayer: dim must be an int, got {type(dim).__name__}")

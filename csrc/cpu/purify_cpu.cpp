@@ -49,6 +49,20 @@ struct Block {
   }
 };
 
+// The next row's input streams, prefetched a cache line at a time during the current row's
+// second pass: that pass reads only what the first pass brought into L1/L2, so without this
+// the memory system would idle while it runs.
+template <typename T>
+struct NextRow {
+  static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  const T* const* streams = nullptr;
+  int n = 0;
+  inline void prefetch(int64_t d) const {
+    if ((d & (kLine - 1)) == 0)
+      for (int i = 0; i < n; ++i) __builtin_prefetch(streams[i] + d, 0, 3);
+  }
+};
+
 template <typename acc_t>
 inline acc_t sum_lanes(const Vectorized<acc_t>& v) {
   alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
@@ -110,13 +124,14 @@ inline void dots(const T* v, const T* const* dirs, int n, int64_t D, at::opmath_
 // y = x - sum_k w[k] dirs[k]
 template <typename T>
 inline void subtract_combination(const T* x, const T* const* dirs, const at::opmath_type<T>* w,
-                                 int K, int64_t D, T* y) {
+                                 int K, int64_t D, T* y, const NextRow<T>& next) {
   using B = Block<T>;
   using AVec = typename B::AVec;
   using acc_t = at::opmath_type<T>;
   int64_t d = 0;
   AVec a[B::kSub], zz[B::kSub];
   for (; d + B::kSize <= D; d += B::kSize) {
+    next.prefetch(d);
     B::load(x + d, a);
     for (int k = 0; k < K; ++k) {
       const AVec neg_w(-w[k]);
@@ -158,6 +173,49 @@ inline int64_t item_grain(const RowGrid& grid, int64_t chunks) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / cost);
 }
 
+// Where the rows of a range of work items live, in visiting order; used to find the next row.
+struct RowCursor {
+  const RowGrid& grid;
+  int64_t chunks, end_item;
+
+  // The row after (item, j) within [item, end_item), or false at the end.
+  bool next(int64_t item, int64_t j, int64_t row_end, int64_t* n_item, int64_t* n_j) const {
+    if (j + 1 < row_end) {
+      *n_item = item;
+      *n_j = j + 1;
+      return true;
+    }
+    for (int64_t i = item + 1; i < end_item; ++i) {
+      const ItemRange r = item_range(grid, chunks, i);
+      if (r.row_begin < r.row_end) {
+        *n_item = i;
+        *n_j = r.row_begin;
+        return true;
+      }
+    }
+    return false;
+  }
+};
+
+// Fills `streams` with the next row's x (and grad_y when g is given) and, when its z row
+// differs from the current one, its K directions (at most kMaxFusedK of them).
+template <typename T>
+inline NextRow<T> next_row_streams(const RowGrid& grid, const RowCursor& cursor, int64_t item, int64_t j,
+                                   int64_t row_end, int64_t group, const T* xp, const T* gp, const T* zp,
+                                   const T** streams) {
+  NextRow<T> next{streams, 0};
+  int64_t n_item, n_j;
+  if (!cursor.next(item, j, row_end, &n_item, &n_j)) return next;
+  const int64_t n_group = item_range(grid, cursor.chunks, n_item).group;
+  const RowOffsets go = decode_offsets(grid.group, n_group);
+  const RowOffsets so = decode_offsets(grid.shared, n_j);
+  streams[next.n++] = xp + go.x + so.x;
+  if (gp != nullptr) streams[next.n++] = gp + go.g + so.g;
+  if (n_group != group)
+    for (int k = 0; k < std::min(grid.K, kMaxFusedK); ++k) streams[next.n++] = zp + go.z + k * grid.z_dir_stride;
+  return next;
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, double eps,
                     at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
@@ -177,6 +235,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
   at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
     std::vector<const T*> dirs(K);
     std::vector<acc_t> L(static_cast<size_t>(K) * K), c(K), w(K);
+    const T* streams[kMaxFusedK + 2];
+    const RowCursor cursor{grid, chunks, end};
     for (int64_t item = begin; item < end; ++item) {
       const ItemRange r = item_range(grid, chunks, item);
       const RowOffsets go = decode_offsets(grid.group, r.group);
@@ -193,7 +253,8 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
           cp[row * K + k] = c[k];
           w[k] = s * c[k];
         }
-        subtract_combination(xr, dirs.data(), w.data(), K, D, yp + row * D);
+        const auto next = next_row_streams<T>(grid, cursor, item, j, r.row_end, r.group, xp, nullptr, zp, streams);
+        subtract_combination(xr, dirs.data(), w.data(), K, D, yp + row * D, next);
       }
     }
   });
@@ -207,7 +268,7 @@ inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* d
                                        const at::opmath_type<T>* c, const at::opmath_type<T>* u,
                                        int K, int64_t D, at::opmath_type<T> s, T* dx,
                                        T* dz_out, int64_t dz_dir_stride,
-                                       at::opmath_type<T>* dz_acc) {
+                                       at::opmath_type<T>* dz_acc, const NextRow<T>& next) {
   using B = Block<T>;
   using AVec = typename B::AVec;
   using acc_t = at::opmath_type<T>;
@@ -217,6 +278,7 @@ inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* d
   int64_t d = 0;
   AVec gg[S], xx[S], zz[S], p[S], q[S], gq[S], xp[S], out[S];
   for (; d + B::kSize <= D; d += B::kSize) {
+    next.prefetch(d);
     B::load(g + d, gg);
     B::load(x + d, xx);
     for (int t = 0; t < S; ++t) p[t] = q[t] = AVec(0);
@@ -305,6 +367,8 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   at::parallel_for(0, items, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
     std::vector<const T*> dirs(K);
     std::vector<acc_t> u(K);
+    const T* streams[kMaxFusedK + 2];
+    const RowCursor cursor{grid, chunks, end};
     for (int64_t item = begin; item < end; ++item) {
       const ItemRange r = item_range(grid, chunks, item);
       const RowOffsets go = decode_offsets(grid.group, r.group);
@@ -320,8 +384,9 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
         dots(gr, dirs.data(), K, D, u.data());
         cholesky_solve_inplace(L, K, u.data());
         T* dz_row = direct_dz ? dzp + r.group * K * D : nullptr;
+        const auto next = next_row_streams<T>(grid, cursor, item, j, r.row_end, r.group, xp, gp, zp, streams);
         gp_sum += backward_row<T>(gr, xr, dirs.data(), cp + row * K, u.data(), K, D, s,
-                                  dxp + row * D, dz_row, D, acc_dz);
+                                  dxp + row * D, dz_row, D, acc_dz, next);
       }
       gp_part[item] = gp_sum;
     }
