@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/output_cache.h"
+
 #ifndef PURIFIED_OPS_CPU_CAPABILITY
 #define PURIFIED_OPS_CPU_CAPABILITY "unknown"
 #endif
@@ -37,6 +39,10 @@ TORCH_LIBRARY(purified_ops, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("empty_cpu_output_cache", &purified_ops::empty_cpu_output_cache,
+        "Frees the CPU output cache's blocks; returns the bytes released.");
+  m.def("cpu_output_cache_bytes", &purified_ops::cpu_output_cache_bytes,
+        "Bytes the CPU output cache holds for reuse.");
   m.def("build_info", [] {
     pybind11::dict info;
     info["cpu_capability"] = PURIFIED_OPS_CPU_CAPABILITY;

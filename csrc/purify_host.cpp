@@ -157,23 +157,27 @@ RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor
   return grid;
 }
 
+at::Tensor empty_like_device(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like) {
+  return at::empty(sizes, like.options().dtype(dtype));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& x,
-                                                                        const at::Tensor& z) {
+                                                                        const at::Tensor& z, EmptyFn empty) {
   const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
   const int64_t K = z.size(-2);
   auto coeff_shape = x.sizes().vec();
   coeff_shape.back() = K;
   auto chol_shape = z.sizes().vec();
   chol_shape.back() = K;
-  return {at::empty(x.sizes(), x.options()), at::empty(coeff_shape, acc), at::empty(chol_shape, acc)};
+  return {empty(x.sizes(), x.scalar_type(), x), at::empty(coeff_shape, acc), at::empty(chol_shape, acc)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(const at::Tensor& x,
                                                                          const at::Tensor& z,
-                                                                         bool compute_grad_z) {
+                                                                         bool compute_grad_z, EmptyFn empty) {
   const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
-  return {at::empty(x.sizes(), x.options()),
-          compute_grad_z ? at::empty(z.sizes(), z.options()) : at::empty({0}, z.options()),
+  return {empty(x.sizes(), x.scalar_type(), x),
+          compute_grad_z ? empty(z.sizes(), z.scalar_type(), z) : at::empty({0}, z.options()),
           at::empty({}, acc)};
 }
 

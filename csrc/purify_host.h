@@ -33,14 +33,21 @@ RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor
 // `t` itself when its last dim is contiguous (or has one element), else a contiguous copy.
 at::Tensor unit_last_stride(const at::Tensor& t);
 
+// Makes an uninitialized contiguous tensor of this shape and dtype on `like`'s device.
+using EmptyFn = at::Tensor (*)(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like);
+at::Tensor empty_like_device(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like);
+
 // y (x's shape and dtype), coeff ([*x.shape[:-1], K]) and chol ([*z.shape[:-2], K, K]),
 // all contiguous, coeff and chol in the accumulate dtype. The Python fake kernel mirrors this.
+// `empty` makes the large outputs (y here; dx and dz below).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& x,
-                                                                        const at::Tensor& z);
+                                                                        const at::Tensor& z,
+                                                                        EmptyFn empty = empty_like_device);
 // dx (x's shape), dz (z's shape, or an empty [0] tensor when not wanted), ds (0-dim accumulate).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(const at::Tensor& x,
                                                                          const at::Tensor& z,
-                                                                         bool compute_grad_z);
+                                                                         bool compute_grad_z,
+                                                                         EmptyFn empty = empty_like_device);
 
 // How the rows of one z row are split into work items for a deterministic reduction of dz.
 // Depends on the shapes alone, never on the thread count, so results are bitwise stable.

@@ -9,7 +9,8 @@ import torch
 from . import reference
 from ._validate import check_purify_args
 
-__all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "BACKENDS"]
+__all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "empty_cpu_cache", "cpu_cache_bytes",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
@@ -34,6 +35,21 @@ def build_info() -> dict:
     else:
         info.update(_BUILD_INFO)
     return info
+
+
+def empty_cpu_cache() -> int:
+    """Frees the blocks the CPU kernels keep for reuse as outputs; returns the bytes released.
+
+    Large CPU outputs (y, dx, dz) come from a caching allocator, as CUDA memory does in torch:
+    freed blocks are kept (up to PURIFIED_OPS_CPU_CACHE_MB, default 512; 0 turns it off) so the
+    next step does not fault in fresh pages. Like ``torch.cuda.empty_cache()``.
+    """
+    return _C.empty_cpu_output_cache() if _C is not None else 0
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes the CPU output cache holds for reuse (not in live tensors)."""
+    return _C.cpu_output_cache_bytes() if _C is not None else 0
 
 
 def available_backends() -> tuple[str, ...]:

@@ -30,3 +30,31 @@ def test_training_step_saves_no_row_by_feature_tensor(device):
     assert all(n < N * D * 4 for n in extra.values())
     y.sum().backward()  # and the saved state suffices for the backward
     assert x.grad is not None and z.grad is not None
+
+
+def test_cpu_outputs_reuse_cached_blocks():
+    import purified_ops
+
+    purified_ops.empty_cpu_cache()
+    x, z = torch.randn(512, 1024), torch.randn(512, 1, 1024)  # 2 MiB outputs: cached
+    y = purified_ops.purify(x, z)
+    ptr = y.data_ptr()
+    del y
+    assert purified_ops.cpu_cache_bytes() >= 512 * 1024 * 4
+    y2 = purified_ops.purify(x, z)
+    assert y2.data_ptr() == ptr  # the freed block, no fresh pages
+    torch.testing.assert_close(y2, purified_ops.purify(x, z, backend="reference"), rtol=1e-5, atol=1e-5)
+    y2.resize_(600, 1024)  # storage stays resizable
+    del y2
+    assert purified_ops.empty_cpu_cache() > 0 and purified_ops.cpu_cache_bytes() == 0
+
+
+def test_cpu_output_cache_can_be_turned_off():
+    import subprocess
+    import sys
+
+    code = ("import torch, purified_ops as p; y = p.purify(torch.randn(512, 1024), torch.randn(512, 1024)); "
+            "del y; print(p.cpu_cache_bytes())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PURIFIED_OPS_CPU_CACHE_MB": "0"}).stdout
+    assert out.strip() == "0"

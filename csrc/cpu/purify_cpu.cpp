@@ -17,6 +17,7 @@
 
 #include "../purify_host.h"
 #include "../row_math.h"
+#include "output_cache.h"
 
 namespace purified_ops {
 namespace {
@@ -418,6 +419,10 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   ds.fill_(-gp_total);
 }
 
+at::Tensor cached_output(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor&) {
+  return empty_cpu_output(sizes, dtype);
+}
+
 void purify_forward_out_cpu(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
                                double eps, at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
   check_forward_args(x_in, z_in, strength, eps, c10::DeviceType::CPU);
@@ -437,7 +442,7 @@ void purify_forward_out_cpu(const at::Tensor& x_in, const at::Tensor& z_in, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cpu(const at::Tensor& x, const at::Tensor& z,
                                                                  const at::Tensor& strength, double eps) {
   check_forward_args(x, z, strength, eps, c10::DeviceType::CPU);
-  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
+  auto [y, coeff, chol] = allocate_forward_outputs(x, z, cached_output);
   purify_forward_out_cpu(x, z, strength, eps, y, coeff, chol);
   return {y, coeff, chol};
 }
@@ -460,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
     const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z) {
   check_backward_args(grad_y, x, z, strength, coeff, chol, c10::DeviceType::CPU);
-  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
+  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z, cached_output);
   purify_backward_out_cpu(grad_y, x, z, strength, coeff, chol, compute_grad_z, dx, dz, ds);
   return {dx, dz, ds};
 }

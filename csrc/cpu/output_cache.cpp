@@ -1,0 +1,122 @@
+#include "output_cache.h"
+
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace purified_ops {
+namespace {
+
+constexpr std::size_t kMinCached = std::size_t{1} << 20;  // below this malloc is cheap enough
+constexpr std::size_t kAlign = std::size_t{2} << 20;      // one huge page
+
+std::size_t cap_from_env() {
+  const char* v = std::getenv("PURIFIED_OPS_CPU_CACHE_MB");
+  if (v == nullptr || *v == '\0') return std::size_t{512} << 20;
+  return static_cast<std::size_t>(std::stoull(v)) << 20;
+}
+
+struct Block {
+  void* ptr;
+  std::size_t size;
+};
+
+class OutputCache final : public c10::Allocator {
+ public:
+  static OutputCache& get() {
+    static auto* cache = new OutputCache();  // never destroyed: tensors may outlive statics
+    return *cache;
+  }
+
+  c10::DataPtr allocate(std::size_t n) override {
+    if (n < kMinCached || cap_ == 0) return c10::GetDefaultCPUAllocator()->allocate(n);
+    const std::size_t size = (n + kAlign - 1) / kAlign * kAlign;
+    void* ptr = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(size);
+      if (it != free_.end() && !it->second.empty()) {
+        ptr = it->second.back();
+        it->second.pop_back();
+        cached_ -= size;
+      }
+    }
+    if (ptr == nullptr) {
+      ptr = std::aligned_alloc(kAlign, size);
+      if (ptr == nullptr) {
+        empty();  // give the cache back and try once more
+        ptr = std::aligned_alloc(kAlign, size);
+      }
+      TORCH_CHECK(ptr != nullptr, "purified_ops: out of CPU memory allocating ", size, " bytes");
+      madvise(ptr, size, MADV_HUGEPAGE);  // a hint: fewer faults on first touch where THP is on
+    }
+    return {ptr, new Block{ptr, size}, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  std::size_t empty() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::size_t released = 0;
+    for (auto& [size, ptrs] : free_) {
+      for (void* p : ptrs) std::free(p);
+      released += size * ptrs.size();
+      ptrs.clear();
+    }
+    cached_ = 0;
+    return released;
+  }
+
+  std::size_t cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  OutputCache() : cap_(cap_from_env()) {}
+
+  static void release(void* ctx) {
+    auto* block = static_cast<Block*>(ctx);
+    get().put(block->ptr, block->size);
+    delete block;
+  }
+
+  void put(void* ptr, std::size_t size) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + size <= cap_) {
+        free_[size].push_back(ptr);
+        cached_ += size;
+        return;
+      }
+    }
+    std::free(ptr);
+  }
+
+  const std::size_t cap_;
+  std::mutex mutex_;
+  std::map<std::size_t, std::vector<void*>> free_;
+  std::size_t cached_ = 0;
+};
+
+}  // namespace
+
+at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return at::detail::empty_generic(sizes, &OutputCache::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   dtype, std::nullopt);
+}
+
+std::size_t empty_cpu_output_cache() { return OutputCache::get().empty(); }
+
+std::size_t cpu_output_cache_bytes() { return OutputCache::get().cached(); }
+
+}  // namespace purified_ops
