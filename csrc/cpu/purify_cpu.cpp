@@ -13,7 +13,17 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "../purify_host.h"
 #include "../row_math.h"
@@ -48,7 +58,75 @@ struct Block {
       at::vec::convert_from_float<T>(in[0], in[1]).store(p);
     }
   }
+  // A non-temporal store (p aligned to the vector size): the line is written without first
+  // being read, a third less traffic for outputs that will not be read again from cache.
+  static inline void store_stream(T* p, const AVec* in) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, in[0]);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm512_stream_pd(p, in[0]);
+    } else {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(in[0], in[1]));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, in[0]);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm256_stream_pd(p, in[0]);
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(in[0], in[1]));
+    }
+#else
+    store(p, in);
+#endif
+  }
+  static inline void store_to(T* p, const AVec* in, bool stream) {
+    if (stream) {
+      store_stream(p, in);
+    } else {
+      store(p, in);
+    }
+  }
 };
+
+// The last-level cache as the OS reports it (a VM's share can be far below what cpuid says).
+inline int64_t last_level_cache_bytes() {
+  if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+    long kib = 0;
+    const int n = std::fscanf(f, "%ldK", &kib);
+    std::fclose(f);
+    if (n == 1 && kib > 0) return static_cast<int64_t>(kib) << 10;
+  }
+  const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  return v > 0 ? static_cast<int64_t>(v) : int64_t{8} << 20;
+}
+
+// Whether to write outputs with non-temporal stores: only when they are larger than half the
+// last-level cache (smaller ones are better left in cache for their consumer) and every row
+// starts on a vector boundary.
+template <typename T>
+bool use_streaming_stores(const void* out, int64_t D, int64_t total_bytes) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  static const char* forced = std::getenv("PURIFIED_OPS_STREAMING_STORES");  // 0 or 1 overrides
+  if (forced != nullptr && *forced != '\0' && std::string(forced) == "0") return false;
+  const bool always = forced != nullptr && std::string(forced) == "1";
+  static const int64_t llc = last_level_cache_bytes();
+  constexpr int64_t kVecBytes = static_cast<int64_t>(sizeof(Vectorized<T>));
+  return (always || total_bytes > llc / 2) && reinterpret_cast<uintptr_t>(out) % kVecBytes == 0 &&
+         (D * static_cast<int64_t>(sizeof(T))) % kVecBytes == 0;
+#else
+  (void)out, (void)D, (void)total_bytes;
+  return false;
+#endif
+}
+
+// Orders this thread's non-temporal stores before anything after the parallel region.
+inline void fence_streaming_stores() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
 
 // The next row's input streams, prefetched a cache line at a time during the current row's
 // second pass: that pass reads only what the first pass brought into L1/L2, so without this
@@ -125,7 +203,7 @@ inline void dots(const T* v, const T* const* dirs, int n, int64_t D, at::opmath_
 // y = x - sum_k w[k] dirs[k]
 template <typename T>
 inline void subtract_combination(const T* x, const T* const* dirs, const at::opmath_type<T>* w,
-                                 int K, int64_t D, T* y, const NextRow<T>& next) {
+                                 int K, int64_t D, T* y, const NextRow<T>& next, bool stream) {
   using B = Block<T>;
   using AVec = typename B::AVec;
   using acc_t = at::opmath_type<T>;
@@ -139,7 +217,7 @@ inline void subtract_combination(const T* x, const T* const* dirs, const at::opm
       B::load(dirs[k] + d, zz);
       for (int s = 0; s < B::kSub; ++s) a[s] = at::vec::fmadd(neg_w, zz[s], a[s]);
     }
-    B::store(y + d, a);
+    B::store_to(y + d, a, stream);
   }
   for (; d < D; ++d) {
     acc_t r = static_cast<acc_t>(x[d]);
@@ -232,6 +310,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
   acc_t* lp = chol.mutable_data_ptr<acc_t>();
   const acc_t s = static_cast<acc_t>(strength);
   const acc_t e = static_cast<acc_t>(eps);
+  const bool stream = use_streaming_stores<T>(yp, D, y.numel() * static_cast<int64_t>(sizeof(T)));
 
   at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
     std::vector<const T*> dirs(K);
@@ -255,9 +334,10 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
           w[k] = s * c[k];
         }
         const auto next = next_row_streams<T>(grid, cursor, item, j, r.row_end, r.group, xp, nullptr, zp, streams);
-        subtract_combination(xr, dirs.data(), w.data(), K, D, yp + row * D, next);
+        subtract_combination(xr, dirs.data(), w.data(), K, D, yp + row * D, next, stream);
       }
     }
+    if (stream) fence_streaming_stores();
   });
 }
 
@@ -269,7 +349,8 @@ inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* d
                                        const at::opmath_type<T>* c, const at::opmath_type<T>* u,
                                        int K, int64_t D, at::opmath_type<T> s, T* dx,
                                        T* dz_out, int64_t dz_dir_stride,
-                                       at::opmath_type<T>* dz_acc, const NextRow<T>& next) {
+                                       at::opmath_type<T>* dz_acc, const NextRow<T>& next,
+                                       bool stream) {
   using B = Block<T>;
   using AVec = typename B::AVec;
   using acc_t = at::opmath_type<T>;
@@ -297,14 +378,14 @@ inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* d
       gq[t] = gg[t] - q[t];
       xp[t] = xx[t] - p[t];
     }
-    B::store(dx + d, out);
+    B::store_to(dx + d, out, stream);
     if (dz_out != nullptr || dz_acc != nullptr) {
       for (int k = 0; k < K; ++k) {
         const AVec ck(c[k]), uk(u[k]);
         for (int t = 0; t < S; ++t) out[t] = at::vec::fmadd(ck, gq[t], uk * xp[t]);
         if (dz_out != nullptr) {
           for (int t = 0; t < S; ++t) out[t] = neg_s * out[t];
-          B::store(dz_out + k * dz_dir_stride + d, out);
+          B::store_to(dz_out + k * dz_dir_stride + d, out, stream);
         } else {
           acc_t* a = dz_acc + k * D + d;
           for (int t = 0; t < S; ++t) {
@@ -358,6 +439,9 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   // Per-item partial sums: <g, p> always, and dz (K x D each) for z rows shared by rows.
   std::vector<acc_t> gp_part(items);
   const bool partial_dz = dz != nullptr && !direct_dz;
+  // dx and a directly written dz (as large as x, times K) share one decision.
+  const bool stream = use_streaming_stores<T>(dxp, D, dx.numel() * static_cast<int64_t>(sizeof(T))) &&
+                      (!direct_dz || reinterpret_cast<uintptr_t>(dzp) % sizeof(Vectorized<T>) == 0);
   at::Tensor dz_part;
   acc_t* dz_partp = nullptr;
   if (partial_dz) {
@@ -387,10 +471,11 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
         T* dz_row = direct_dz ? dzp + r.group * K * D : nullptr;
         const auto next = next_row_streams<T>(grid, cursor, item, j, r.row_end, r.group, xp, gp, zp, streams);
         gp_sum += backward_row<T>(gr, xr, dirs.data(), cp + row * K, u.data(), K, D, s,
-                                  dxp + row * D, dz_row, D, acc_dz, next);
+                                  dxp + row * D, dz_row, D, acc_dz, next, stream);
       }
       gp_part[item] = gp_sum;
     }
+    if (stream) fence_streaming_stores();
   });
 
   if (partial_dz) {
