@@ -57,6 +57,7 @@ class OutputCache final : public c10::Allocator {
       TORCH_CHECK(ptr != nullptr, "purified_ops: out of CPU memory allocating ", size, " bytes");
       madvise(ptr, size, MADV_HUGEPAGE);  // a hint: fewer faults on first touch where THP is on
     }
+    report(ptr, static_cast<int64_t>(size));
     return {ptr, new Block{ptr, size}, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -84,8 +85,18 @@ class OutputCache final : public c10::Allocator {
  private:
   OutputCache() : cap_(cap_from_env()) {}
 
+  // Tensors in our blocks count in the profiler's memory view, as torch's own allocations do.
+  void report(void* ptr, int64_t delta) {
+    if (!c10::memoryProfilingEnabled()) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    in_use_ += delta;
+    c10::reportMemoryUsageToProfiler(ptr, delta, static_cast<std::size_t>(in_use_), in_use_ + cached_,
+                                     c10::Device(c10::DeviceType::CPU));
+  }
+
   static void release(void* ctx) {
     auto* block = static_cast<Block*>(ctx);
+    get().report(block->ptr, -static_cast<int64_t>(block->size));
     get().put(block->ptr, block->size);
     delete block;
   }
@@ -106,6 +117,7 @@ class OutputCache final : public c10::Allocator {
   std::mutex mutex_;
   std::map<std::size_t, std::vector<void*>> free_;
   std::size_t cached_ = 0;
+  int64_t in_use_ = 0;  // only tracked while the profiler records memory
 };
 
 }  // namespace
