@@ -137,6 +137,9 @@ __host__ __device__ constexpr int vectors_per_thread(int KB) { return KB == 1 ? 
 __host__ __device__ constexpr int pow2_ceil(int n) { return n <= 1 ? 1 : 2 * pow2_ceil((n + 1) / 2); }
 __host__ __device__ constexpr int log2_exact(int n) { return n <= 1 ? 0 : 1 + log2_exact(n / 2); }
 __host__ __device__ constexpr int round_up32(int n) { return (n + 31) / 32 * 32; }
+// Entries reduced together (accumulators live at once): 8 for the Gram at K = 16 keeps the
+// forward within the register file; a reduce-scatter costs ~1 shuffle per entry either way.
+__host__ __device__ constexpr int group_entries(int KB, bool gram) { return KB >= 16 ? (gram ? 8 : 16) : 32; }
 
 // Loads the W elements at row[col, col + W): one 16-byte load when `vec` (then D % W == 0,
 // so a vector is wholly inside or outside the row), else element by element; zeros past D.
@@ -256,7 +259,7 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// One group of up to 32 entries: entries [32 GI, 32 GI + 32) of
+// One group of up to GS entries: entries [GS GI, GS GI + GS) of
 //   GRAM: (Gram lower triangle a >= b at a (a + 1) / 2 + b, then <z_a, v> at NT + a)
 //   else: (<z_a, v> at a)
 // accumulated over this thread's columns, reduced over the warp, added into the warp's slot.
@@ -270,7 +273,8 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
   constexpr int W = Pack<T>::W;
   constexpr int NT = GRAM ? KB * (KB + 1) / 2 : 0;
   constexpr int NE = NT + KB;
-  constexpr int CNT = (NE - 32 * GI) < 32 ? (NE - 32 * GI) : 32;
+  constexpr int GS = group_entries(KB, GRAM);
+  constexpr int CNT = (NE - GS * GI) < GS ? (NE - GS * GI) : GS;
   constexpr int N = pow2_ceil(CNT);
   A acc[N];
 #pragma unroll
@@ -288,11 +292,11 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
         if constexpr (GRAM) {
 #pragma unroll
           for (int b = 0; b <= a; ++b) {
-            const int e = a * (a + 1) / 2 + b - 32 * GI;
+            const int e = a * (a + 1) / 2 + b - GS * GI;
             if (e >= 0 && e < CNT) acc[e] = fma(zf[a], zf[b], acc[e]);
           }
         }
-        const int e = NT + a - 32 * GI;
+        const int e = NT + a - GS * GI;
         if (e >= 0 && e < CNT) acc[e] = fma(zf[a], xf, acc[e]);
       }
     }
@@ -301,26 +305,30 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
   constexpr int SH = 5 - log2_exact(N);
   const int idx = lane >> SH;
   if ((lane & ((1 << SH) - 1)) == 0 && idx < CNT) {
-    A* dst = wacc + 32 * GI + idx;
+    A* dst = wacc + GS * GI + idx;
     *dst = first_tile ? total : *dst + total;
   }
-  if constexpr (32 * (GI + 1) < NE) {
+  if constexpr (GS * (GI + 1) < NE) {
     accumulate_group<T, KB, GRAM, GI + 1>(zr, vr, wacc, first_tile, lane);
   }
 }
 
 // Warp-lane-parallel Cholesky factor of G (lane i < KB holds row i in g[]), in the operation
-// order of cholesky_inplace (row_math.h), pivots clamped to eps the same way. On return lane
-// i holds row i of L (upper part zero).
+// order of cholesky_inplace (row_math.h) with its pivot floor max(eps, 4 K u G_jj) for the
+// real K (padded rows have G_jj = eps, so their floor is eps). On return lane i holds row i
+// of L (upper part zero).
 template <typename A, int KB>
-__device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int lane) {
+__device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane) {
+  const A rel = A(4) * A(K) * unit_roundoff<A>();
 #pragma unroll
   for (int j = 0; j < KB; ++j) {
+    const A gjj = __shfl_sync(kFull, g[j], j);
     A v = g[j];
 #pragma unroll
     for (int p = 0; p < j; ++p) v -= g[p] * __shfl_sync(kFull, g[p], j);
     A d = __shfl_sync(kFull, v, j);
-    d = d > eps ? d : eps;
+    const A floor = eps > rel * gjj ? eps : rel * gjj;
+    d = d > floor ? d : floor;
     const A r = sqrt(d);
     const A inv = A(1) / r;
     g[j] = lane == j ? r : (lane > j ? v * inv : A(0));
@@ -348,7 +356,7 @@ __device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool fact
       }
       g[p] = t;
     }
-    warp_cholesky<A, KB>(g, eps, lane);
+    warp_cholesky<A, KB>(g, eps, K, lane);
     if (lane < KB) {
 #pragma unroll
       for (int p = 0; p < KB; ++p) Ls[lane * KB + p] = g[p];
