@@ -335,6 +335,15 @@ __device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane
   }
 }
 
+// Size of the solves: the padded bucket KB (a compile-time size: fully unrolled, b[] in
+// registers) up to K = 8; the real K at K = 16, where unrolling made the compiler hoist all
+// K (K + 1) / 2 factor entries while the cached tile is live, and spill (b[] then lives in
+// local memory, 64 bytes of L1-cached stack). The factor in shared memory has stride ks.
+template <int KB>
+__device__ __forceinline__ int solve_size(int K) {
+  return KB >= 16 ? K : KB;
+}
+
 // Warp 0 of a team: sums the warps' entries (fixed order), factors G (when `factor`, into the
 // team's chol slot and, when `chol_out`, to global memory), and solves for the rhs entries.
 // Returns the solution in b[] (on every lane of warp 0).
@@ -344,6 +353,7 @@ __device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool fact
   using S = TeamSmem<KB>;
   constexpr int NT = KB * (KB + 1) / 2;
   A* Ls = sm + S::chol(warps);
+  const int ks = solve_size<KB>(K);
   if (factor) {
     A g[KB];
 #pragma unroll
@@ -357,9 +367,10 @@ __device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool fact
       g[p] = t;
     }
     warp_cholesky<A, KB>(g, eps, K, lane);
-    if (lane < KB) {
+    if (lane < ks) {
 #pragma unroll
-      for (int p = 0; p < KB; ++p) Ls[lane * KB + p] = g[p];
+      for (int p = 0; p < KB; ++p)
+        if (p < ks) Ls[lane * ks + p] = g[p];
       if (chol_out != nullptr && lane < K) {
 #pragma unroll
         for (int p = 0; p < KB; ++p)
@@ -375,7 +386,7 @@ __device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool fact
     for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + rhs + k];
     b[k] = t;
   }
-  cholesky_solve_inplace<A>(Ls, KB, b);
+  cholesky_solve_inplace<A>(Ls, ks, b);
 }
 
 struct ItemRows {
@@ -545,12 +556,14 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
     const RowOffsets go = decode_offsets(grid.group, r.group);
     const T* zbase = zp + go.z;
     A* Ls = sm + S::chol(team.warps);
-    if (team.warp == 0 && team.lane < KB) {
+    const int ks = solve_size<KB>(K);
+    if (team.warp == 0 && team.lane < ks) {
       const A* L = lp + r.group * K * K;
 #pragma unroll
       for (int q = 0; q < KB; ++q)
-        Ls[team.lane * KB + q] =
-            (team.lane < K && q < K) ? L[team.lane * K + q] : (team.lane == q ? A(1) : A(0));
+        if (q < ks)
+          Ls[team.lane * ks + q] =
+              (team.lane < K && q < K) ? L[team.lane * K + q] : (team.lane == q ? A(1) : A(0));
     }
     A gp_acc = A(0);
     for (int64_t j = r.begin; j < r.end; ++j) {
