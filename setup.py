@@ -51,9 +51,15 @@ def c_string(flags):
     return '"' + " ".join(flags).replace('"', '\\"') + '"'
 
 
+def cxx_standard():
+    # ATen's headers need C++20 from torch 2.14 on (#error otherwise); older torch builds with C++17.
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def extension():
     cap = cpu_capability()
-    cxx = ["-O3", "-std=c++17", "-fopenmp", *CPU_CAPABILITY_FLAGS[cap]]
+    cxx = ["-O3", cxx_standard(), "-fopenmp", *CPU_CAPABILITY_FLAGS[cap]]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     defines = [("PURIFIED_OPS_CPU_CAPABILITY", f'"{cap}"'), ("PURIFIED_OPS_CXX_FLAGS", c_string(cxx))]
     link = ["-fopenmp"]

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (H100/H200, sm_90), unattended in one call of at most 10 minutes:
+#   1. build the extension for sm_90 only (MAX_JOBS=16), ptxas report -> ptxas_sm90.txt
+#   2. the CUDA tests (tests/test_cuda.py and every test's cuda parametrization)
+#   3. the CUDA benchmark (benchmarks/bench_cuda.py) with the time that is left
+# Results go to benchmarks/results/ and, when set, $OUT. A failing step never stops the next.
+# Usage: bash benchmarks/gpu_check.sh        (PYTHON=python3 by default)
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+DEADLINE=${GPU_CHECK_DEADLINE_S:-540}   # leave ~1 min of the 10 for the transfers
+PY=${PYTHON:-python3}
+RES=benchmarks/results
+mkdir -p "$RES"
+LOGDIR=${OUT:-$RES}
+mkdir -p "$LOGDIR"
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( DEADLINE - $(elapsed) )); }
+say() { echo "[gpu_check $(elapsed)s] $*"; }
+
+say "host $(hostname); $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -2)"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0))" 2>&1
+
+# 1. build (sm_90 only: one compile of each .cu, in parallel)
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+[ -x "$CUDA_HOME/bin/nvcc" ] || export CUDA_HOME=/usr/local/cuda-13.0
+export PATH="$CUDA_HOME/bin:$PATH"
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16} PURIFIED_OPS_CUDA=1 PURIFIED_OPS_PTXAS_VERBOSE=1
+say "building (nvcc $(nvcc --version | grep -o 'release [0-9.]*'))"
+timeout 300 $PY setup.py build_ext --inplace > "$LOGDIR/gpu_build.log" 2>&1
+BUILD_RC=$?
+say "build rc=$BUILD_RC"
+tail -3 "$LOGDIR/gpu_build.log"
+$PY scripts/ptxas_summary.py < "$LOGDIR/gpu_build.log" > "$LOGDIR/ptxas_sm90_gpu.txt"
+tail -1 "$LOGDIR/ptxas_sm90_gpu.txt"
+if [ $BUILD_RC -ne 0 ]; then
+  grep -E "error" "$LOGDIR/gpu_build.log" | head -20
+  say "build failed: nothing to test"
+  exit 1
+fi
+$PY -c "import purified_ops, torch; print('backends', purified_ops.available_backends())"
+
+# 2. tests on the GPU (bounded; the benchmark runs whatever happens here)
+T=$(( $(left) - 200 )); [ $T -gt 180 ] && T=180; [ $T -lt 30 ] && T=30
+say "CUDA tests (timeout ${T}s)"
+timeout $T $PY -m pytest tests -q -k "cuda" -p no:cacheprovider --maxfail=20 > "$LOGDIR/gpu_tests.log" 2>&1
+TEST_RC=$?
+grep -E "passed|failed|error" "$LOGDIR/gpu_tests.log" | tail -3
+[ $TEST_RC -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$LOGDIR/gpu_tests.log" | head -30
+say "tests rc=$TEST_RC"
+
+# 3. benchmark with the time left
+B=$(( $(left) - 20 ))
+say "benchmark (budget ${B}s)"
+timeout $(( B + 60 )) $PY benchmarks/bench_cuda.py --budget-s "$B" ${OUT:+--out "$OUT"} > "$LOGDIR/gpu_bench.log" 2>&1
+BENCH_RC=$?
+grep -vE "^(W|I)[0-9]{4}" "$LOGDIR/gpu_bench.log" | tail -32
+say "bench rc=$BENCH_RC; done in $(elapsed)s (build $BUILD_RC, tests $TEST_RC, bench $BENCH_RC)"

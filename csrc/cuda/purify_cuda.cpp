@@ -1,0 +1,187 @@
+// CUDA implementations of purify_forward and purify_backward (TORCH_LIBRARY_IMPL CUDA):
+// argument checks, device guard, the current stream, outputs from torch's caching allocator,
+// and the launchers of purify_kernels_*.cu. No host sync anywhere (strength is read by the
+// kernels from device memory), so the ops can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../purify_host.h"
+#include "purify_launch.h"
+
+namespace purified_ops {
+namespace cuda {
+namespace {
+
+// Work items per z row: shape-only (results never depend on the device). A z row shared by
+// many x rows is split so that a call has ~2048 items (enough teams to fill a GPU), each of at
+// least `min_rows` rows (the forward refactors G per item; the backward writes a K x D partial).
+int64_t cuda_chunks(const RowGrid& grid, int64_t min_rows) {
+  if (grid.group_size <= 1 || grid.groups <= 0) return 1;
+  constexpr int64_t kTargetItems = 2048;
+  const int64_t want = (kTargetItems + grid.groups - 1) / grid.groups;
+  return std::max<int64_t>(1, std::min(want, grid.group_size / min_rows));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+bool strides_multiple(const DimList& d, int64_t w, bool g) {
+  for (int i = 0; i < d.ndim; ++i) {
+    if (d.x_stride[i] % w != 0 || d.z_stride[i] % w != 0) return false;
+    if (g && d.g_stride[i] % w != 0) return false;
+  }
+  return true;
+}
+
+// 16-byte accesses need every row start 16-byte aligned: aligned base pointers, and every
+// stride between rows (and D, the row stride of the contiguous outputs) a multiple of W.
+bool vector_ok(const RowGrid& grid, int64_t elem_size, std::initializer_list<const void*> ptrs,
+               bool has_g) {
+  const int64_t w = 16 / elem_size;
+  if (grid.D % w != 0 || grid.z_dir_stride % w != 0) return false;
+  if (!strides_multiple(grid.group, w, has_g) || !strides_multiple(grid.shared, w, has_g)) return false;
+  for (const void* p : ptrs)
+    if (p != nullptr && !aligned16(p)) return false;
+  return true;
+}
+
+int64_t leading_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  return rows;
+}
+
+#define PURIFY_DISPATCH_LAUNCH(DTYPE, KIND, P, STREAM)                               \
+  [&]() -> cudaError_t {                                                             \
+    switch (DTYPE) {                                                                 \
+      case at::kHalf: return launch_##KIND##_f16(P, STREAM);                         \
+      case at::kBFloat16: return launch_##KIND##_bf16(P, STREAM);                    \
+      case at::kFloat: return launch_##KIND##_f32(P, STREAM);                        \
+      case at::kDouble: return launch_##KIND##_f64(P, STREAM);                       \
+      default: TORCH_CHECK(false, "purify: unsupported dtype ", DTYPE);              \
+    }                                                                                \
+  }()
+
+// K > kMaxCudaFusedK: the same math through ATen ops (correct, not fused; no host sync).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& z,
+                                                               const at::Tensor& strength, double eps) {
+  const auto acc = accumulate_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc), za = z.to(acc);
+  const int64_t K = z.size(-2);
+  at::Tensor gram = at::matmul(za, za.transpose(-1, -2)) + eps * at::eye(K, za.options());
+  at::Tensor L = std::get<0>(at::linalg_cholesky_ex(gram)).contiguous();
+  at::Tensor c = at::cholesky_solve(at::matmul(za, xa.unsqueeze(-1)), L).squeeze(-1);
+  at::Tensor y = xa - strength * at::matmul(c.unsqueeze(-2), za).squeeze(-2);
+  return {y.to(x.scalar_type()).contiguous(), c.contiguous(), L};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor& g, const at::Tensor& x,
+                                                                const at::Tensor& z, const at::Tensor& strength,
+                                                                const at::Tensor& coeff, const at::Tensor& chol,
+                                                                bool compute_grad_z) {
+  const auto acc = accumulate_type(x.scalar_type());
+  const at::Tensor xa = x.to(acc), za = z.to(acc), ga = g.to(acc);
+  const at::Tensor u = at::cholesky_solve(at::matmul(za, ga.unsqueeze(-1)), chol).squeeze(-1);
+  const at::Tensor p = at::matmul(coeff.unsqueeze(-2), za).squeeze(-2);
+  const at::Tensor q = at::matmul(u.unsqueeze(-2), za).squeeze(-2);
+  at::Tensor dx = (ga - strength * q).to(x.scalar_type()).contiguous();
+  at::Tensor dz = at::empty({0}, z.options());
+  if (compute_grad_z) {
+    at::Tensor rows = coeff.unsqueeze(-1) * (ga - q).unsqueeze(-2) + u.unsqueeze(-1) * (xa - p).unsqueeze(-2);
+    dz = (-strength * at::sum_to(rows, z.sizes())).to(z.scalar_type()).contiguous();
+  }
+  at::Tensor ds = -(ga * p).sum();
+  return {dx, dz, ds};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cuda(const at::Tensor& x_in,
+                                                                  const at::Tensor& z_in,
+                                                                  const at::Tensor& strength,
+                                                                  double eps) {
+  check_forward_args(x_in, z_in, strength, eps, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  if (z.size(-2) > kMaxCudaFusedK) return forward_unfused(x, z, strength, eps);
+  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
+  if (leading_rows(x) == 0) {
+    chol.zero_();  // no rows: nothing reads the factor, but it is defined
+    return {y, coeff, chol};
+  }
+  ForwardParams p;
+  p.x = x.const_data_ptr();
+  p.z = z.const_data_ptr();
+  p.strength = strength.const_data_ptr();
+  p.y = y.mutable_data_ptr();
+  p.coeff = coeff.mutable_data_ptr();
+  p.chol = chol.mutable_data_ptr();
+  p.grid = make_row_grid(x, z, nullptr);
+  p.eps = eps;
+  p.chunks = cuda_chunks(p.grid, 16);
+  p.vec = vector_ok(p.grid, x.element_size(), {p.x, p.z, p.y}, false);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), forward, p, stream));
+  return {y, coeff, chol};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+    const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+    bool compute_grad_z) {
+  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor g = unit_last_stride(grad_y_in);
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  if (z.size(-2) > kMaxCudaFusedK) return backward_unfused(g, x, z, strength, coeff, chol, compute_grad_z);
+  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
+  if (leading_rows(x) == 0) {
+    if (compute_grad_z) dz.zero_();
+    ds.zero_();
+    return {dx, dz, ds};
+  }
+  BackwardParams p;
+  p.grid = make_row_grid(x, z, &g);
+  const int64_t K = p.grid.K, D = p.grid.D;
+  const int64_t w = 16 / x.element_size();
+  p.Dp = (D + w - 1) / w * w;
+  p.chunks = cuda_chunks(p.grid, std::max<int64_t>(16, 4 * K));
+  const int64_t items = p.grid.groups * p.chunks;
+  const auto acc_opts = x.options().dtype(accumulate_type(x.scalar_type()));
+  at::Tensor gp_partial = at::empty({items}, acc_opts);
+  at::Tensor dz_partial;
+  if (compute_grad_z && p.grid.group_size > 1) {
+    dz_partial = at::empty({items * K * p.Dp}, acc_opts);
+    p.dz_partial = dz_partial.mutable_data_ptr();
+  }
+  p.g = g.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.z = z.const_data_ptr();
+  p.strength = strength.const_data_ptr();
+  p.coeff = coeff.const_data_ptr();
+  p.chol = chol.const_data_ptr();
+  p.dx = dx.mutable_data_ptr();
+  p.dz = compute_grad_z ? dz.mutable_data_ptr() : nullptr;
+  p.gp_partial = gp_partial.mutable_data_ptr();
+  p.ds = ds.mutable_data_ptr();
+  p.vec = vector_ok(p.grid, x.element_size(), {p.g, p.x, p.z, p.dx, p.dz}, true);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), backward, p, stream));
+  return {dx, dz, ds};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(purified_ops, CUDA, m) {
+  m.impl("purify_forward", &purify_forward_cuda);
+  m.impl("purify_backward", &purify_backward_cuda);
+}
+
+}  // namespace cuda
+}  // namespace purified_ops

@@ -1,0 +1,818 @@
+// Fused CUDA kernels of purify_forward and purify_backward. No torch headers (fast nvcc).
+//
+// Work. The rows of a call are work items (z row m, x rows [b, e) it serves); a "team" of
+// 32..256 threads of a 256-thread block takes one item at a time (grid-stride). Each thread
+// owns V 16-byte vectors of W elements per row tile (TEAM * V * W columns), coalesced across
+// the team. Pass 1 loads a tile of Z (K directions) and x (or g), accumulates the per-thread
+// dot products (Gram entries and Z x), reduces them across the warp (reduce-scatter
+// butterfly) and adds each warp's totals into shared memory; warp 0 then sums the warps in a
+// fixed order, factors G = Z Z^T + eps I (lane-parallel, the operation order of
+// row_math.h's cholesky_inplace) and solves with row_math.h's cholesky_solve_inplace. Pass 2
+// writes the outputs tile by tile in reverse order: the last tile is still in registers, the
+// others come back from L2 (a row longer than one tile is the only case that re-reads).
+// With one tile per row and several rows per z row, Z stays in registers across the rows.
+//
+// Directions are padded to a compile-time bucket KB in {1, 2, 4, 8, 16} with zero rows:
+// G becomes blockdiag(G, eps I) and Z x gets zeros, so the real c is unchanged (exactly).
+//
+// Determinism: every sum has a fixed order that depends only on the shapes (team size and
+// tiling are functions of D, K and the dtype; the 16-byte and the scalar path load the same
+// values into the same registers). No atomics. dz of a z row shared by several x rows is
+// summed per item into a float partial and the partials of a z row summed in item order by
+// the finalize kernel, which also sums the per-item <g, p> for ds.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../row_grid.h"
+#include "../row_math.h"
+#include "purify_launch.h"
+
+namespace purified_ops {
+namespace cuda {
+
+constexpr int kBlock = 256;
+constexpr unsigned kFull = 0xffffffffu;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+// 16 bytes of W elements of T, kept as four 32-bit words: two 16-bit values share a register
+// (as separate 16-bit values each would take a whole register, doubling the cached tile).
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int W = 16 / static_cast<int>(sizeof(T));
+  uint32_t u[4];
+};
+
+template <typename T>
+struct Bits;
+template <>
+struct Bits<__half> {
+  using type = uint16_t;
+};
+template <>
+struct Bits<__nv_bfloat16> {
+  using type = uint16_t;
+};
+template <>
+struct Bits<float> {
+  using type = uint32_t;
+};
+template <>
+struct Bits<double> {
+  using type = uint64_t;
+};
+
+// Element w of a pack in the accumulate type.
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type pack_get(const Pack<T>& p, int w) {
+  if constexpr (sizeof(T) == 2) {
+    const uint32_t word = p.u[w >> 1];
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      return __uint_as_float((w & 1) ? (word & 0xffff0000u) : (word << 16));
+    } else {
+      return __half2float(__ushort_as_half(static_cast<unsigned short>((w & 1) ? (word >> 16) : (word & 0xffffu))));
+    }
+  } else if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(p.u[w]);
+  } else {
+    return __hiloint2double(static_cast<int>(p.u[2 * w + 1]), static_cast<int>(p.u[2 * w]));
+  }
+}
+
+// Raw bits of one element of T, from the accumulate type (round to nearest even).
+template <typename T>
+__device__ __forceinline__ typename Bits<T>::type to_bits(typename AccOf<T>::type v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  } else if constexpr (std::is_same<T, __half>::value) {
+    return __half_as_ushort(__float2half_rn(v));
+  } else if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(v);
+  } else {
+    return static_cast<uint64_t>(__double_as_longlong(v));
+  }
+}
+
+// Sets element w from raw bits (elements set in increasing w on a zeroed pack).
+template <typename T>
+__device__ __forceinline__ void pack_set_bits(Pack<T>& p, int w, typename Bits<T>::type b) {
+  if constexpr (sizeof(T) == 2) {
+    p.u[w >> 1] |= static_cast<uint32_t>(b) << (16 * (w & 1));
+  } else if constexpr (sizeof(T) == 4) {
+    p.u[w] = b;
+  } else {
+    p.u[2 * w] = static_cast<uint32_t>(b);
+    p.u[2 * w + 1] = static_cast<uint32_t>(b >> 32);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void zero_pack(Pack<T>& p) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p.u[i] = 0u;
+}
+
+// W accumulate-type values (a partial dz vector), 16-byte aligned.
+template <typename A, int W>
+struct alignas(16) APack {
+  A v[W];
+};
+
+// 16-byte vectors per thread per tile, by direction bucket: (KB + 2) * V * 16 bytes of
+// cached data per thread stays within ~300 bytes (registers, no spills).
+__host__ __device__ constexpr int vectors_per_thread(int KB) { return KB == 1 ? 4 : KB == 2 ? 2 : 1; }
+__host__ __device__ constexpr int pow2_ceil(int n) { return n <= 1 ? 1 : 2 * pow2_ceil((n + 1) / 2); }
+__host__ __device__ constexpr int log2_exact(int n) { return n <= 1 ? 0 : 1 + log2_exact(n / 2); }
+__host__ __device__ constexpr int round_up32(int n) { return (n + 31) / 32 * 32; }
+// Entries reduced together (accumulators live at once): 8 for the Gram at K = 16 keeps the
+// forward within the register file; a reduce-scatter costs ~1 shuffle per entry either way.
+__host__ __device__ constexpr int group_entries(int KB, bool gram) { return KB >= 16 ? (gram ? 8 : 16) : 32; }
+
+// Loads the W elements at row[col, col + W): one 16-byte load when `vec` (then D % W == 0,
+// so a vector is wholly inside or outside the row), else element by element; zeros past D.
+template <typename T>
+__device__ __forceinline__ void load_pack(Pack<T>& p, const T* __restrict__ row, int64_t col,
+                                          int64_t D, bool vec) {
+  constexpr int W = Pack<T>::W;
+  if (vec) {
+    if (col < D) {
+      p = *reinterpret_cast<const Pack<T>*>(row + col);
+    } else {
+      zero_pack(p);
+    }
+  } else {
+    using B = typename Bits<T>::type;
+    const B* r = reinterpret_cast<const B*>(row);
+    zero_pack(p);
+#pragma unroll
+    for (int w = 0; w < W; ++w) pack_set_bits(p, w, (col + w < D) ? r[col + w] : B(0));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(const Pack<T>& p, T* __restrict__ row, int64_t col,
+                                           int64_t D, bool vec) {
+  constexpr int W = Pack<T>::W;
+  if (vec) {
+    if (col < D) *reinterpret_cast<Pack<T>*>(row + col) = p;
+  } else {
+    using B = typename Bits<T>::type;
+    B* r = reinterpret_cast<B*>(row);
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      if (col + w < D) {
+        if constexpr (sizeof(T) == 2) {
+          r[col + w] = static_cast<B>(p.u[w >> 1] >> (16 * (w & 1)));
+        } else if constexpr (sizeof(T) == 4) {
+          r[col + w] = p.u[w];
+        } else {
+          r[col + w] = (static_cast<uint64_t>(p.u[2 * w + 1]) << 32) | p.u[2 * w];
+        }
+      }
+    }
+  }
+}
+
+// Team layout of a block: kBlock / team teams of `team` threads (a multiple of 32).
+struct Team {
+  int size, id, tid, warp, warps, lane;
+  __device__ __forceinline__ explicit Team(int team_size) {
+    size = team_size;
+    id = threadIdx.x / team_size;
+    tid = threadIdx.x % team_size;
+    warp = tid / 32;
+    warps = team_size / 32;
+    lane = threadIdx.x & 31;
+  }
+  __device__ __forceinline__ void sync() const {
+    if (size == 32) {
+      __syncwarp();
+    } else {
+      // Named barrier per team (id 0 is __syncthreads); orders shared memory among its threads.
+      asm volatile("bar.sync %0, %1;" ::"r"(id + 1), "r"(size) : "memory");
+    }
+  }
+};
+
+// Shared-memory layout of one team, in accumulate-type elements.
+template <int KB>
+struct TeamSmem {
+  static constexpr int kEntries = KB * (KB + 1) / 2 + KB;  // Gram lower triangle + one solve rhs
+  static constexpr int kStride = round_up32(kEntries);     // per warp
+  __host__ __device__ static constexpr int elems(int warps) {
+    return warps * kStride + KB * KB + 2 * KB + warps;
+  }
+  // offsets
+  __device__ static constexpr int wacc(int warp) { return warp * kStride; }
+  __device__ static constexpr int chol(int warps) { return warps * kStride; }
+  __device__ static constexpr int vec_c(int warps) { return warps * kStride + KB * KB; }
+  __device__ static constexpr int vec_u(int warps) { return warps * kStride + KB * KB + KB; }
+  __device__ static constexpr int wsum(int warps) { return warps * kStride + KB * KB + 2 * KB; }
+};
+
+// Butterfly reduce-scatter of N (a power of two <= 32) values over the warp: returns, on each
+// lane, the warp total of value index lane >> (5 - log2 N). Fixed order, no atomics.
+// Step with lane bit OFF while CNT values are left (template recursion keeps indices constant).
+template <typename A, int N, int CNT, int OFF>
+__device__ __forceinline__ void reduce_scatter_step(A (&v)[N], int lane) {
+  if constexpr (OFF >= 1) {
+    if constexpr (CNT > 1) {
+      constexpr int H = CNT / 2;
+      const bool upper = (lane & OFF) != 0;
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const A send = upper ? v[i] : v[i + H];
+        const A keep = upper ? v[i + H] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFull, send, OFF);
+      }
+      reduce_scatter_step<A, N, H, OFF / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(kFull, v[0], OFF);
+      reduce_scatter_step<A, N, 1, OFF / 2>(v, lane);
+    }
+  }
+}
+
+template <typename A, int N>
+__device__ __forceinline__ A warp_reduce_scatter(A (&v)[N], int lane) {
+  reduce_scatter_step<A, N, N, 16>(v, lane);
+  return v[0];
+}
+
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  return v;
+}
+
+// One group of up to GS entries: entries [GS GI, GS GI + GS) of
+//   GRAM: (Gram lower triangle a >= b at a (a + 1) / 2 + b, then <z_a, v> at NT + a)
+//   else: (<z_a, v> at a)
+// accumulated over this thread's columns, reduced over the warp, added into the warp's slot.
+template <typename T, int KB, bool GRAM, int GI>
+__device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
+                                                 const Pack<T> (&vr)[vectors_per_thread(KB)],
+                                                 typename AccOf<T>::type* wacc, bool first_tile,
+                                                 int lane) {
+  using A = typename AccOf<T>::type;
+  constexpr int V = vectors_per_thread(KB);
+  constexpr int W = Pack<T>::W;
+  constexpr int NT = GRAM ? KB * (KB + 1) / 2 : 0;
+  constexpr int NE = NT + KB;
+  constexpr int GS = group_entries(KB, GRAM);
+  constexpr int CNT = (NE - GS * GI) < GS ? (NE - GS * GI) : GS;
+  constexpr int N = pow2_ceil(CNT);
+  A acc[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i] = A(0);
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      A zf[KB];
+#pragma unroll
+      for (int k = 0; k < KB; ++k) zf[k] = pack_get(zr[k][v], w);
+      const A xf = pack_get(vr[v], w);
+#pragma unroll
+      for (int a = 0; a < KB; ++a) {
+        if constexpr (GRAM) {
+#pragma unroll
+          for (int b = 0; b <= a; ++b) {
+            const int e = a * (a + 1) / 2 + b - GS * GI;
+            if (e >= 0 && e < CNT) acc[e] = fma(zf[a], zf[b], acc[e]);
+          }
+        }
+        const int e = NT + a - GS * GI;
+        if (e >= 0 && e < CNT) acc[e] = fma(zf[a], xf, acc[e]);
+      }
+    }
+  }
+  const A total = warp_reduce_scatter<A, N>(acc, lane);
+  constexpr int SH = 5 - log2_exact(N);
+  const int idx = lane >> SH;
+  if ((lane & ((1 << SH) - 1)) == 0 && idx < CNT) {
+    A* dst = wacc + GS * GI + idx;
+    *dst = first_tile ? total : *dst + total;
+  }
+  if constexpr (GS * (GI + 1) < NE) {
+    accumulate_group<T, KB, GRAM, GI + 1>(zr, vr, wacc, first_tile, lane);
+  }
+}
+
+// Warp-lane-parallel Cholesky factor of G (lane i < KB holds row i in g[]), in the operation
+// order of cholesky_inplace (row_math.h) with its pivot floor max(eps, 4 K u G_jj) for the
+// real K (padded rows have G_jj = eps, so their floor is eps). On return lane i holds row i
+// of L (upper part zero).
+template <typename A, int KB>
+__device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane) {
+  const A rel = A(4) * A(K) * unit_roundoff<A>();
+#pragma unroll
+  for (int j = 0; j < KB; ++j) {
+    const A gjj = __shfl_sync(kFull, g[j], j);
+    A v = g[j];
+#pragma unroll
+    for (int p = 0; p < j; ++p) v -= g[p] * __shfl_sync(kFull, g[p], j);
+    A d = __shfl_sync(kFull, v, j);
+    const A floor = eps > rel * gjj ? eps : rel * gjj;
+    d = d > floor ? d : floor;
+    const A r = sqrt(d);
+    const A inv = A(1) / r;
+    g[j] = lane == j ? r : (lane > j ? v * inv : A(0));
+  }
+}
+
+// Size of the solves: the padded bucket KB (a compile-time size: fully unrolled, b[] in
+// registers) up to K = 8; the real K at K = 16, where unrolling made the compiler hoist all
+// K (K + 1) / 2 factor entries while the cached tile is live, and spill (b[] then lives in
+// local memory, 64 bytes of L1-cached stack). The factor in shared memory has stride ks.
+template <int KB>
+__device__ __forceinline__ int solve_size(int K) {
+  return KB >= 16 ? K : KB;
+}
+
+// Warp 0 of a team: sums the warps' entries (fixed order), factors G (when `factor`, into the
+// team's chol slot and, when `chol_out`, to global memory), and solves for the rhs entries.
+// Returns the solution in b[] (on every lane of warp 0).
+template <typename A, int KB>
+__device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool factor, A eps,
+                                           A* __restrict__ chol_out, int K, A (&b)[KB]) {
+  using S = TeamSmem<KB>;
+  constexpr int NT = KB * (KB + 1) / 2;
+  A* Ls = sm + S::chol(warps);
+  const int ks = solve_size<KB>(K);
+  if (factor) {
+    A g[KB];
+#pragma unroll
+    for (int p = 0; p < KB; ++p) {
+      A t = A(0);
+      if (lane < KB && p <= lane) {
+        const int e = lane * (lane + 1) / 2 + p;
+        for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + e];
+        if (p == lane) t += eps;
+      }
+      g[p] = t;
+    }
+    warp_cholesky<A, KB>(g, eps, K, lane);
+    if (lane < ks) {
+#pragma unroll
+      for (int p = 0; p < KB; ++p)
+        if (p < ks) Ls[lane * ks + p] = g[p];
+      if (chol_out != nullptr && lane < K) {
+#pragma unroll
+        for (int p = 0; p < KB; ++p)
+          if (p < K) chol_out[lane * K + p] = g[p];
+      }
+    }
+    __syncwarp();
+  }
+  const int rhs = factor ? NT : 0;
+#pragma unroll
+  for (int k = 0; k < KB; ++k) {
+    A t = A(0);
+    for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + rhs + k];
+    b[k] = t;
+  }
+  cholesky_solve_inplace<A>(Ls, ks, b);
+}
+
+struct ItemRows {
+  int64_t group, begin, end;
+};
+__device__ __forceinline__ ItemRows item_rows(const RowGrid& grid, int64_t chunks, int64_t item) {
+  const int64_t c = item % chunks;
+  return {item / chunks, c * grid.group_size / chunks, (c + 1) * grid.group_size / chunks};
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: y = x - s Z^T c, c = G^{-1} Z x; coeff = c; chol = L (written once per z row).
+template <typename T, int KB>
+__global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_constant__ ForwardParams p, int team_size,
+                                                                int64_t items) {
+  using A = typename AccOf<T>::type;
+  using S = TeamSmem<KB>;
+  constexpr int V = vectors_per_thread(KB);
+  constexpr int W = Pack<T>::W;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Team team(team_size);
+  A* sm = reinterpret_cast<A*>(smem_raw) + team.id * S::elems(team.warps);
+
+  const RowGrid& grid = p.grid;
+  const int K = grid.K;
+  const int64_t D = grid.D;
+  const T* __restrict__ xp = static_cast<const T*>(p.x);
+  const T* __restrict__ zp = static_cast<const T*>(p.z);
+  T* __restrict__ yp = static_cast<T*>(p.y);
+  A* __restrict__ cp = static_cast<A*>(p.coeff);
+  A* __restrict__ lp = static_cast<A*>(p.chol);
+  const A s = *static_cast<const A*>(p.strength);
+  const A eps = static_cast<A>(p.eps);
+  const bool vec = p.vec;
+  const int64_t tile_cols = static_cast<int64_t>(team_size) * V * W;
+  const int ntiles = D <= tile_cols ? 1 : static_cast<int>((D + tile_cols - 1) / tile_cols);
+  const int64_t teams_per_block = kBlock / team_size;
+
+  Pack<T> zr[KB][V], xr[V];
+  for (int64_t item = blockIdx.x * teams_per_block + team.id; item < items;
+       item += static_cast<int64_t>(gridDim.x) * teams_per_block) {
+    const ItemRows r = item_rows(grid, p.chunks, item);
+    const RowOffsets go = decode_offsets(grid.group, r.group);
+    const T* zbase = zp + go.z;
+    for (int64_t j = r.begin; j < r.end; ++j) {
+      const bool first = j == r.begin;
+      const RowOffsets so = decode_offsets(grid.shared, j);
+      const T* xrow = xp + go.x + so.x;
+      const int64_t row = go.row + so.row;
+
+      // Pass 1: Gram (first row of the item) and Z x.
+      for (int t = 0; t < ntiles; ++t) {
+        const int64_t col0 = t * tile_cols + static_cast<int64_t>(team.tid) * W;
+        if (first || ntiles > 1) {
+#pragma unroll
+          for (int k = 0; k < KB; ++k)
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              if (k < K)
+                load_pack(zr[k][v], zbase + k * grid.z_dir_stride, col0 + v * team_size * W, D, vec);
+              else
+                zero_pack(zr[k][v]);
+            }
+        }
+#pragma unroll
+        for (int v = 0; v < V; ++v) load_pack(xr[v], xrow, col0 + v * team_size * W, D, vec);
+        A* wacc = sm + S::wacc(team.warp);
+        if (first)
+          accumulate_group<T, KB, true, 0>(zr, xr, wacc, t == 0, team.lane);
+        else
+          accumulate_group<T, KB, false, 0>(zr, xr, wacc, t == 0, team.lane);
+      }
+      team.sync();
+      if (team.warp == 0) {
+        A b[KB];
+        A* chol_out = (first && r.begin == 0) ? lp + r.group * K * K : nullptr;
+        team_solve<A, KB>(sm, team.warps, team.lane, first, eps, chol_out, K, b);
+        if (team.lane == 0) {
+#pragma unroll
+          for (int k = 0; k < KB; ++k) {
+            sm[S::vec_c(team.warps) + k] = b[k];
+            if (k < K) cp[row * K + k] = b[k];
+          }
+        }
+      }
+      team.sync();
+      A w[KB];
+#pragma unroll
+      for (int k = 0; k < KB; ++k) w[k] = s * sm[S::vec_c(team.warps) + k];
+
+      // Pass 2, last tile first (it is in registers).
+      T* yrow = yp + row * D;
+      for (int t = ntiles - 1; t >= 0; --t) {
+        const int64_t col0 = t * tile_cols + static_cast<int64_t>(team.tid) * W;
+        if (t != ntiles - 1) {
+#pragma unroll
+          for (int k = 0; k < KB; ++k)
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              if (k < K)
+                load_pack(zr[k][v], zbase + k * grid.z_dir_stride, col0 + v * team_size * W, D, vec);
+              else
+                zero_pack(zr[k][v]);
+            }
+#pragma unroll
+          for (int v = 0; v < V; ++v) load_pack(xr[v], xrow, col0 + v * team_size * W, D, vec);
+        }
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          Pack<T> out;
+          zero_pack(out);
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            A acc = pack_get(xr[v], e);
+#pragma unroll
+            for (int k = 0; k < KB; ++k) acc = fma(-w[k], pack_get(zr[k][v], e), acc);
+            pack_set_bits(out, e, to_bits<T>(acc));
+          }
+          store_pack(out, yrow, col0 + v * team_size * W, D, vec);
+        }
+      }
+      // Registers now hold tile 0: with one tile, Z stays valid for the item's next row.
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: u = G^{-1} Z g; p = Z^T c, q = Z^T u; dx = g - s q; dz = -s (c (g-q)^T + u (x-p)^T)
+// (written directly for a z row of its own, else summed per item into dz_partial);
+// gp_partial[item] = sum over the item's rows of <g, p>.
+template <typename T, int KB>
+__global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid_constant__ BackwardParams p, int team_size,
+                                                                 int64_t items) {
+  using A = typename AccOf<T>::type;
+  using S = TeamSmem<KB>;
+  constexpr int V = vectors_per_thread(KB);
+  constexpr int W = Pack<T>::W;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Team team(team_size);
+  A* sm = reinterpret_cast<A*>(smem_raw) + team.id * S::elems(team.warps);
+
+  const RowGrid& grid = p.grid;
+  const int K = grid.K;
+  const int64_t D = grid.D;
+  const int64_t Dp = p.Dp;
+  const T* __restrict__ gp = static_cast<const T*>(p.g);
+  const T* __restrict__ xp = static_cast<const T*>(p.x);
+  const T* __restrict__ zp = static_cast<const T*>(p.z);
+  const A* __restrict__ cp = static_cast<const A*>(p.coeff);
+  const A* __restrict__ lp = static_cast<const A*>(p.chol);
+  T* __restrict__ dxp = static_cast<T*>(p.dx);
+  T* __restrict__ dzp = static_cast<T*>(p.dz);
+  A* __restrict__ partp = static_cast<A*>(p.dz_partial);
+  A* __restrict__ gpp = static_cast<A*>(p.gp_partial);
+  const A s = *static_cast<const A*>(p.strength);
+  const bool vec = p.vec;
+  const bool want_dz = dzp != nullptr;
+  const bool direct_dz = want_dz && grid.group_size == 1;
+  const int64_t tile_cols = static_cast<int64_t>(team_size) * V * W;
+  const int ntiles = D <= tile_cols ? 1 : static_cast<int>((D + tile_cols - 1) / tile_cols);
+  const int64_t teams_per_block = kBlock / team_size;
+
+  Pack<T> zr[KB][V], gr[V];
+  for (int64_t item = blockIdx.x * teams_per_block + team.id; item < items;
+       item += static_cast<int64_t>(gridDim.x) * teams_per_block) {
+    const ItemRows r = item_rows(grid, p.chunks, item);
+    const RowOffsets go = decode_offsets(grid.group, r.group);
+    const T* zbase = zp + go.z;
+    A* Ls = sm + S::chol(team.warps);
+    const int ks = solve_size<KB>(K);
+    if (team.warp == 0 && team.lane < ks) {
+      const A* L = lp + r.group * K * K;
+#pragma unroll
+      for (int q = 0; q < KB; ++q)
+        if (q < ks)
+          Ls[team.lane * ks + q] =
+              (team.lane < K && q < K) ? L[team.lane * K + q] : (team.lane == q ? A(1) : A(0));
+    }
+    A gp_acc = A(0);
+    for (int64_t j = r.begin; j < r.end; ++j) {
+      const bool first = j == r.begin;
+      const RowOffsets so = decode_offsets(grid.shared, j);
+      const T* grow = gp + go.g + so.g;
+      const T* xrow = xp + go.x + so.x;
+      const int64_t row = go.row + so.row;
+
+      // Pass 1: Z g.
+      for (int t = 0; t < ntiles; ++t) {
+        const int64_t col0 = t * tile_cols + static_cast<int64_t>(team.tid) * W;
+        if (first || ntiles > 1) {
+#pragma unroll
+          for (int k = 0; k < KB; ++k)
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              if (k < K)
+                load_pack(zr[k][v], zbase + k * grid.z_dir_stride, col0 + v * team_size * W, D, vec);
+              else
+                zero_pack(zr[k][v]);
+            }
+        }
+#pragma unroll
+        for (int v = 0; v < V; ++v) load_pack(gr[v], grow, col0 + v * team_size * W, D, vec);
+        accumulate_group<T, KB, false, 0>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane);
+      }
+      team.sync();  // also publishes Ls (written before the first row)
+      if (team.warp == 0) {
+        A b[KB];
+        team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, K, b);
+        if (team.lane == 0) {
+#pragma unroll
+          for (int k = 0; k < KB; ++k) {
+            sm[S::vec_u(team.warps) + k] = b[k];
+            sm[S::vec_c(team.warps) + k] = k < K ? cp[row * K + k] : A(0);
+          }
+        }
+      }
+      team.sync();
+      A c[KB], u[KB];
+#pragma unroll
+      for (int k = 0; k < KB; ++k) {
+        c[k] = sm[S::vec_c(team.warps) + k];
+        u[k] = sm[S::vec_u(team.warps) + k];
+      }
+
+      // Pass 2, last tile first.
+      T* dxrow = dxp + row * D;
+      for (int t = ntiles - 1; t >= 0; --t) {
+        const int64_t col0 = t * tile_cols + static_cast<int64_t>(team.tid) * W;
+        if (t != ntiles - 1) {
+#pragma unroll
+          for (int k = 0; k < KB; ++k)
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              if (k < K)
+                load_pack(zr[k][v], zbase + k * grid.z_dir_stride, col0 + v * team_size * W, D, vec);
+              else
+                zero_pack(zr[k][v]);
+            }
+#pragma unroll
+          for (int v = 0; v < V; ++v) load_pack(gr[v], grow, col0 + v * team_size * W, D, vec);
+        }
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int64_t col = col0 + v * team_size * W;
+          Pack<T> xv;
+          load_pack(xv, xrow, col, D, vec);
+          A gq[W], xq[W];
+          Pack<T> out;
+          zero_pack(out);
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            A pv = A(0), qv = A(0);
+#pragma unroll
+            for (int k = 0; k < KB; ++k) {
+              const A zv = pack_get(zr[k][v], e);
+              pv = fma(c[k], zv, pv);
+              qv = fma(u[k], zv, qv);
+            }
+            const A gv = pack_get(gr[v], e);
+            pack_set_bits(out, e, to_bits<T>(fma(-s, qv, gv)));
+            gp_acc = fma(gv, pv, gp_acc);
+            gq[e] = gv - qv;
+            xq[e] = pack_get(xv, e) - pv;
+          }
+          store_pack(out, dxrow, col, D, vec);
+          if (want_dz && col < Dp) {
+#pragma unroll
+            for (int k = 0; k < KB; ++k) {
+              if (k >= K) continue;
+              if (direct_dz) {
+                Pack<T> o;
+                zero_pack(o);
+#pragma unroll
+                for (int e = 0; e < W; ++e) pack_set_bits(o, e, to_bits<T>(-s * fma(c[k], gq[e], u[k] * xq[e])));
+                store_pack(o, dzp + (r.group * K + k) * D, col, D, vec);
+              } else {
+                APack<A, W>* dst =
+                    reinterpret_cast<APack<A, W>*>(partp + (item * K + k) * Dp + col);
+                APack<A, W> acc;
+                if (first) {
+#pragma unroll
+                  for (int e = 0; e < W; ++e) acc.v[e] = fma(c[k], gq[e], u[k] * xq[e]);
+                } else {
+                  acc = *dst;
+#pragma unroll
+                  for (int e = 0; e < W; ++e) acc.v[e] += fma(c[k], gq[e], u[k] * xq[e]);
+                }
+                *dst = acc;
+              }
+            }
+          }
+        }
+      }
+    }
+    // The item's <g, p>: warp butterfly, then warps in order.
+    const A wsum = warp_sum(gp_acc);
+    if (team.lane == 0) sm[S::wsum(team.warps) + team.warp] = wsum;
+    team.sync();
+    if (team.tid == 0) {
+      A total = A(0);
+      for (int w = 0; w < team.warps; ++w) total += sm[S::wsum(team.warps) + w];
+      gpp[item] = total;
+    }
+    team.sync();  // wsum and Ls are rewritten by the next item
+  }
+}
+
+// dz[m] = -s * sum over the z row's items (in order) of the partials; ds = -sum of gp_partial.
+// Blocks [0, dz_blocks) do dz, the last block does ds.
+template <typename T>
+__global__ void __launch_bounds__(kBlock) purify_backward_finalize(const __grid_constant__ BackwardParams p, int64_t items,
+                                                                   int64_t dz_blocks) {
+  using A = typename AccOf<T>::type;
+  const A s = *static_cast<const A*>(p.strength);
+  if (blockIdx.x < dz_blocks) {
+    const int64_t K = p.grid.K, D = p.grid.D, Dp = p.Dp, chunks = p.chunks;
+    const int64_t total = p.grid.groups * K * D;
+    const A* __restrict__ part = static_cast<const A*>(p.dz_partial);
+    using B = typename Bits<T>::type;
+    B* __restrict__ dz = static_cast<B*>(p.dz);
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(kBlock) + threadIdx.x; i < total;
+         i += dz_blocks * kBlock) {
+      const int64_t mk = i / D, d = i % D;  // mk = m * K + k
+      const int64_t m = mk / K, k = mk % K;
+      A sum = A(0);
+      for (int64_t c = 0; c < chunks; ++c) sum += part[((m * chunks + c) * K + k) * Dp + d];
+      dz[i] = to_bits<T>(-s * sum);
+    }
+    return;
+  }
+  __shared__ A red[kBlock];
+  const A* __restrict__ gpp = static_cast<const A*>(p.gp_partial);
+  A t = A(0);
+  for (int64_t i = threadIdx.x; i < items; i += kBlock) t += gpp[i];
+  red[threadIdx.x] = t;
+  __syncthreads();
+#pragma unroll
+  for (int n = kBlock / 2; n >= 1; n /= 2) {
+    if (threadIdx.x < n) red[threadIdx.x] += red[threadIdx.x + n];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *static_cast<A*>(p.ds) = -red[0];
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch configuration: the smallest team whose tile covers D (shape-only, so the reduction
+// order, and with it every bit of the result, depends on the shapes alone).
+template <typename T, int KB>
+inline int team_size_for(int64_t D) {
+  const int64_t per_thread = static_cast<int64_t>(vectors_per_thread(KB)) * Pack<T>::W;
+  int team = 32;
+  while (team < kBlock && team * per_thread < D) team *= 2;
+  return team;
+}
+
+inline unsigned grid_blocks(int64_t items, int teams_per_block) {
+  const int64_t blocks = (items + teams_per_block - 1) / teams_per_block;
+  return static_cast<unsigned>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1) : (int64_t{1} << 20));
+}
+
+template <typename T, int KB>
+cudaError_t launch_forward_kb(const ForwardParams& p, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const int team = team_size_for<T, KB>(p.grid.D);
+  const int tpb = kBlock / team;
+  const size_t smem = sizeof(A) * tpb * TeamSmem<KB>::elems(team / 32);
+  const int64_t items = p.grid.groups * p.chunks;
+  purify_forward_kernel<T, KB><<<grid_blocks(items, tpb), kBlock, smem, stream>>>(p, team, items);
+  return cudaGetLastError();
+}
+
+template <typename T, int KB>
+cudaError_t launch_backward_kb(const BackwardParams& p, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const int team = team_size_for<T, KB>(p.grid.D);
+  const int tpb = kBlock / team;
+  const size_t smem = sizeof(A) * tpb * TeamSmem<KB>::elems(team / 32);
+  const int64_t items = p.grid.groups * p.chunks;
+  purify_backward_kernel<T, KB><<<grid_blocks(items, tpb), kBlock, smem, stream>>>(p, team, items);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  int64_t dz_blocks = 0;
+  if (p.dz != nullptr && p.grid.group_size > 1) {
+    const int64_t total = p.grid.groups * p.grid.K * p.grid.D;
+    dz_blocks = (total + kBlock - 1) / kBlock;
+    if (dz_blocks > (int64_t{1} << 20)) dz_blocks = int64_t{1} << 20;
+  }
+  purify_backward_finalize<T><<<static_cast<unsigned>(dz_blocks + 1), kBlock, 0, stream>>>(p, items, dz_blocks);
+  return cudaGetLastError();
+}
+
+inline int direction_bucket(int K) { return K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : K <= 8 ? 8 : 16; }
+
+template <typename T>
+cudaError_t launch_forward_t(const ForwardParams& p, cudaStream_t stream) {
+  switch (direction_bucket(p.grid.K)) {
+    case 1: return launch_forward_kb<T, 1>(p, stream);
+    case 2: return launch_forward_kb<T, 2>(p, stream);
+    case 4: return launch_forward_kb<T, 4>(p, stream);
+    case 8: return launch_forward_kb<T, 8>(p, stream);
+    default: return launch_forward_kb<T, 16>(p, stream);
+  }
+}
+
+template <typename T>
+cudaError_t launch_backward_t(const BackwardParams& p, cudaStream_t stream) {
+  switch (direction_bucket(p.grid.K)) {
+    case 1: return launch_backward_kb<T, 1>(p, stream);
+    case 2: return launch_backward_kb<T, 2>(p, stream);
+    case 4: return launch_backward_kb<T, 4>(p, stream);
+    case 8: return launch_backward_kb<T, 8>(p, stream);
+    default: return launch_backward_kb<T, 16>(p, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace purified_ops
+
+#define PURIFY_DEFINE_LAUNCHERS(NAME, T)                                                     \
+  namespace purified_ops {                                                                   \
+  namespace cuda {                                                                           \
+  cudaError_t launch_forward_##NAME(const ForwardParams& p, cudaStream_t stream) {           \
+    return launch_forward_t<T>(p, stream);                                                   \
+  }                                                                                          \
+  cudaError_t launch_backward_##NAME(const BackwardParams& p, cudaStream_t stream) {         \
+    return launch_backward_t<T>(p, stream);                                                  \
+  }                                                                                          \
+  }                                                                                          \
+  }

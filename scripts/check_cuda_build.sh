@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# CI check of the CUDA build on a GPU-less machine: a venv with the CUDA 13.0 build of torch,
+# the extension built with nvcc for sm_80 and sm_90 (ptxas report printed; fails if a kernel
+# spills), the CUDA kernels registered, and the test suite (CUDA tests skip, CPU tests pass).
+# Usage: bash scripts/check_cuda_build.sh [VENV_DIR]   (default .venv-cuda)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+VENV=${1:-.venv-cuda}
+PY=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
+export PATH="$CUDA_HOME/bin:$PATH"
+step() { echo "[check_cuda_build $(( $(date +%s) - START ))s] $*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  step "creating $VENV"
+  $PY -m venv "$VENV"
+fi
+step "installing torch==2.14.1 ninja pybind11 numpy pytest"
+"$VENV/bin/python" -m pip install --quiet torch==2.14.1 ninja pybind11 numpy pytest
+
+step "building (nvcc $(nvcc --version | grep -o 'release [0-9.]*'), archs 8.0;9.0)"
+LOG=$(mktemp)
+PURIFIED_OPS_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" PURIFIED_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-2} \
+  "$VENV/bin/python" setup.py build_ext --inplace > "$LOG" 2>&1 || { tail -40 "$LOG"; grep -E "error" "$LOG" | head -20; exit 1; }
+step "ptxas report"
+SPILL_RC=0
+"$VENV/bin/python" scripts/ptxas_summary.py < "$LOG" || SPILL_RC=$?
+
+step "registration"
+"$VENV/bin/python" - <<'PYEOF'
+import torch
+import purified_ops
+info = purified_ops.build_info()
+assert info["extension_loaded"] and info["cuda"], info
+for op in ("purify_forward", "purify_backward"):
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"purified_ops::{op}", key), (op, key)
+print("purified_ops:", info["cuda_archs"], "| CUDA and CPU kernels registered | backends", purified_ops.available_backends())
+PYEOF
+
+step "tests"
+"$VENV/bin/python" -m pytest tests -q -p no:cacheprovider
+
+if [ "$SPILL_RC" -ne 0 ]; then
+  step "FAILED: a kernel spills registers (see the ptxas report above)"
+  exit 1
+fi
+step "OK in $(( $(date +%s) - START ))s"
