@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # CI check of the CUDA build on a GPU-less machine: a venv with the CUDA 13.0 build of torch,
 # the extension built with nvcc for sm_80 and sm_90 (ptxas report printed; fails if a kernel
-# spills), the CUDA kernels registered, and the test suite (CUDA tests skip, CPU tests pass).
+# spills on sm_90, the target; sm_80 spills are listed), the CUDA kernels registered, and the
+# test suite (CUDA tests skip, CPU tests pass). It builds in a copy of the tracked files, so the
+# checkout's own (CPU) build is left alone.
 # Usage: bash scripts/check_cuda_build.sh [VENV_DIR]   (default .venv-cuda)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,13 +21,19 @@ fi
 step "installing torch==2.14.1 ninja pybind11 numpy pytest"
 "$VENV/bin/python" -m pip install --quiet torch==2.14.1 ninja pybind11 numpy pytest
 
-step "building (nvcc $(nvcc --version | grep -o 'release [0-9.]*'), archs 8.0;9.0)"
+REPO=$(pwd)
+SRC=$(mktemp -d)
+trap 'rm -rf "$SRC"' EXIT
+git ls-files -z | xargs -0 cp --parents -t "$SRC"
+cd "$SRC"
+VENV=$(cd "$REPO" && realpath "$VENV")
+step "building in $SRC (nvcc $(nvcc --version | grep -o 'release [0-9.]*'), archs 8.0;9.0)"
 LOG=$(mktemp)
 PURIFIED_OPS_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" PURIFIED_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-2} \
   "$VENV/bin/python" setup.py build_ext --inplace > "$LOG" 2>&1 || { tail -40 "$LOG"; grep -E "error" "$LOG" | head -20; exit 1; }
 step "ptxas report"
 SPILL_RC=0
-"$VENV/bin/python" scripts/ptxas_summary.py < "$LOG" || SPILL_RC=$?
+"$VENV/bin/python" scripts/ptxas_summary.py --fail-arch sm_90 < "$LOG" || SPILL_RC=$?
 
 step "registration"
 "$VENV/bin/python" - <<'PYEOF'
@@ -43,7 +51,7 @@ step "tests"
 "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider
 
 if [ "$SPILL_RC" -ne 0 ]; then
-  step "FAILED: a kernel spills registers (see the ptxas report above)"
+  step "FAILED: a kernel spills registers on sm_90 (see the ptxas report above)"
   exit 1
 fi
 step "OK in $(( $(date +%s) - START ))s"
