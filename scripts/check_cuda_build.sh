@@ -18,8 +18,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV"
   $PY -m venv "$VENV"
 fi
-step "installing torch==2.14.1 ninja pybind11 numpy pytest"
-"$VENV/bin/python" -m pip install --quiet torch==2.14.1 ninja pybind11 numpy pytest
+step "installing torch==2.14.1 and requirements.txt"
+"$VENV/bin/python" -m pip install --quiet torch==2.14.1 -r requirements.txt
 
 REPO=$(pwd)
 SRC=$(mktemp -d)
