@@ -11,6 +11,28 @@ at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The saved per-row and per-z-row values: [*x.shape[:-1], K] and [*z.shape[:-2], K, K].
+static std::vector<int64_t> coeff_shape(const at::Tensor& x, const at::Tensor& z) {
+  auto shape = x.sizes().vec();
+  shape.back() = z.size(-2);
+  return shape;
+}
+
+static std::vector<int64_t> chol_shape(const at::Tensor& z) {
+  auto shape = z.sizes().vec();
+  shape.back() = z.size(-2);
+  return shape;
+}
+
+// `t` must be a contiguous tensor of this shape and dtype on `device` (no tensors made: these
+// checks run on every call).
+static void check_matches(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes,
+                          at::ScalarType dtype, c10::Device device) {
+  TORCH_CHECK_VALUE(t.sizes() == sizes && t.scalar_type() == dtype && t.is_contiguous() && t.device() == device,
+                    op, ": ", name, " must be a contiguous ", sizes, " ", dtype, " tensor on ", device, ", got ",
+                    t.sizes(), " ", t.scalar_type(), " on ", t.device(), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
 static bool is_supported_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
@@ -44,9 +66,6 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& z, const at::Tens
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "purify: eps must be finite and > 0, got ", eps);
 }
 
-static void check_matches(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
-                          c10::Device device);
-
 void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
                          const at::Tensor& strength, const at::Tensor& coeff,
                          const at::Tensor& chol, c10::DeviceType device_type) {
@@ -55,35 +74,26 @@ void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at
                         grad_y.device() == x.device(),
                     "purify_backward: grad_y must match x (", x.sizes(), ", ", x.scalar_type(),
                     "); got ", grad_y.sizes(), ", ", grad_y.scalar_type(), " on ", grad_y.device());
-  auto [y, coeff_like, chol_like] = allocate_forward_outputs(x.to(at::kMeta), z.to(at::kMeta));
-  check_matches("purify_backward", "coeff", coeff, coeff_like, x.device());
-  check_matches("purify_backward", "chol", chol, chol_like, x.device());
-}
-
-// `t` must be a contiguous tensor of `like`'s shape and dtype on `device`.
-static void check_matches(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
-                          c10::Device device) {
-  TORCH_CHECK_VALUE(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() &&
-                        t.is_contiguous() && t.device() == device,
-                    op, ": ", name, " must be a contiguous ", like.sizes(), " ", like.scalar_type(),
-                    " tensor on ", device, ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device(),
-                    t.is_contiguous() ? "" : " (not contiguous)");
+  const auto acc = accumulate_type(x.scalar_type());
+  check_matches("purify_backward", "coeff", coeff, coeff_shape(x, z), acc, x.device());
+  check_matches("purify_backward", "chol", chol, chol_shape(z), acc, x.device());
 }
 
 void check_forward_outputs(const at::Tensor& x, const at::Tensor& z, const at::Tensor& y,
                            const at::Tensor& coeff, const at::Tensor& chol) {
-  auto [y_like, coeff_like, chol_like] = allocate_forward_outputs(x.to(at::kMeta), z.to(at::kMeta));
-  check_matches("purify_forward_out", "y", y, y_like, x.device());
-  check_matches("purify_forward_out", "coeff", coeff, coeff_like, x.device());
-  check_matches("purify_forward_out", "chol", chol, chol_like, x.device());
+  const auto acc = accumulate_type(x.scalar_type());
+  check_matches("purify_forward_out", "y", y, x.sizes(), x.scalar_type(), x.device());
+  check_matches("purify_forward_out", "coeff", coeff, coeff_shape(x, z), acc, x.device());
+  check_matches("purify_forward_out", "chol", chol, chol_shape(z), acc, x.device());
 }
 
 void check_backward_outputs(const at::Tensor& x, const at::Tensor& z, bool compute_grad_z,
                             const at::Tensor& dx, const at::Tensor& dz, const at::Tensor& ds) {
-  auto [dx_like, dz_like, ds_like] = allocate_backward_outputs(x.to(at::kMeta), z.to(at::kMeta), compute_grad_z);
-  check_matches("purify_backward_out", "grad_x", dx, dx_like, x.device());
-  check_matches("purify_backward_out", "grad_z", dz, dz_like, x.device());
-  check_matches("purify_backward_out", "grad_strength", ds, ds_like, x.device());
+  check_matches("purify_backward_out", "grad_x", dx, x.sizes(), x.scalar_type(), x.device());
+  const std::vector<int64_t> no_dz{0};
+  check_matches("purify_backward_out", "grad_z", dz, compute_grad_z ? z.sizes() : at::IntArrayRef(no_dz),
+                z.scalar_type(), x.device());
+  check_matches("purify_backward_out", "grad_strength", ds, {}, accumulate_type(x.scalar_type()), x.device());
 }
 
 at::Tensor unit_last_stride(const at::Tensor& t) {
@@ -164,12 +174,7 @@ at::Tensor empty_like_device(at::IntArrayRef sizes, at::ScalarType dtype, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& x,
                                                                         const at::Tensor& z, EmptyFn empty) {
   const auto acc = x.options().dtype(accumulate_type(x.scalar_type()));
-  const int64_t K = z.size(-2);
-  auto coeff_shape = x.sizes().vec();
-  coeff_shape.back() = K;
-  auto chol_shape = z.sizes().vec();
-  chol_shape.back() = K;
-  return {empty(x.sizes(), x.scalar_type(), x), at::empty(coeff_shape, acc), at::empty(chol_shape, acc)};
+  return {empty(x.sizes(), x.scalar_type(), x), at::empty(coeff_shape(x, z), acc), at::empty(chol_shape(z), acc)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(const at::Tensor& x,

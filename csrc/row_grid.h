@@ -40,6 +40,13 @@ struct RowOffsets {
 
 PURIFY_HD RowOffsets decode_offsets(const DimList& dims, int64_t linear) {
   RowOffsets o;
+  if (dims.ndim == 1) {  // the common case (one merged dim): no division
+    o.x = linear * dims.x_stride[0];
+    o.g = linear * dims.g_stride[0];
+    o.row = linear * dims.row_stride[0];
+    o.z = linear * dims.z_stride[0];
+    return o;
+  }
   for (int d = dims.ndim - 1; d >= 0; --d) {
     const int64_t i = linear % dims.size[d];
     linear /= dims.size[d];

@@ -50,13 +50,18 @@ _compiled_formula: Callable | None = None
 
 
 def compiled_formula(x, z, strength=1.0, eps=1e-6):
-    """torch.compile of eager_formula (inductor), compiled once per process."""
+    """torch.compile of eager_formula (inductor), compiled once per process and per input shape."""
     global _compiled_formula
     if _compiled_formula is None:
-        # The "backward" mode replays one graph (retain_graph=True), which donated buffers forbid;
-        # they save memory, not time.
+        import torch._dynamo.config as dynamo_config
         import torch._functorch.config as functorch_config
 
+        # A sweep compiles one graph per shape; past dynamo's default limit of 8 it would
+        # silently run the eager code instead, and the comparison would be wrong.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+        # The "backward" mode replays one graph (retain_graph=True), which donated buffers forbid;
+        # they save memory, not time.
         functorch_config.donated_buffer = False
         _compiled_formula = torch.compile(eager_formula, dynamic=False)
     return _compiled_formula(x, z, strength, eps)
