@@ -28,31 +28,39 @@ def load(path):
     return rows
 
 
+COLORS = {"purified_ops": "tab:blue", "purified_ops_kernel": "tab:cyan", "eager": "tab:red", "compile": "tab:orange"}
+
+
 def plot_bandwidth(rows, title, path):
+    """GB/s against D at the N swept over most D values: one panel per K and mode, one line
+    per provider, the copy bandwidth dashed."""
+    n_counts = defaultdict(set)
+    for r in rows:
+        n_counts[r["N"]].add(r["D"])
+    N = max(n_counts, key=lambda n: (len(n_counts[n]), n))
+    rows = [r for r in rows if r["N"] == N]
     modes = sorted({r["mode"] for r in rows})
-    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
-    for ax, mode in zip(axes[0], modes):
-        lines = defaultdict(list)
-        copy = defaultdict(list)
-        for r in rows:
-            if r["mode"] == mode:
-                lines[(r["provider"], r["K"], r["N"])].append((r["D"], r["gbps"]))
-                copy[r["N"]].append((r["D"], r["copy_gbps"]))
-        for (provider, K, N), pts in sorted(lines.items()):
-            pts = sorted(set(pts))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{provider} K={K} N={N}")
-        for N, pts in sorted(copy.items()):
-            pts = sorted(set(pts))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", alpha=0.5, label=f"copy N={N}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("D")
-        ax.set_ylabel("GB/s over minimal bytes")
-        ax.set_title(mode)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=6, loc="best")
+    ks = sorted({r["K"] for r in rows})
+    fig, axes = plt.subplots(len(ks), len(modes), figsize=(4.5 * len(modes), 3.2 * len(ks)), squeeze=False)
+    for i, K in enumerate(ks):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["K"] == K and r["mode"] == mode]
+            for provider in sorted({r["provider"] for r in sel}):
+                pts = sorted((r["D"], r["gbps"]) for r in sel if r["provider"] == provider)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=COLORS.get(provider),
+                        label=provider)
+            copy = sorted({(r["D"], r["copy_gbps"]) for r in sel})
+            ax.plot([c[0] for c in copy], [c[1] for c in copy], "k--", alpha=0.6, label="copy (same run)")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode}, K={K}, N={N}", fontsize=9)
+            ax.set_xlabel("D")
+            ax.set_ylabel("GB/s (minimal bytes)")
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
