@@ -100,19 +100,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor
   return {dx, dz, ds};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cuda(const at::Tensor& x_in,
-                                                                  const at::Tensor& z_in,
-                                                                  const at::Tensor& strength,
-                                                                  double eps) {
-  check_forward_args(x_in, z_in, strength, eps, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = unit_last_stride(x_in);
-  const at::Tensor z = unit_last_stride(z_in);
-  if (z.size(-2) > kMaxCudaFusedK) return forward_unfused(x, z, strength, eps);
-  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
+// The forward into given outputs; x and z have unit last stride, the device guard is held.
+void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
+                  at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
+  if (z.size(-2) > kMaxCudaFusedK) {
+    auto [y_u, coeff_u, chol_u] = forward_unfused(x, z, strength, eps);
+    y.copy_(y_u);
+    coeff.copy_(coeff_u);
+    chol.copy_(chol_u);
+    return;
+  }
   if (leading_rows(x) == 0) {
     chol.zero_();  // no rows: nothing reads the factor, but it is defined
-    return {y, coeff, chol};
+    return;
   }
   ForwardParams p;
   p.x = x.const_data_ptr();
@@ -127,24 +127,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cuda(const at::Ten
   p.vec = vector_ok(p.grid, x.element_size(), {p.x, p.z, p.y}, false);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), forward, p, stream));
-  return {y, coeff, chol};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cuda(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
-    const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
-    bool compute_grad_z) {
-  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CUDA);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor g = unit_last_stride(grad_y_in);
-  const at::Tensor x = unit_last_stride(x_in);
-  const at::Tensor z = unit_last_stride(z_in);
-  if (z.size(-2) > kMaxCudaFusedK) return backward_unfused(g, x, z, strength, coeff, chol, compute_grad_z);
-  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
+// The backward into given outputs (dz unused unless compute_grad_z); same preconditions.
+void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                   const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx,
+                   at::Tensor& dz, at::Tensor& ds) {
+  if (z.size(-2) > kMaxCudaFusedK) {
+    auto [dx_u, dz_u, ds_u] = backward_unfused(g, x, z, strength, coeff, chol, compute_grad_z);
+    dx.copy_(dx_u);
+    if (compute_grad_z) dz.copy_(dz_u);
+    ds.copy_(ds_u);
+    return;
+  }
   if (leading_rows(x) == 0) {
     if (compute_grad_z) dz.zero_();
     ds.zero_();
-    return {dx, dz, ds};
+    return;
   }
   BackwardParams p;
   p.grid = make_row_grid(x, z, &g);
@@ -173,7 +172,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cuda(
   p.vec = vector_ok(p.grid, x.element_size(), {p.g, p.x, p.z, p.dx, p.dz}, true);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), backward, p, stream));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cuda(const at::Tensor& x_in, const at::Tensor& z_in,
+                                                                  const at::Tensor& strength, double eps) {
+  check_forward_args(x_in, z_in, strength, eps, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  if (z.size(-2) > kMaxCudaFusedK) return forward_unfused(x, z, strength, eps);
+  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
+  forward_into(x, z, strength, eps, y, coeff, chol);
+  return {y, coeff, chol};
+}
+
+void purify_forward_out_cuda(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
+                             double eps, at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
+  check_forward_args(x_in, z_in, strength, eps, c10::DeviceType::CUDA);
+  check_forward_outputs(x_in, z_in, y, coeff, chol);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  forward_into(unit_last_stride(x_in), unit_last_stride(z_in), strength, eps, y, coeff, chol);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cuda(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+    const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+    bool compute_grad_z) {
+  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor g = unit_last_stride(grad_y_in);
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  if (z.size(-2) > kMaxCudaFusedK) return backward_unfused(g, x, z, strength, coeff, chol, compute_grad_z);
+  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
+  backward_into(g, x, z, strength, coeff, chol, compute_grad_z, dx, dz, ds);
   return {dx, dz, ds};
+}
+
+void purify_backward_out_cuda(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+                              const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+                              bool compute_grad_z, at::Tensor& dx, at::Tensor& dz, at::Tensor& ds) {
+  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CUDA);
+  check_backward_outputs(x_in, z_in, compute_grad_z, dx, dz, ds);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  backward_into(unit_last_stride(grad_y_in), unit_last_stride(x_in), unit_last_stride(z_in), strength, coeff,
+                chol, compute_grad_z, dx, dz, ds);
 }
 
 }  // namespace
@@ -181,6 +224,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cuda(
 TORCH_LIBRARY_IMPL(purified_ops, CUDA, m) {
   m.impl("purify_forward", &purify_forward_cuda);
   m.impl("purify_backward", &purify_backward_cuda);
+  m.impl("purify_forward_out", &purify_forward_out_cuda);
+  m.impl("purify_backward_out", &purify_backward_out_cuda);
 }
 
 }  // namespace cuda
