@@ -68,14 +68,19 @@ int64_t leading_rows(const at::Tensor& x) {
     }                                                                                \
   }()
 
-// K > kMaxCudaFusedK: the same math through ATen ops (correct, not fused; no host sync).
+// K > kMaxCudaFusedK: the same math through ATen ops (correct, not fused; no host sync). The
+// factor comes from row_math's Cholesky (launch_factor_grams), pivot floor included.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& z,
                                                                const at::Tensor& strength, double eps) {
   const auto acc = accumulate_type(x.scalar_type());
   const at::Tensor xa = x.to(acc), za = z.to(acc);
   const int64_t K = z.size(-2);
-  at::Tensor gram = at::matmul(za, za.transpose(-1, -2)) + eps * at::eye(K, za.options());
-  at::Tensor L = std::get<0>(at::linalg_cholesky_ex(gram)).contiguous();
+  at::Tensor L = (at::matmul(za, za.transpose(-1, -2)) + eps * at::eye(K, za.options())).contiguous();
+  const int64_t count = L.numel() / (K * K);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  C10_CUDA_CHECK(acc == at::kDouble
+                     ? launch_factor_grams_f64(L.mutable_data_ptr<double>(), count, static_cast<int>(K), eps, stream)
+                     : launch_factor_grams_f32(L.mutable_data_ptr<float>(), count, static_cast<int>(K), eps, stream));
   at::Tensor c = at::cholesky_solve(at::matmul(za, xa.unsqueeze(-1)), L).squeeze(-1);
   at::Tensor y = xa - strength * at::matmul(c.unsqueeze(-2), za).squeeze(-2);
   return {y.to(x.scalar_type()).contiguous(), c.contiguous(), L};

@@ -55,6 +55,11 @@ PURIFY_DECLARE_LAUNCHERS(f32)
 PURIFY_DECLARE_LAUNCHERS(f64)
 #undef PURIFY_DECLARE_LAUNCHERS
 
+// In place: `count` contiguous K x K Gram matrices (float32 or float64) become their Cholesky
+// factors, by row_math's cholesky_inplace (the K > kMaxCudaFusedK path).
+cudaError_t launch_factor_grams_f32(float* gram, int64_t count, int K, double eps, cudaStream_t stream);
+cudaError_t launch_factor_grams_f64(double* gram, int64_t count, int K, double eps, cudaStream_t stream);
+
 // Largest K served by the fused kernels; larger K takes the ATen path in purify_cuda.cpp.
 constexpr int kMaxCudaFusedK = 16;
 

@@ -1,0 +1,41 @@
+// Factors many K x K Gram matrices in place with row_math's cholesky_inplace, pivot floor
+// included, one thread per matrix: the factorization of the K > kMaxCudaFusedK path, so that
+// path keeps repeated or dependent directions finite like every other.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../row_math.h"
+#include "purify_launch.h"
+
+namespace purified_ops {
+namespace cuda {
+namespace {
+
+template <typename A>
+__global__ void factor_grams_kernel(A* gram, int64_t count, int K, A eps) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count) cholesky_inplace(gram + i * K * K, K, eps);
+}
+
+template <typename A>
+cudaError_t launch_factor_grams(A* gram, int64_t count, int K, double eps, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  constexpr int kThreads = 128;
+  const auto blocks = static_cast<unsigned int>((count + kThreads - 1) / kThreads);
+  factor_grams_kernel<A><<<blocks, kThreads, 0, stream>>>(gram, count, K, static_cast<A>(eps));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_factor_grams_f32(float* gram, int64_t count, int K, double eps, cudaStream_t stream) {
+  return launch_factor_grams(gram, count, K, eps, stream);
+}
+
+cudaError_t launch_factor_grams_f64(double* gram, int64_t count, int K, double eps, cudaStream_t stream) {
+  return launch_factor_grams(gram, count, K, eps, stream);
+}
+
+}  // namespace cuda
+}  // namespace purified_ops
