@@ -65,6 +65,10 @@ def plot_bandwidth(rows, title, path):
 
 
 def plot_speedup(rows, title, path):
+    """Speedup bars of the fused op over eager and compile, for the full step (forward +
+    backward) where measured, else every mode."""
+    if any(r["mode"] == "full" for r in rows):
+        rows = [r for r in rows if r["mode"] == "full"]
     fused = [r for r in rows if r["provider"] in ("purified_ops", "purified_ops_kernel")]
     groups = sorted({(r["N"], r["D"], r["K"], r["mode"]) for r in fused})
     providers = sorted({r["provider"] for r in fused})
@@ -77,9 +81,13 @@ def plot_speedup(rows, title, path):
             for g in groups:
                 match = [r for r in fused if r["provider"] == provider and (r["N"], r["D"], r["K"], r["mode"]) == g]
                 vals.append(match[0][f"speedup_vs_{base}"] if match else 0)
-            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=f"{provider} vs {base}")
+            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=f"{provider} vs {base}",
+                   color={("purified_ops", "eager"): "tab:red", ("purified_ops", "compile"): "tab:orange",
+                          ("purified_ops_kernel", "eager"): "salmon",
+                          ("purified_ops_kernel", "compile"): "navajowhite"}.get((provider, base)))
             i += 1
     ax.axhline(1, color="k", lw=0.8)
+    ax.set_yscale("log")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels([f"{N}x{D}\nK={K} {m}" for N, D, K, m in groups], fontsize=7)
     ax.set_ylabel("speedup (x)")
