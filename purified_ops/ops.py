@@ -89,6 +89,16 @@ if _C is not None:
         return None
 
 
+def _run_forward(x, z, strength, eps):
+    """Validates, promotes and runs the registered forward op: (args, y, coeff, chol)."""
+    args = check_purify_args(x, z, strength, eps)
+    if _C is None:
+        raise RuntimeError(f"purified_ops: the compiled extension did not load ({_LOAD_ERROR}); "
+                           "use purify(..., backend='reference') or rebuild the package")
+    y, coeff, chol = torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)
+    return args, y, coeff, chol
+
+
 class PurifyFunction(torch.autograd.Function):
     """Autograd wiring of the compiled ops: ``PurifyFunction.apply(x, z, strength, eps)``.
 
@@ -100,11 +110,7 @@ class PurifyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, z, strength, eps):
-        args = check_purify_args(x, z, strength, eps)
-        if _C is None:
-            raise RuntimeError(f"purified_ops: the compiled extension did not load ({_LOAD_ERROR}); "
-                               "use purify(..., backend='reference') or rebuild the package")
-        y, coeff, chol = torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)
+        args, y, coeff, chol = _run_forward(x, z, strength, eps)
         # The original inputs too: a double backward must differentiate through them, not
         # through the promoted views made here.
         s_in = strength if isinstance(strength, torch.Tensor) else args.strength
@@ -183,8 +189,7 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6,
         if torch.is_grad_enabled() and (x.requires_grad or getattr(z, "requires_grad", False)
                                         or getattr(strength, "requires_grad", False)):
             return PurifyFunction.apply(x, z, strength, eps)
-        args = check_purify_args(x, z, strength, eps)  # nothing to record: the op alone
-        return torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)[0]
+        return _run_forward(x, z, strength, eps)[1]  # nothing to record: the op alone
     args = check_purify_args(x, z, strength, eps)
     s = strength if isinstance(strength, torch.Tensor) else args.strength
     return reference.purify(args.x, args.z, strength=s, eps=args.eps)
