@@ -108,9 +108,13 @@ inline int64_t last_level_cache_bytes() {
 template <typename T>
 bool use_streaming_stores(const void* out, int64_t D, int64_t total_bytes) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  static const char* forced = std::getenv("PURIFIED_OPS_STREAMING_STORES");  // 0 or 1 overrides
-  if (forced != nullptr && *forced != '\0' && std::string(forced) == "0") return false;
-  const bool always = forced != nullptr && std::string(forced) == "1";
+  // PURIFIED_OPS_STREAMING_STORES=0 or 1 overrides the size rule (read once).
+  static const int forced = [] {
+    const char* v = std::getenv("PURIFIED_OPS_STREAMING_STORES");
+    return v == nullptr ? -1 : std::string(v) == "0" ? 0 : std::string(v) == "1" ? 1 : -1;
+  }();
+  if (forced == 0) return false;
+  const bool always = forced == 1;
   static const int64_t llc = last_level_cache_bytes();
   constexpr int64_t kVecBytes = static_cast<int64_t>(sizeof(Vectorized<T>));
   return (always || total_bytes > llc / 2) && reinterpret_cast<uintptr_t>(out) % kVecBytes == 0 &&
