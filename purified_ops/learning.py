@@ -37,7 +37,7 @@ from .layer import PurifyLayer
 
 __all__ = [
     "PurifiedNet", "PurifiedOutput", "PerDirectionHeads", "LowRankProbe", "purified_loss",
-    "freeze_irrelevant",
+    "freeze_irrelevant", "balancing_tables", "balancing_weights",
     "fit", "evaluate", "seed_everything", "choose_device",
 ]
 
@@ -159,18 +159,26 @@ def _as_list(logits, labels):
 
 
 def purified_loss(out: PurifiedOutput, target: torch.Tensor, irrelevant_target=None, *,
-                  irrelevant_weight: float = 1.0, task_weight: float = 1.0):
+                  irrelevant_weight: float = 1.0, task_weight: float = 1.0,
+                  irrelevant_sample_weight=None):
     """``task_weight * CE(task) + irrelevant_weight * mean over label types of CE(irrelevant)``.
 
     ``irrelevant_target``: ``[B]`` for one label type, ``[B, T]`` or a list of T tensors for T
-    types (matching the irrelevant head's list of logits). Returns ``(loss, parts)`` with the two
-    terms, detached, in ``parts``.
+    types (matching the irrelevant head's list of logits). ``irrelevant_sample_weight``: optional
+    per-sample weights of the irrelevant CE, ``[B]`` or ``[B, T]`` (e.g. from
+    :func:`balancing_weights`); each type's CE is then ``sum(w * ce) / sum(w)``. Returns
+    ``(loss, parts)`` with the two terms, detached, in ``parts``.
     """
     task = F.cross_entropy(out.task_logits, target)
     irr = task.new_zeros(())
     if irrelevant_target is not None and irrelevant_weight != 0:
         logits, labels = _as_list(out.irrelevant_logits, irrelevant_target)
-        irr = sum(F.cross_entropy(l, t) for l, t in zip(logits, labels)) / len(logits)
+        if irrelevant_sample_weight is None:
+            irr = sum(F.cross_entropy(l, t) for l, t in zip(logits, labels)) / len(logits)
+        else:
+            _, weights = _as_list(logits, irrelevant_sample_weight)
+            irr = sum((w * F.cross_entropy(l, t, reduction="none")).sum() / w.sum().clamp_min(1e-12)
+                      for l, t, w in zip(logits, labels, weights)) / len(logits)
     loss = task_weight * task + irrelevant_weight * irr
     return loss, {"task": float(task.detach()), "irrelevant": float(irr.detach())}
 
@@ -183,6 +191,48 @@ def freeze_irrelevant(model: PurifiedNet, frozen: bool = True) -> None:
             p.grad = None
     for m in (model.irrelevant_encoder, model.irrelevant_head):
         m.train(not frozen)
+
+
+def _irrelevant_label_list(irrelevant_labels):
+    if isinstance(irrelevant_labels, torch.Tensor):
+        return [irrelevant_labels] if irrelevant_labels.dim() == 1 else list(irrelevant_labels.unbind(-1))
+    return list(irrelevant_labels)
+
+
+def balancing_tables(task_labels: torch.Tensor, irrelevant_labels) -> list:
+    """Weight tables ``w[y, t] = n_y * n_t / (N * n_yt)``, one per irrelevant label type.
+
+    Weighted by them, the training set's joint counts become ``n_y * n_t / N``: each irrelevant
+    label is independent of the task label, so an irrelevant branch cannot lower its loss by
+    learning the task (a shortcut where the two labels correlate in a small training set). That
+    holds exactly where every (task, irrelevant) cell has a sample; a cell with none stays empty
+    (weight 0 in the table).
+    """
+    task_labels = task_labels.reshape(-1).long()
+    tables = []
+    for t in _irrelevant_label_list(irrelevant_labels):
+        t = t.reshape(-1).long()
+        if t.shape != task_labels.shape:
+            raise ValueError(f"balancing_tables: {t.numel()} irrelevant labels for {task_labels.numel()} task labels")
+        ny, nt = int(task_labels.max()) + 1, int(t.max()) + 1
+        joint = torch.zeros(ny, nt, dtype=torch.float64)
+        joint.index_put_((task_labels.cpu(), t.cpu()), torch.ones(t.numel(), dtype=torch.float64), accumulate=True)
+        expected = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True) / task_labels.numel()
+        tables.append(torch.where(joint > 0, expected / joint.clamp_min(1), 0.0).float())
+    return tables
+
+
+def balancing_weights(task_labels: torch.Tensor, irrelevant_labels, tables=None) -> torch.Tensor:
+    """Per-sample weights ``[N]`` (one label type) or ``[N, T]`` from :func:`balancing_tables`."""
+    labels = _irrelevant_label_list(irrelevant_labels)
+    tables = balancing_tables(task_labels, labels) if tables is None else tables
+    cols = []
+    for tab, t in zip(tables, labels):
+        tab = tab.to(t.device)
+        y, t = task_labels.long(), t.long()
+        inside = (y < tab.shape[0]) & (t < tab.shape[1])        # labels unseen when counting: weight 0
+        cols.append(torch.where(inside, tab[y.clamp_max(tab.shape[0] - 1), t.clamp_max(tab.shape[1] - 1)], 0.0))
+    return cols[0] if isinstance(irrelevant_labels, torch.Tensor) and irrelevant_labels.dim() == 1 else torch.stack(cols, -1)
 
 
 def seed_everything(seed: int) -> None:
@@ -222,7 +272,7 @@ def _to(t, device):
 
 
 def _train_epochs(model, data, params, epochs, *, lr, weight_decay, batch_size, device, generator,
-                  task_weight, irrelevant_weight, progress, desc):
+                  task_weight, irrelevant_weight, progress, desc, balance_tables=None):
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
     history = []
@@ -232,8 +282,11 @@ def _train_epochs(model, data, params, epochs, *, lr, weight_decay, batch_size, 
         for inputs, target, irr in _batches(data, batch_size, True, generator):
             inputs, target, irr = inputs.to(device), target.to(device), _to(irr, device)
             out = model(inputs)
+            sample_weight = None
+            if balance_tables is not None and irr is not None:
+                sample_weight = balancing_weights(target, irr, balance_tables)
             loss, parts = purified_loss(out, target, irr, irrelevant_weight=irrelevant_weight,
-                                        task_weight=task_weight)
+                                        task_weight=task_weight, irrelevant_sample_weight=sample_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -258,7 +311,7 @@ def _progress(iterable, progress, desc):
 def fit(model: PurifiedNet, data, *, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 0.0,
         batch_size: int = 64, irrelevant_weight: float = 1.0, schedule: str = "joint",
         stage1_epochs: int | None = None, device=None, seed: int | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, balance_irrelevant: bool = False) -> dict:
     """Trains ``model`` with Adam on ``data`` and returns the per-epoch losses.
 
     Args:
@@ -269,6 +322,10 @@ def fit(model: PurifiedNet, data, *, epochs: int = 100, lr: float = 1e-3, weight
             irrelevant loss alone, then the irrelevant branch frozen and ``epochs`` on the task loss.
         device: ``"auto"``/``None`` (CUDA if available), or any torch device.
         seed: seeds Python, NumPy and torch (init is the caller's; this seeds batch order).
+        balance_irrelevant: weight the irrelevant loss per sample (:func:`balancing_tables`,
+            counted over ``data`` once) so that the irrelevant labels are independent of the task
+            labels: where they correlate in the training set, the irrelevant branch would
+            otherwise learn task directions, and purification would remove them.
     Returns:
         ``{"stage1": [...], "stage2": [...]}`` for two stages, ``{"joint": [...]}`` otherwise.
     """
@@ -279,8 +336,15 @@ def fit(model: PurifiedNet, data, *, epochs: int = 100, lr: float = 1e-3, weight
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
     device = choose_device(device)
     model.to(device).train()
+    tables = None
+    if balance_irrelevant:
+        labelled = [(b[1], b[2]) for b in _batches(data, 1 << 30, False, None) if b[2] is not None]
+        if not labelled:
+            raise ValueError("fit: balance_irrelevant=True needs irrelevant labels in the data")
+        irr = [torch.cat(ts) for ts in zip(*(_irrelevant_label_list(t) for _, t in labelled))]
+        tables = balancing_tables(torch.cat([y for y, _ in labelled]), irr)
     common = dict(lr=lr, weight_decay=weight_decay, batch_size=batch_size, device=device,
-                  generator=generator, progress=progress)
+                  generator=generator, progress=progress, balance_tables=tables)
     if schedule == "joint":
         return {"joint": _train_epochs(model, data, model.parameters(), epochs, task_weight=1.0,
                                        irrelevant_weight=irrelevant_weight, desc="train", **common)}
