@@ -24,13 +24,15 @@ training set, same batches, optimizer, learning rate and number of steps):
   subspace``, the default): a :class:`~purified_ops.learning.LowRankProbe` learns K = 16
   directions of pixel space from which a small MLP must predict the texture label; a
   ``PurifyLayer`` removes that subspace (one set of directions shared by all samples) from every
-  image before the same main encoder and task head (joint training, ``detach_irrelevant=True``:
-  only the irrelevant loss shapes the directions). ``--variant per_sample`` is the per-sample
+  image before the same main encoder and task head. Two stages: the probe learns the texture
+  first, with its loss balanced against the digit (``fit(balance_irrelevant=True)``, so that it
+  cannot learn digits where the texture follows the digit), then it is frozen and the network
+  learns the task; ``--schedule joint --no-balance`` is the previous default. ``--variant per_sample`` is the per-sample
   form: a task-irrelevant encoder of the main encoder's architecture gives each sample one
   direction in main-feature space, which is removed from its main features.
 
-The variant was chosen on a validation split carved from the training pool, never on the test
-set; docs/demo.md reports every variant tried.
+The variant was chosen on a validation split carved from the training pool (:func:`load_validation`,
+``scripts/demo_validation.py``), never on the test set; docs/demo.md reports every variant tried.
 """
 from __future__ import annotations
 
@@ -91,10 +93,11 @@ def _digits():
     return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
 
 
-def load_data(n_train: int, seed: int, regime: str, *, rho: float = 0.9):
-    """((x, y, texture) train, (x, y, texture) test) as torch tensors; x is [N, 64]."""
-    if regime not in REGIMES:
-        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+VALIDATION_SIZE = 300         # pool images held out to choose the purified variant
+
+
+def _split(n_train: int, seed: int):
+    """(images, digits, test indices, the rest of the pool, training indices, the seed's rng)."""
     images, target = _digits()
     order = np.random.default_rng(SPLIT_SEED).permutation(len(target))
     test_idx, pool = order[:TEST_SIZE], order[TEST_SIZE:]
@@ -102,14 +105,33 @@ def load_data(n_train: int, seed: int, regime: str, *, rho: float = 0.9):
         raise ValueError(f"training-set size must be in [1, {len(pool)}], got {n_train}")
     rng = np.random.default_rng([seed, n_train])
     train_idx = rng.choice(pool, size=n_train, replace=False)
+    return images, target, test_idx, np.setdiff1d(pool, train_idx), train_idx, rng
 
-    def build(idx, r, correlated):
-        x, tex = add_nuisance(images[idx], target[idx], r, correlated=correlated, rho=rho)
-        return torch.from_numpy(x), torch.from_numpy(target[idx]), torch.from_numpy(tex)
 
-    train = build(train_idx, rng, regime == "correlated")
-    test = build(test_idx, np.random.default_rng(TEST_NUISANCE_SEED), False)
+def _nuisance_set(images, target, idx, rng, correlated: bool, rho: float):
+    x, tex = add_nuisance(images[idx], target[idx], rng, correlated=correlated, rho=rho)
+    return torch.from_numpy(x), torch.from_numpy(target[idx]), torch.from_numpy(tex)
+
+
+def load_data(n_train: int, seed: int, regime: str, *, rho: float = 0.9):
+    """((x, y, texture) train, (x, y, texture) test) as torch tensors; x is [N, 64]."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    images, target, test_idx, _, train_idx, rng = _split(n_train, seed)
+    train = _nuisance_set(images, target, train_idx, rng, regime == "correlated", rho)
+    test = _nuisance_set(images, target, test_idx, np.random.default_rng(TEST_NUISANCE_SEED), False, rho)
     return train, test
+
+
+def load_validation(n_train: int, seed: int, size: int = VALIDATION_SIZE):
+    """(x, y, texture): ``size`` pool images outside the seed's training set, textures uniform.
+
+    The set used to choose the purified variant (docs/demo.md); it never touches the test images.
+    """
+    images, target, _, rest, _, _ = _split(n_train, seed)
+    rng = np.random.default_rng([seed, n_train, size])
+    return _nuisance_set(images, target, rng.choice(rest, size=min(size, len(rest)), replace=False),
+                         rng, False, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,13 +176,20 @@ def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
 
 def run_one(arm: str, regime: str, n_train: int, seed: int, *, steps: int, batch_size: int,
             lr: float, irrelevant_weight: float, rho: float, device=None, schedule: str = "joint",
-            detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K) -> float:
+            detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K,
+            balance_irrelevant: bool = False, evaluate_on: str = "test") -> float:
+    """Trains one arm and returns its task accuracy on the test set (or ``"validation"``)."""
     train, test = load_data(n_train, seed, regime, rho=rho)
+    if evaluate_on == "validation":
+        test = load_validation(n_train, seed)
+    elif evaluate_on != "test":
+        raise ValueError(f"evaluate_on must be 'test' or 'validation', got {evaluate_on!r}")
     model = build_arm(arm, seed, detach_irrelevant=detach_irrelevant, variant=variant, k=k)
     epochs = max(1, math.ceil(steps / math.ceil(n_train / batch_size)))  # >= steps optimizer steps
     fit(model, train, epochs=epochs, lr=lr, batch_size=batch_size,
         irrelevant_weight=0.0 if arm == "plain" else irrelevant_weight, seed=seed, device=device,
-        schedule=schedule if arm == "purified" else "joint", progress=False)
+        schedule=schedule if arm == "purified" else "joint", progress=False,
+        balance_irrelevant=balance_irrelevant and arm != "plain")
     return evaluate(model, test, device=device)["task_acc"]
 
 
@@ -251,8 +280,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shared by all samples (default), or one direction per sample in feature space")
     p.add_argument("--k", type=int, default=SUBSPACE_K,
                    help=f"directions of the subspace variant (default {SUBSPACE_K})")
-    p.add_argument("--schedule", choices=("joint", "two_stage"), default="joint",
-                   help="purified arm: joint training (default), or the irrelevant branch first, then frozen")
+    p.add_argument("--schedule", choices=("joint", "two_stage"), default="two_stage",
+                   help="purified arm: the irrelevant branch first, then frozen (default), or joint training")
+    p.add_argument("--no-balance", action="store_true",
+                   help="do not balance the irrelevant loss against the digit (by default each sample's "
+                        "irrelevant loss is weighted so that texture and digit are independent in the "
+                        "weighted training set; learning.balancing_tables)")
     p.add_argument("--no-detach", action="store_true",
                    help="purified arm: let the task loss reach the irrelevant encoder through z")
     p.add_argument("--rho", type=float, default=0.9,
@@ -285,7 +318,7 @@ def run(args) -> dict:
         acc = run_one(arm, regime, n, seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       irrelevant_weight=args.irrelevant_weight, rho=args.rho, device=args.device,
                       schedule=args.schedule, detach_irrelevant=not args.no_detach,
-                      variant=args.variant, k=args.k)
+                      variant=args.variant, k=args.k, balance_irrelevant=not args.no_balance)
         results[regime][n][arm].append(acc)
         if bar is not None:
             bar.set_postfix(regime=regime, n=n)
@@ -327,6 +360,7 @@ def main(args) -> int:
         obj = {
             "regime": head, "default_size": args.default_size, "seeds": args.seeds,
             "variant": args.variant, "k": args.k if args.variant == "subspace" else None,
+            "schedule": args.schedule, "balanced": not args.no_balance,
             "baseline_acc": row["plain"], "purified_acc": row["purified"],
             "multitask_acc": row["multitask"], **compare(row["plain"], row["purified"]),
             "by_regime": {r: {str(n): out["results"][r][n] for n in out["sizes"]} for r in out["regimes"]},

@@ -280,6 +280,21 @@ def test_demo_arms_share_the_main_network():
         build_arm("purified", 0, variant="nope")
 
 
+def test_demo_validation_split_is_disjoint():
+    pytest.importorskip("sklearn")
+    from purified_ops.demo import VALIDATION_SIZE, _split, load_validation
+
+    xv, yv, tv = load_validation(100, 7)
+    assert xv.shape == (VALIDATION_SIZE, 64)
+    assert 0.15 < (tv == yv % 4).float().mean() < 0.35          # textures uniform, as at test
+    # validation images come from the pool minus the training set: never training or test images
+    _, _, test_idx, rest, train_idx, _ = _split(100, 7)
+    assert len(set(rest) & set(train_idx)) == 0 and len(set(rest) & set(test_idx)) == 0
+    assert len(rest) + len(train_idx) + len(test_idx) == 1797
+    xv2, _, _ = load_validation(100, 7)
+    assert torch.equal(xv, xv2)
+
+
 def test_demo_data_is_honest():
     pytest.importorskip("sklearn")
     from purified_ops.demo import TEST_SIZE, load_data
@@ -309,6 +324,7 @@ def test_demo_cli_tiny(tmp_path, capsys):
     assert all(0.0 <= a <= 1.0 for a in obj["baseline_acc"] + obj["purified_acc"])
     assert obj["regime"] == "correlated" and obj["default_size"] == 20
     assert obj["variant"] == "subspace" and obj["k"] == 16
+    assert obj["schedule"] == "two_stage" and obj["balanced"] is True
     assert set(obj["by_regime"]) == {"correlated", "independent"}
     assert png.stat().st_size > 1000
     assert any("purified-plain" in line for line in lines)
@@ -318,3 +334,55 @@ def test_demo_cli_tiny(tmp_path, capsys):
     assert rc == 0
     obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert obj["variant"] == "per_sample" and len(obj["purified_acc"]) == 1
+
+
+def test_balancing_tables_make_labels_independent():
+    from purified_ops.learning import balancing_tables, balancing_weights
+
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
+    t = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 1, 0])            # correlated with y
+    w = balancing_weights(y, t)
+    assert w.shape == (10,) and torch.all(w > 0)
+    joint = torch.zeros(3, 2, dtype=torch.float64)
+    joint.index_put_((y, t), w.double(), accumulate=True)
+    # weighted joint counts = n_y * n_t / N (the product of the marginals) in every occupied cell
+    expected = torch.bincount(y).double()[:, None] * torch.bincount(t).double()[None] / len(y)
+    occupied = torch.zeros(3, 2, dtype=torch.bool)
+    occupied[y, t] = True
+    assert torch.allclose(joint[occupied], expected[occupied]) and not occupied[1, 0]
+    # several label types: [N, T]; a cell that never occurs gets weight 0 when looked up
+    w2 = balancing_weights(y, torch.stack([t, 1 - t], -1))
+    assert w2.shape == (10, 2) and torch.allclose(w2[:, 0], w)
+    tables = balancing_tables(y, t)
+    assert float(tables[0][1, 0]) == 0.0                       # (y=1, t=0) never occurs
+    assert float(balancing_weights(torch.tensor([5]), torch.tensor([0]), tables)) == 0.0
+    with pytest.raises(ValueError):
+        balancing_tables(y, t[:5])
+
+
+def test_weighted_irrelevant_loss():
+    net = make_net()
+    x, y, t = make_data()
+    out = net(x)
+    w = torch.rand(B) + 0.1
+    loss, parts = purified_loss(out, y, t, irrelevant_sample_weight=w)
+    ce = F.cross_entropy(out.irrelevant_logits, t, reduction="none")
+    assert torch.allclose(loss, F.cross_entropy(out.task_logits, y) + (w * ce).sum() / w.sum(), atol=1e-6)
+    ones, _ = purified_loss(out, y, t, irrelevant_sample_weight=torch.ones(B))
+    assert torch.allclose(ones, purified_loss(out, y, t)[0], atol=1e-6)
+
+
+def test_fit_balance_irrelevant_changes_training_deterministically():
+    x, y, t = make_data(n=40, seed=3)
+    t = torch.where(torch.arange(40) < 30, y % 4, t)          # a shortcut: t mostly follows y
+    runs = []
+    for balance in (False, True, True):
+        net = make_net(detach_irrelevant=True)
+        hist = fit(net, (x, y, t), epochs=3, batch_size=8, seed=0, progress=False,
+                   balance_irrelevant=balance)
+        runs.append((hist["joint"][-1]["irrelevant"], [p.detach().clone() for p in net.irrelevant_parameters()]))
+    assert runs[1][0] == runs[2][0]                            # seeded: the same run twice
+    assert all(torch.equal(a, b) for a, b in zip(runs[1][1], runs[2][1]))
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(ValueError, match="irrelevant labels"):
+        fit(make_net(), (x, y), epochs=1, progress=False, balance_irrelevant=True)
