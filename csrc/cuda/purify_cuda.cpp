@@ -3,7 +3,6 @@
 // and the launchers of purify_kernels_*.cu. No host sync anywhere (strength is read by the
 // kernels from device memory), so the ops can be captured in a CUDA graph.
 #include <ATen/ATen.h>
-#include <ATen/ExpandUtils.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../purify_host.h"
 #include "purify_launch.h"
@@ -70,20 +70,80 @@ int64_t leading_rows(const at::Tensor& x) {
 
 // K > kMaxCudaFusedK: the same math through ATen ops (correct, not fused; no host sync). The
 // factor comes from row_math's Cholesky (launch_factor_grams), pivot floor included.
+//
+// A z row shared by many x rows (size-1 leading dims of z) is never expanded per row: x's
+// leading dims are permuted group-first, so x is [G, T, D] (G the z rows, T the x rows each
+// one serves; a view when the layout allows, else one copy of x) and z is [G, K, D] (a view
+// or a z-sized copy). Every product is then a batched matmul over the G z rows with the T x
+// rows as columns; at::matmul on [.., 1, K, D] against [.., T, D, 1] would instead expand z to
+// [.., T, K, D] and copy it (N K D elements), and the factor to [.., T, K, K] for the solve.
+// dz of a shared z row, the sum over its T x rows, is one bmm reduction over T (cuBLAS: a
+// fixed order for given shapes and device, no atomics), not an [N, K, D] tensor then summed.
+struct GroupedRows {
+  std::vector<int64_t> perm;  // x's leading dims: z's own (group) dims first, then shared ones
+  int64_t G = 1, T = 1;
+};
+
+GroupedRows group_rows(const at::Tensor& x, const at::Tensor& z) {
+  GroupedRows r;
+  const int64_t lead = x.dim() - 1;
+  std::vector<int64_t> shared;
+  for (int64_t i = 0; i < lead; ++i) {
+    if (z.size(i) == 1 && x.size(i) != 1) {
+      shared.push_back(i);
+      r.T *= x.size(i);
+    } else {
+      r.perm.push_back(i);
+      r.G *= x.size(i);
+    }
+  }
+  r.perm.insert(r.perm.end(), shared.begin(), shared.end());
+  return r;
+}
+
+// [..., last] tensor t (x's leading dims) as [G, T, last] in the accumulate dtype.
+at::Tensor to_grouped(const at::Tensor& t, const GroupedRows& r, at::ScalarType acc) {
+  std::vector<int64_t> perm = r.perm;
+  perm.push_back(t.dim() - 1);
+  return t.permute(perm).reshape({r.G, r.T, t.size(-1)}).to(acc);
+}
+
+// z [..., K, D] as [G, K, D] in the accumulate dtype (z's shared dims have size 1).
+at::Tensor z_grouped(const at::Tensor& z, const GroupedRows& r, at::ScalarType acc) {
+  std::vector<int64_t> perm = r.perm;
+  perm.push_back(z.dim() - 2);
+  perm.push_back(z.dim() - 1);
+  return z.permute(perm).reshape({r.G, z.size(-2), z.size(-1)}).to(acc);
+}
+
+// The inverse of to_grouped: [G, T, last] back to x's leading dims, contiguous, dtype `out`.
+at::Tensor from_grouped(const at::Tensor& t3, const at::Tensor& x, const GroupedRows& r, at::ScalarType out) {
+  std::vector<int64_t> shape, inverse(r.perm.size() + 1);
+  for (size_t j = 0; j < r.perm.size(); ++j) {
+    shape.push_back(x.size(r.perm[j]));
+    inverse[r.perm[j]] = static_cast<int64_t>(j);
+  }
+  shape.push_back(t3.size(-1));
+  inverse.back() = static_cast<int64_t>(r.perm.size());
+  return t3.reshape(shape).permute(inverse).to(out).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& z,
                                                                const at::Tensor& strength, double eps) {
   const auto acc = accumulate_type(x.scalar_type());
-  const at::Tensor xa = x.to(acc), za = z.to(acc);
+  const GroupedRows r = group_rows(x, z);
+  const at::Tensor xg = to_grouped(x, r, acc), zg = z_grouped(z, r, acc);  // [G, T, D], [G, K, D]
   const int64_t K = z.size(-2);
-  at::Tensor L = (at::matmul(za, za.transpose(-1, -2)) + eps * at::eye(K, za.options())).contiguous();
-  const int64_t count = L.numel() / (K * K);
+  at::Tensor L = (at::bmm(zg, zg.transpose(1, 2)) + eps * at::eye(K, zg.options())).contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   C10_CUDA_CHECK(acc == at::kDouble
-                     ? launch_factor_grams_f64(L.mutable_data_ptr<double>(), count, static_cast<int>(K), eps, stream)
-                     : launch_factor_grams_f32(L.mutable_data_ptr<float>(), count, static_cast<int>(K), eps, stream));
-  at::Tensor c = at::cholesky_solve(at::matmul(za, xa.unsqueeze(-1)), L).squeeze(-1);
-  at::Tensor y = xa - strength * at::matmul(c.unsqueeze(-2), za).squeeze(-2);
-  return {y.to(x.scalar_type()).contiguous(), c.contiguous(), L};
+                     ? launch_factor_grams_f64(L.mutable_data_ptr<double>(), r.G, static_cast<int>(K), eps, stream)
+                     : launch_factor_grams_f32(L.mutable_data_ptr<float>(), r.G, static_cast<int>(K), eps, stream));
+  const at::Tensor c = at::cholesky_solve(at::bmm(zg, xg.transpose(1, 2)), L).transpose(1, 2);  // [G, T, K]
+  const at::Tensor y = xg - strength * at::bmm(c, zg);
+  std::vector<int64_t> chol_shape = z.sizes().vec();
+  chol_shape.back() = K;
+  return {from_grouped(y, x, r, x.scalar_type()), from_grouped(c, x, r, acc), L.reshape(chol_shape)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor& g, const at::Tensor& x,
@@ -91,17 +151,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor
                                                                 const at::Tensor& coeff, const at::Tensor& chol,
                                                                 bool compute_grad_z) {
   const auto acc = accumulate_type(x.scalar_type());
-  const at::Tensor xa = x.to(acc), za = z.to(acc), ga = g.to(acc);
-  const at::Tensor u = at::cholesky_solve(at::matmul(za, ga.unsqueeze(-1)), chol).squeeze(-1);
-  const at::Tensor p = at::matmul(coeff.unsqueeze(-2), za).squeeze(-2);
-  const at::Tensor q = at::matmul(u.unsqueeze(-2), za).squeeze(-2);
-  at::Tensor dx = (ga - strength * q).to(x.scalar_type()).contiguous();
+  const GroupedRows r = group_rows(x, z);
+  const int64_t K = z.size(-2);
+  const at::Tensor xg = to_grouped(x, r, acc), gg = to_grouped(g, r, acc), zg = z_grouped(z, r, acc);
+  const at::Tensor cg = to_grouped(coeff, r, acc);                                    // [G, T, K]
+  const at::Tensor u = at::cholesky_solve(at::bmm(zg, gg.transpose(1, 2)), chol.reshape({r.G, K, K}));  // [G, K, T]
+  const at::Tensor p = at::bmm(cg, zg);                                               // [G, T, D]
+  const at::Tensor q = at::bmm(u.transpose(1, 2), zg);
+  at::Tensor dx = from_grouped(gg - strength * q, x, r, x.scalar_type());
   at::Tensor dz = at::empty({0}, z.options());
   if (compute_grad_z) {
-    at::Tensor rows = coeff.unsqueeze(-1) * (ga - q).unsqueeze(-2) + u.unsqueeze(-1) * (xa - p).unsqueeze(-2);
-    dz = (-strength * at::sum_to(rows, z.sizes())).to(z.scalar_type()).contiguous();
+    // sum over the T rows of c (g - q)^T + u (x - p)^T, as two [K, T] x [T, D] products
+    const at::Tensor sum = at::baddbmm(at::bmm(cg.transpose(1, 2), gg - q), u, xg - p);  // [G, K, D]
+    dz = (-strength * sum).reshape(z.sizes()).to(z.scalar_type()).contiguous();
   }
-  at::Tensor ds = -(ga * p).sum();
+  at::Tensor ds = -(gg * p).sum();
   return {dx, dz, ds};
 }
 
