@@ -165,6 +165,26 @@ def test_large_k_fallback(K):
     check_against_reference(x, z)
 
 
+def test_large_k_shared_z_is_not_expanded_per_row():
+    # 8192 x rows share two z rows of K = 64: z expanded per row would be 512 MiB in float32,
+    # x is 8 MiB. The unfused K > 16 path keeps to a few x-sized temporaries (and cuBLAS's
+    # workspace, when this is its first use): far below half of that.
+    torch.manual_seed(64)
+    x = torch.randn(2, 4096, 256, device="cuda")
+    z = torch.randn(2, 1, 64, 256, device="cuda")
+    g = torch.randn_like(x)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = run_ops(x, z, 1.0, 1e-6, g)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    per_row_z = x.numel() * z.shape[-2] * 4
+    assert peak < per_row_z / 2, (peak / 2**20, per_row_z / 2**20)
+    assert all(torch.isfinite(t).all() for t in out)
+    assert torch.equal(run_ops(x, z, 1.0, 1e-6, g)[4], out[4])  # dz, reduced in a fixed order
+
+
 def test_bitwise_deterministic():
     torch.manual_seed(4)
     for x, z in [(torch.randn(257, 3000, device="cuda", dtype=torch.bfloat16),
