@@ -747,12 +747,28 @@ inline unsigned grid_blocks(int64_t items, int teams_per_block) {
   return static_cast<unsigned>(blocks < (int64_t{1} << 20) ? (blocks > 0 ? blocks : 1) : (int64_t{1} << 20));
 }
 
+// Dynamic shared memory of one block: its teams' TeamSmem. A launch asking for more than 48 KB
+// fails (cudaErrorInvalidValue) unless the kernel opts in with cudaFuncSetAttribute
+// (cudaFuncAttributeMaxDynamicSharedMemorySize). The most a block asks for is with teams of one
+// warp (kBlock / 32 teams: the K x K factor and vectors are per team); at KB = 16 in float64
+// that is 28.7 KB, so no opt-in is needed; this keeps it so for every bucket and dtype.
+template <typename A, int KB>
+constexpr size_t block_smem_bytes(int team) {
+  return sizeof(A) * (kBlock / team) * TeamSmem<KB>::elems(team / 32);
+}
+template <typename A, int KB>
+constexpr bool smem_fits_without_opt_in() {
+  return block_smem_bytes<A, KB>(32) <= 48 * 1024 && block_smem_bytes<A, KB>(64) <= 48 * 1024 &&
+         block_smem_bytes<A, KB>(128) <= 48 * 1024 && block_smem_bytes<A, KB>(256) <= 48 * 1024;
+}
+
 template <typename T, int KB>
 cudaError_t launch_forward_kb(const ForwardParams& p, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
+  static_assert(smem_fits_without_opt_in<A, KB>(), "dynamic shared memory above 48 KB needs an opt-in");
   const int team = team_size_for<T, KB>(p.grid.D);
   const int tpb = kBlock / team;
-  const size_t smem = sizeof(A) * tpb * TeamSmem<KB>::elems(team / 32);
+  const size_t smem = block_smem_bytes<A, KB>(team);
   const int64_t items = p.grid.groups * p.chunks;
   purify_forward_kernel<T, KB><<<grid_blocks(items, tpb), kBlock, smem, stream>>>(p, team, items);
   return cudaGetLastError();
@@ -761,9 +777,10 @@ cudaError_t launch_forward_kb(const ForwardParams& p, cudaStream_t stream) {
 template <typename T, int KB>
 cudaError_t launch_backward_kb(const BackwardParams& p, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
+  static_assert(smem_fits_without_opt_in<A, KB>(), "dynamic shared memory above 48 KB needs an opt-in");
   const int team = team_size_for<T, KB>(p.grid.D);
   const int tpb = kBlock / team;
-  const size_t smem = sizeof(A) * tpb * TeamSmem<KB>::elems(team / 32);
+  const size_t smem = block_smem_bytes<A, KB>(team);
   const int64_t items = p.grid.groups * p.chunks;
   purify_backward_kernel<T, KB><<<grid_blocks(items, tpb), kBlock, smem, stream>>>(p, team, items);
   cudaError_t err = cudaGetLastError();
