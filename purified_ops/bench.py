@@ -5,11 +5,18 @@ events (GPU), and reported as the median with p20/p80, as achieved bandwidth ove
 bytes of DESIGN.md section 4, as a share of a copy bandwidth measured in the same run, and as
 speedups over the two baselines. Results append to a long-format CSV (one row per measurement,
 upserted by key) that benchmarks/plot.py turns into plots.
+
+The GPU sweep of issue 3 (``purified-ops bench --device cuda --preset cuda``, run by
+benchmarks/gpu_check.sh) is the same code with a time budget: rows are written after every case,
+so a run cut short still leaves its numbers, and a failing provider (out of memory, a compile
+error) costs its own row, not the run.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import gc
 import itertools
 import math
 import os
@@ -42,32 +49,39 @@ def eager_formula(x: torch.Tensor, z: torch.Tensor, strength: float = 1.0, eps: 
         return x - strength * c * zr
     gram = z @ z.transpose(-1, -2)
     gram = gram + eps * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    c = torch.cholesky_solve((z @ x.unsqueeze(-1)).float(), torch.linalg.cholesky(gram.float())).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)  # cholesky has no 16-bit kernels
+    c = torch.cholesky_solve((z @ x.unsqueeze(-1)).to(acc), torch.linalg.cholesky(gram.to(acc))).to(x.dtype)
     return x - strength * (z.transpose(-1, -2) @ c).squeeze(-1)
 
 
-_compiled_formula: Callable | None = None
+@functools.lru_cache(maxsize=None)
+def _compiled(dynamic: bool) -> Callable:
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    # A sweep compiles one graph per shape (dynamic=False); past dynamo's default limit of 8 it
+    # would silently run the eager code instead, and the comparison would be wrong.
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
+    # The "backward" mode replays one graph (retain_graph=True), which donated buffers forbid;
+    # they save memory, not time.
+    functorch_config.donated_buffer = False
+    return torch.compile(eager_formula, dynamic=dynamic)
 
 
-def compiled_formula(x, z, strength=1.0, eps=1e-6):
-    """torch.compile of eager_formula (inductor), compiled once per process and per input shape."""
-    global _compiled_formula
-    if _compiled_formula is None:
-        import torch._dynamo.config as dynamo_config
-        import torch._functorch.config as functorch_config
-
-        # A sweep compiles one graph per shape; past dynamo's default limit of 8 it would
-        # silently run the eager code instead, and the comparison would be wrong.
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
-        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
-        # The "backward" mode replays one graph (retain_graph=True), which donated buffers forbid;
-        # they save memory, not time.
-        functorch_config.donated_buffer = False
-        _compiled_formula = torch.compile(eager_formula, dynamic=False)
-    return _compiled_formula(x, z, strength, eps)
+def compiled_formula(x, z, strength=1.0, eps=1e-6, *, dynamic=False):
+    """torch.compile of eager_formula (inductor), compiled once per process and per input shape;
+    with dynamic=True once per dtype and K == 1 or not (sizes symbolic: a sweep of many shapes
+    compiles in minutes less, as a user with varying shapes would run it)."""
+    return _compiled(dynamic)(x, z, strength, eps)
 
 
 FUNCTIONS = {"purified_ops": lambda x, z: purify(x, z), "eager": eager_formula, "compile": compiled_formula}
+
+
+def provider_functions(compile_dynamic: bool = False) -> dict[str, Callable]:
+    """The timed functions by provider name (the copy and the kernel-only steps aside)."""
+    return {**FUNCTIONS, "compile": functools.partial(compiled_formula, dynamic=compile_dynamic)}
 
 
 def has_kernel_only(device: str) -> bool:
@@ -93,6 +107,15 @@ class Case:
         per_row = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[self.mode]
         return per_row * self.N * self.D * b
 
+    def fit(self, max_bytes: int) -> "Case":
+        """This case with N lowered (to a multiple of 128, at least 128) so that the minimal bytes
+        of a full step stay within max_bytes: z is N x K x D, so N = 32768 with K = 16 and
+        D = 16384 in float32 would be 32 GiB for z alone, and eager's backward holds several
+        tensors of that size. The N measured is the one in the results."""
+        per_row = dataclasses.replace(self, N=1, mode="full").minimal_bytes()
+        n = max(128, max_bytes // max(1, per_row) // 128 * 128)
+        return self if n >= self.N else dataclasses.replace(self, N=n)
+
 
 @dataclasses.dataclass
 class Measurement:
@@ -112,15 +135,30 @@ class Measurement:
 
 
 def _make_inputs(case: Case, copies: int, requires_grad: bool, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
+    """`copies` sets of (x [N, D], z [N, K, D], g [N, D]), drawn on the case's device."""
+    gen = torch.Generator(device=case.device).manual_seed(seed)
     dt = DTYPES[case.dtype]
+    new = functools.partial(torch.randn, generator=gen, device=case.device, dtype=dt)
     sets = []
     for _ in range(copies):
-        x = torch.randn(case.N, case.D, generator=gen).to(case.device, dt).requires_grad_(requires_grad)
-        z = torch.randn(case.N, case.K, case.D, generator=gen).to(case.device, dt).requires_grad_(requires_grad)
-        g = torch.randn(case.N, case.D, generator=gen).to(case.device, dt)
-        sets.append((x, z, g))
+        x = new(case.N, case.D).requires_grad_(requires_grad)
+        z = new(case.N, case.K, case.D).requires_grad_(requires_grad)
+        sets.append((x, z, new(case.N, case.D)))
     return sets
+
+
+def rotation_copies(case: Case, cache_bytes: int) -> int:
+    """Input sets to rotate over so that a repeat finds none of its inputs in a cache of
+    cache_bytes: together at least 3x the cache, and no set more than that needs."""
+    return max(1, math.ceil(3 * cache_bytes / max(1, case.minimal_bytes())))
+
+
+def l2_bytes(device: str) -> int:
+    """The L2 size of a CUDA device (50 MiB on an H100), 0 elsewhere (no rotation on the CPU:
+    providers are interleaved there and the sizes that matter exceed its caches)."""
+    if device != "cuda":
+        return 0
+    return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
 
 
 def _saved_bytes(fn, x, z) -> int:
@@ -160,7 +198,7 @@ def _peak_bytes(run: Callable[[], None], device: str) -> int:
     return peak
 
 
-def _step(provider: str, mode: str, x, z, g):
+def _step(provider: str, mode: str, x, z, g, functions: dict[str, Callable] = FUNCTIONS):
     """One timed unit of work: returns a callable that performs it."""
     if provider == COPY:
         a, b, c = x.detach(), g, torch.empty_like(g)
@@ -169,7 +207,7 @@ def _step(provider: str, mode: str, x, z, g):
         return lambda: torch.add(a, b, out=c)
     if provider == "purified_ops_kernel":
         return _kernel_step(mode, x.detach(), z.detach(), g)
-    fn = FUNCTIONS[provider]
+    fn = functions[provider]
     if mode == "forward":
         def run():
             with torch.no_grad():
@@ -206,6 +244,8 @@ def _kernel_step(mode: str, x, z, g):
 
 
 def _timer(device: str):
+    """Milliseconds of one call: CUDA events on the current stream around it (the host waits for
+    the end event, so no call queues behind another), perf_counter on the CPU."""
     if device == "cuda":
         def timed(run):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -222,39 +262,106 @@ def _timer(device: str):
     return timed
 
 
-def measure(cases: Iterable[Case], providers: Iterable[str] = PROVIDERS, reps: int = 30, warmup: int = 3,
-            progress: bool = True) -> list[Measurement]:
-    """Times every provider, and the copy reference, on every case. Providers take turns rep by
-    rep (interleaved), so a change of machine load or clock hits all of them alike. On CUDA,
-    inputs rotate over enough copies that L2 cannot serve a repeat."""
-    cases = list(cases)
-    results = []
-    bar = _progress(len(cases), progress)
-    for case in cases:
-        names = [p for p in providers if p != "purified_ops_kernel" or has_kernel_only(case.device)] + [COPY]
-        copies = 1
-        if case.device == "cuda":
-            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-            copies = max(1, math.ceil(3 * l2 / max(1, case.minimal_bytes())))
-        sets = _make_inputs(case, copies, requires_grad=case.mode != "forward")
-        runs = {p: [_step(p, case.mode, *s) for s in sets] for p in names}
-        timed = _timer(case.device)
-        for p in names:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _release(device: str) -> None:
+    """Frees what a finished (or failed) case left, so the next one starts from an empty cache."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+def measure_case(case: Case, providers: Iterable[str] = PROVIDERS, reps: int = 30, warmup: int = 3,
+                 functions: dict[str, Callable] = FUNCTIONS, failures: dict[str, str] | None = None,
+                 log: Callable[[str], None] = print) -> list[Measurement]:
+    """Times every provider, and the copy reference, on one case. Providers take turns rep by
+    rep (interleaved), so a change of load or clock hits all of them alike. On CUDA the inputs
+    rotate over sets that together exceed L2 three times (rotation_copies), so no repeat is
+    served from L2, and memory stays bounded by one set plus 3x L2.
+
+    A provider that raises while it is set up or warmed up (out of memory, a torch.compile
+    error) is left out of this case with a log line; its message goes to `failures`."""
+    names = [p for p in providers if p != "purified_ops_kernel" or has_kernel_only(case.device)] + [COPY]
+    copies = rotation_copies(case, l2_bytes(case.device))
+    sets = _make_inputs(case, copies, requires_grad=case.mode != "forward")
+    runs: dict[str, list[Callable[[], None]]] = {}
+    for p in names:
+        try:
+            runs[p] = [_step(p, case.mode, *s, functions) for s in sets]
             for i in range(warmup):
                 runs[p][i % copies]()
-        samples = {p: [] for p in names}
-        for r in range(reps):
-            for p in names:
-                samples[p].append(timed(runs[p][r % copies]))
-        x, z, _ = _make_inputs(case, 1, requires_grad=True)[0]
-        for p in names:
-            saved = _saved_bytes(FUNCTIONS[p], x, z) / 2**20 if p in FUNCTIONS else 0.0
-            peak = _peak_bytes(runs[p][0], case.device) / 2**20
-            results.append(Measurement(case, p, samples[p], saved, peak))
-        del runs, sets
-        bar.update(1)
-    bar.close()
+            _sync(case.device)
+        except Exception as exc:  # noqa: BLE001 - one provider's failure must not stop the others
+            runs.pop(p, None)
+            _release(case.device)
+            message = _first_line(exc)
+            log(f"  {p} failed on {case}: {message}")
+            if failures is not None:
+                failures[p] = message
+    if COPY not in runs:
+        raise RuntimeError(f"the copy reference failed on {case}")
+    timed = _timer(case.device)
+    samples: dict[str, list[float]] = {p: [] for p in runs}
+    for r in range(reps):
+        for p in runs:
+            samples[p].append(timed(runs[p][r % copies]))
+    x, z = (t.detach().requires_grad_(True) for t in sets[0][:2])
+    results = []
+    for p in runs:
+        saved = _saved_bytes(functions[p], x, z) / 2**20 if p in functions else 0.0
+        peak = _peak_bytes(runs[p][0], case.device) / 2**20
+        results.append(Measurement(case, p, samples[p], saved, peak))
     return results
+
+
+def sweep(cases: Iterable[Case], providers: Iterable[str] = PROVIDERS, *, reps: int = 30, warmup: int = 3,
+          csv_paths: Iterable[str] = (), budget_s: float | None = None, max_bytes: int | None = None,
+          functions: dict[str, Callable] = FUNCTIONS, log: Callable[[str], None] = print) -> list[dict]:
+    """measure_case over cases, for long unattended runs: each case's rows are upserted into every
+    CSV in csv_paths as soon as it is measured (a run killed later keeps them); no case starts
+    after budget_s seconds (the skipped ones are logged); cases are shrunk to max_bytes
+    (Case.fit); a provider that fails for any reason but memory is not tried again; a case that
+    fails as a whole is logged and skipped. Returns the rows of every measured case."""
+    t0 = time.perf_counter()
+    providers = list(providers)
+    rows: list[dict] = []
+    skipped = []
+    for case in cases:
+        if max_bytes is not None:
+            case = case.fit(max_bytes)
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            skipped.append(case)
+            continue
+        failures: dict[str, str] = {}
+        try:
+            results = measure_case(case, providers, reps, warmup, functions, failures, log)
+        except Exception as exc:  # noqa: BLE001 - the next case may well run
+            log(f"  case failed: {case}: {_first_line(exc)}")
+            results = []
+        for p, message in failures.items():
+            if "out of memory" not in message.lower():
+                providers.remove(p)
+                log(f"  {p} is left out of the remaining cases")
+        _release(case.device)
+        new = to_rows(results)
+        for path in csv_paths:
+            upsert_csv(path, new)
+        rows += new
+        if new:
+            log(f"[{time.perf_counter() - t0:.0f} s] {case.dtype} N={case.N} D={case.D} K={case.K} {case.mode}: " +
+                ", ".join(f"{r['provider']} {r['gbps']:.1f} GB/s ({r['pct_of_copy']:.0f}% copy, "
+                          f"x{r['speedup_vs_compile']:.2f} compile)" for r in new))
+    for case in skipped:
+        log(f"budget of {budget_s:.0f} s spent: not measured: {case}")
+    return rows
 
 
 def copy_bytes(case: Case) -> int:
@@ -262,28 +369,10 @@ def copy_bytes(case: Case) -> int:
     return (2 if case.device == "cuda" else 3) * case.N * case.D * b
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="bench", unit="case", leave=False)
-
-
 CSV_KEY = ("device_name", "provider", "mode", "dtype", "N", "D", "K")
 CSV_FIELDS = CSV_KEY + ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "copy_gbps",
-                        "speedup_vs_eager", "speedup_vs_compile", "saved_mb", "peak_mb", "threads", "torch", "purified_ops",
-                        "timestamp")
+                        "speedup_vs_eager", "speedup_vs_compile", "saved_mb", "peak_mb", "threads", "torch", "cuda",
+                        "purified_ops", "timestamp")
 
 
 def device_name(device: str) -> str:
@@ -319,7 +408,8 @@ def to_rows(results: list[Measurement]) -> list[dict]:
                 "pct_of_copy": 100 * gbps / copy_gbps, "saved_mb": m.saved_mb, "peak_mb": m.peak_mb,
                 "speedup_vs_eager": ms["eager"].median_ms / m.median_ms if "eager" in ms else float("nan"),
                 "speedup_vs_compile": ms["compile"].median_ms / m.median_ms if "compile" in ms else float("nan"),
-                "threads": torch.get_num_threads(), "torch": torch.__version__, "purified_ops": __version__,
+                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "cuda": torch.version.cuda if case.device == "cuda" else "", "purified_ops": __version__,
                 "timestamp": stamp,
             }
             rows.append(row)
@@ -357,3 +447,15 @@ def format_table(rows: list[dict]) -> str:
 
 def cases_for(device: str, dtypes, Ns, Ds, Ks, modes) -> list[Case]:
     return [Case(device, dt, n, d, k, m) for dt, n, d, k, m in itertools.product(dtypes, Ns, Ds, Ks, modes)]
+
+
+# Sweeps by name (`purified-ops bench --preset NAME`). "cuda" is issue 3's: forward and backward,
+# K in {1, 4, 16}, bfloat16 and float32, N = 32768, D from 256 to 16384, each case within
+# max_gib of minimal full-step bytes (Case.fit lowers N where z alone would not fit), compile
+# with dynamic shapes (8 graphs for the sweep instead of one per shape and mode).
+# `--dry-run` keeps a preset's structure at sizes any CPU runs in seconds.
+PRESETS = {
+    "cuda": dict(dtypes=["bfloat16", "float32"], N=[32768], D=[256, 1024, 4096, 16384], K=[1, 4, 16],
+                 modes=["forward", "backward"], reps=20, max_gib=8.0, compile_dynamic=True),
+}
+DRY_RUN = dict(N=[64], D=[256, 1000], reps=3)

@@ -44,17 +44,29 @@ def _bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("purified-ops bench: no CUDA device here", file=sys.stderr)
+        print("purified-ops bench: no CUDA device here (--dry-run --device cpu checks a sweep on the CPU)",
+              file=sys.stderr)
         return 2
-    cases = bench.cases_for(args.device, args.dtypes, args.N, args.D, args.K, args.modes)
-    results = bench.measure(cases, args.providers, reps=args.reps, progress=not args.no_progress)
-    rows = bench.to_rows(results)
+    settings = {"dtypes": args.dtypes, "N": args.N, "D": args.D, "K": args.K, "modes": args.modes, "reps": args.reps,
+                "max_gib": args.max_gib, "compile_dynamic": args.compile_dynamic}
+    if args.preset:
+        settings.update(bench.PRESETS[args.preset])
+    if args.dry_run:
+        settings.update(bench.DRY_RUN)
+    cases = bench.cases_for(args.device, settings["dtypes"], settings["N"], settings["D"], settings["K"],
+                            settings["modes"])
     copy = "torch.add(a, b, out=c)" if args.device == "cpu" else "a device-to-device copy"
-    print(f"device: {bench.device_name(args.device)}; torch {torch.__version__}; copy: {copy} of N x D, same run")
+    cuda = f"; CUDA {torch.version.cuda}" if args.device == "cuda" else ""
+    print(f"device: {bench.device_name(args.device)}; torch {torch.__version__}{cuda}; copy: {copy} of N x D, "
+          f"same run; {len(cases)} cases", flush=True)
+    max_gib = settings["max_gib"]
+    rows = bench.sweep(cases, args.providers, reps=settings["reps"], csv_paths=args.csv or (),
+                       budget_s=args.budget_s, max_bytes=int(max_gib * 2**30) if max_gib else None,
+                       functions=bench.provider_functions(settings["compile_dynamic"]),
+                       log=lambda line: print(line, flush=True))
     print(bench.format_table(rows))
-    if args.csv:
-        bench.upsert_csv(args.csv, rows)
-        print(f"wrote {len(rows)} rows to {args.csv}")
+    for path in args.csv or ():
+        print(f"wrote {len(rows)} rows to {path}")
     return 0
 
 
@@ -65,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="one JSON object")
     info.set_defaults(run=_info)
 
-    from .bench import DTYPES, MODES, PROVIDERS
+    from .bench import DTYPES, MODES, PRESETS, PROVIDERS
 
     bench = sub.add_parser("bench", help="time purify against the eager formula and torch.compile of it")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -77,8 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     bench.add_argument("--reps", type=int, default=30, help="timed repetitions per provider and case")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    bench.add_argument("--csv", help="append (upsert) the rows to this long-format CSV")
-    bench.add_argument("--no-progress", action="store_true")
+    bench.add_argument("--csv", nargs="+", help="upsert the rows into these long-format CSVs, case by case")
+    bench.add_argument("--preset", choices=sorted(PRESETS),
+                       help="a named sweep (sets dtypes, N, D, K, modes, reps, max-gib, compile-dynamic); "
+                            "'cuda' is the GPU benchmark of benchmarks/gpu_check.sh")
+    bench.add_argument("--dry-run", action="store_true", help="the sweep at tiny sizes (N=64, D 256 and 1000)")
+    bench.add_argument("--budget-s", type=float, default=None,
+                       help="start no case after this many seconds (the skipped ones are listed)")
+    bench.add_argument("--max-gib", type=float, default=None,
+                       help="lower N so that a case's minimal full-step bytes stay within this many GiB")
+    bench.add_argument("--compile-dynamic", action="store_true",
+                       help="torch.compile the formula with dynamic shapes (one graph for many sizes)")
     bench.set_defaults(run=_bench)
 
     from . import demo as _demo  # light: torch and numpy only; sklearn etc. load when it runs

@@ -1,5 +1,6 @@
 """The benchmark machinery (not speed): byte model, timed steps, CSV upsert, table, plots."""
 import csv
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -31,14 +32,14 @@ def test_every_step_computes_gradients():
         bench._step(provider, "full", x, z, g)()
 
 
-def test_measure_rows_and_csv_upsert(tmp_path):
+def test_sweep_rows_and_csv_upsert(tmp_path):
     cases = bench.cases_for("cpu", ["float32"], [16], [32], [1], ["forward", "full"])
-    results = bench.measure(cases, ["purified_ops", "purified_ops_kernel", "eager"], reps=3, warmup=1, progress=False)
-    rows = bench.to_rows(results)
+    rows = bench.sweep(cases, ["purified_ops", "purified_ops_kernel", "eager"], reps=3, warmup=1, log=lambda _: None)
     assert len(rows) == 2 * 3
     for r in rows:
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["copy_gbps"] > 0
         assert r["speedup_vs_compile"] != r["speedup_vs_compile"]  # NaN: compile was not measured
+        assert r["cuda"] == "" and r["device_name"]
     path = tmp_path / "r.csv"
     bench.upsert_csv(str(path), rows)
     bench.upsert_csv(str(path), rows[:2])  # same keys: replaced, not appended
@@ -49,3 +50,77 @@ def test_measure_rows_and_csv_upsert(tmp_path):
     out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "plot.py"), str(path), "--out", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout.split()
     assert len(out) == 2 and all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in out)
+
+
+def test_fit_lowers_n_to_the_byte_cap():
+    big = bench.Case("cuda", "float32", N=32768, D=16384, K=16, mode="forward")
+    fitted = big.fit(8 << 30)
+    assert fitted.N < big.N and fitted.N % 128 == 0 and fitted.mode == "forward"
+    assert dataclasses.replace(fitted, mode="full").minimal_bytes() <= 8 << 30
+    assert dataclasses.replace(fitted, N=fitted.N + 128, mode="full").minimal_bytes() > 8 << 30
+    small = bench.Case("cuda", "bfloat16", N=32768, D=1024, K=1, mode="backward")
+    assert small.fit(8 << 30) == small  # fits: unchanged
+    assert bench.Case("cpu", "float32", 10**6, 10**6, 16, "full").fit(1).N == 128  # never below 128
+
+
+def test_rotation_exceeds_the_cache_three_times_and_no_more():
+    l2 = 50 << 20
+    for D in (256, 1024, 4096, 16384):
+        for K in (1, 4, 16):
+            case = bench.Case("cuda", "bfloat16", 32768, D, K, "forward")
+            n = bench.rotation_copies(case, l2)
+            assert n * case.minimal_bytes() >= 3 * l2
+            assert n == 1 or (n - 1) * case.minimal_bytes() < 3 * l2
+    assert bench.rotation_copies(bench.Case("cpu", "float32", 16, 32, 1, "forward"), 0) == 1
+    assert bench.l2_bytes("cpu") == 0
+
+
+def test_sweep_writes_each_case_as_it_goes_and_respects_the_budget(tmp_path):
+    paths = [str(tmp_path / "a.csv"), str(tmp_path / "out" / "b.csv")]
+    cases = bench.cases_for("cpu", ["bfloat16"], [16], [24, 40], [2], ["backward"])
+    seen = []
+
+    def log(line):  # after the first case, its rows are already in both files
+        if line.startswith("[") and not seen:
+            seen.extend(len(list(csv.DictReader(open(p)))) for p in paths)
+
+    rows = bench.sweep(cases, ["purified_ops"], reps=2, warmup=1, csv_paths=paths, log=log)
+    assert seen == [1, 1] and len(rows) == 2
+    for p in paths:
+        assert {int(r["D"]) for r in csv.DictReader(open(p))} == {24, 40}
+    lines = []
+    assert bench.sweep(cases, ["purified_ops"], reps=2, budget_s=0.0, log=lines.append) == []
+    assert sum("not measured" in line for line in lines) == len(cases)
+
+
+def test_a_failing_provider_costs_its_rows_only():
+    calls = []
+
+    def broken(x, z):
+        calls.append(1)
+        raise RuntimeError("backend compiler failed\nwith a long trace")
+
+    functions = {**bench.FUNCTIONS, "compile": broken}
+    cases = bench.cases_for("cpu", ["float32"], [16], [32, 48], [1], ["forward"])
+    lines = []
+    rows = bench.sweep(cases, ["purified_ops", "compile"], reps=2, warmup=1, functions=functions, log=lines.append)
+    assert {r["provider"] for r in rows} == {"purified_ops"} and len(rows) == 2
+    assert all(r["speedup_vs_compile"] != r["speedup_vs_compile"] for r in rows)
+    assert len(calls) == 1  # not tried again on the second case
+    assert any("compile failed" in line and "backend compiler failed" in line for line in lines)
+
+
+def test_cli_dry_run_of_the_cuda_preset_on_the_cpu(tmp_path, capsys):
+    from purified_ops import cli
+
+    path = tmp_path / "cuda.csv"
+    assert cli.main(["bench", "--device", "cpu", "--preset", "cuda", "--dry-run", "--providers", "purified_ops",
+                     "eager", "--csv", str(path)]) == 0
+    rows = list(csv.DictReader(open(path)))
+    # the preset's dtypes, K and modes at the dry run's sizes: 2 dtypes x 2 D x 3 K x 2 modes x 2 providers
+    assert len(rows) == 48
+    assert {r["dtype"] for r in rows} == {"bfloat16", "float32"} and {r["K"] for r in rows} == {"1", "4", "16"}
+    assert {r["mode"] for r in rows} == {"forward", "backward"} and {r["D"] for r in rows} == {"256", "1000"}
+    for r in rows:
+        assert float(r["gbps"]) > 0 and float(r["pct_of_copy"]) > 0 and r["torch"] == torch.__version__
+    assert "device:" in capsys.readouterr().out
