@@ -48,7 +48,7 @@ $PY -c "import purified_ops, torch; print('backends', purified_ops.available_bac
 # 2. tests on the GPU (bounded; the benchmark runs whatever happens here)
 T=$(( $(left) - 200 )); [ $T -gt 180 ] && T=180; [ $T -lt 30 ] && T=30
 say "CUDA tests (timeout ${T}s)"
-timeout $T $PY -m pytest tests -q -k "cuda" -p no:cacheprovider --maxfail=20 > "$LOGDIR/gpu_tests.log" 2>&1
+timeout $T $PY -m pytest tests -q -k "cuda" -p no:cacheprovider --maxfail=20 --durations=15 > "$LOGDIR/gpu_tests.log" 2>&1
 TEST_RC=$?
 grep -E "passed|failed|error" "$LOGDIR/gpu_tests.log" | tail -3
 [ $TEST_RC -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$LOGDIR/gpu_tests.log" | head -30

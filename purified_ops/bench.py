@@ -449,6 +449,9 @@ def cases_for(device: str, dtypes, Ns, Ds, Ks, modes) -> list[Case]:
     return [Case(device, dt, n, d, k, m) for dt, n, d, k, m in itertools.product(dtypes, Ns, Ds, Ks, modes)]
 
 
+# The sweep of `purified-ops bench` where neither a preset nor a flag sets a value.
+DEFAULTS = dict(dtypes=["float32"], N=[2048, 8192], D=[1024], K=[1, 4], modes=list(MODES), reps=30, max_gib=None,
+                compile_dynamic=False)
 # Sweeps by name (`purified-ops bench --preset NAME`). "cuda" is issue 3's: forward and backward,
 # K in {1, 4, 16}, bfloat16 and float32, N = 32768, D from 256 to 16384, each case within
 # max_gib of minimal full-step bytes (Case.fit lowers N where z alone would not fit), compile

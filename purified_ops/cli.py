@@ -47,12 +47,10 @@ def _bench(args) -> int:
         print("purified-ops bench: no CUDA device here (--dry-run --device cpu checks a sweep on the CPU)",
               file=sys.stderr)
         return 2
-    settings = {"dtypes": args.dtypes, "N": args.N, "D": args.D, "K": args.K, "modes": args.modes, "reps": args.reps,
-                "max_gib": args.max_gib, "compile_dynamic": args.compile_dynamic}
-    if args.preset:
-        settings.update(bench.PRESETS[args.preset])
-    if args.dry_run:
-        settings.update(bench.DRY_RUN)
+    # defaults < the preset < flags given < --dry-run's sizes
+    given = {k: getattr(args, k) for k in bench.DEFAULTS if getattr(args, k) is not None}
+    settings = {**bench.DEFAULTS, **bench.PRESETS.get(args.preset, {}), **given,
+                **(bench.DRY_RUN if args.dry_run else {})}
     cases = bench.cases_for(args.device, settings["dtypes"], settings["N"], settings["D"], settings["K"],
                             settings["modes"])
     copy = "torch.add(a, b, out=c)" if args.device == "cpu" else "a device-to-device copy"
@@ -81,24 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time purify against the eager formula and torch.compile of it")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    bench.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"])
-    bench.add_argument("--K", nargs="+", type=int, default=[1, 4])
-    bench.add_argument("--N", nargs="+", type=int, default=[2048, 8192])
-    bench.add_argument("--D", nargs="+", type=int, default=[1024])
-    bench.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    bench.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: float32")
+    bench.add_argument("--K", nargs="+", type=int, help="default: 1 4")
+    bench.add_argument("--N", nargs="+", type=int, help="default: 2048 8192")
+    bench.add_argument("--D", nargs="+", type=int, help="default: 1024")
+    bench.add_argument("--modes", nargs="+", choices=MODES, help="default: all")
     bench.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    bench.add_argument("--reps", type=int, default=30, help="timed repetitions per provider and case")
+    bench.add_argument("--reps", type=int, help="timed repetitions per provider and case (default: 30)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     bench.add_argument("--csv", nargs="+", help="upsert the rows into these long-format CSVs, case by case")
     bench.add_argument("--preset", choices=sorted(PRESETS),
-                       help="a named sweep (sets dtypes, N, D, K, modes, reps, max-gib, compile-dynamic); "
-                            "'cuda' is the GPU benchmark of benchmarks/gpu_check.sh")
-    bench.add_argument("--dry-run", action="store_true", help="the sweep at tiny sizes (N=64, D 256 and 1000)")
+                       help="a named sweep (dtypes, N, D, K, modes, reps, max-gib, compile-dynamic; flags "
+                            "given override it); 'cuda' is the GPU benchmark of benchmarks/gpu_check.sh")
+    bench.add_argument("--dry-run", action="store_true",
+                       help="the sweep at tiny sizes (N=64, D 256 and 1000, 3 reps): a check of the run, not numbers")
     bench.add_argument("--budget-s", type=float, default=None,
                        help="start no case after this many seconds (the skipped ones are listed)")
     bench.add_argument("--max-gib", type=float, default=None,
                        help="lower N so that a case's minimal full-step bytes stay within this many GiB")
-    bench.add_argument("--compile-dynamic", action="store_true",
+    bench.add_argument("--compile-dynamic", action="store_true", default=None,
                        help="torch.compile the formula with dynamic shapes (one graph for many sizes)")
     bench.set_defaults(run=_bench)
 
