@@ -165,6 +165,19 @@ def test_large_k_fallback(K):
     check_against_reference(x, z)
 
 
+def test_large_k_fallback_ignores_tf32():
+    # The K > 16 path runs cuBLAS matmuls; a user's global TF32 switch must not cost accuracy.
+    torch.manual_seed(20)
+    x = torch.randn(64, 512, device="cuda")
+    z = torch.randn(64, 20, 512, device="cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        check_against_reference(x, z)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def test_large_k_shared_z_is_not_expanded_per_row():
     # 8192 x rows share two z rows of K = 64: z expanded per row would be 512 MiB in float32,
     # x is 8 MiB. The unfused K > 16 path keeps to a few x-sized temporaries (and cuBLAS's

@@ -3,6 +3,7 @@
 // and the launchers of purify_kernels_*.cu. No host sync anywhere (strength is read by the
 // kernels from device memory), so the ops can be captured in a CUDA graph.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -130,6 +131,10 @@ at::Tensor from_grouped(const at::Tensor& t3, const at::Tensor& x, const Grouped
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& z,
                                                                const at::Tensor& strength, double eps) {
+  // The products below are cuBLAS matmuls: with torch.backends.cuda.matmul.allow_tf32 (or
+  // float32 matmul precision "high") they would round float32 to TF32's 10-bit mantissa, and the
+  // Gram matrix would lose the accuracy the op promises. Off for this thread, for this call.
+  const at::NoTF32Guard no_tf32;
   const auto acc = accumulate_type(x.scalar_type());
   const GroupedRows r = group_rows(x, z);
   const at::Tensor xg = to_grouped(x, r, acc), zg = z_grouped(z, r, acc);  // [G, T, D], [G, K, D]
@@ -150,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor
                                                                 const at::Tensor& z, const at::Tensor& strength,
                                                                 const at::Tensor& coeff, const at::Tensor& chol,
                                                                 bool compute_grad_z) {
+  const at::NoTF32Guard no_tf32;  // as in forward_unfused
   const auto acc = accumulate_type(x.scalar_type());
   const GroupedRows r = group_rows(x, z);
   const int64_t K = z.size(-2);
