@@ -146,13 +146,17 @@ class PurifiedNet(nn.Module):
         return PurifiedOutput(self.task_head(purified), self.irrelevant_head(r), x, z, purified)
 
 
+def _irrelevant_label_list(irrelevant_labels):
+    """One label tensor per type: [B] is one type, [B, T] is T types, a list is as given."""
+    if isinstance(irrelevant_labels, torch.Tensor):
+        return [irrelevant_labels] if irrelevant_labels.dim() == 1 else list(irrelevant_labels.unbind(-1))
+    return list(irrelevant_labels)
+
+
 def _as_list(logits, labels):
     if isinstance(logits, torch.Tensor):
         logits = [logits]
-    logits = list(logits)
-    if isinstance(labels, torch.Tensor):
-        labels = [labels] if labels.dim() == 1 else list(labels.unbind(-1))
-    labels = list(labels)
+    logits, labels = list(logits), _irrelevant_label_list(labels)
     if len(logits) != len(labels):
         raise ValueError(f"purified_loss: {len(logits)} irrelevant logits for {len(labels)} label types")
     return logits, labels
@@ -193,12 +197,6 @@ def freeze_irrelevant(model: PurifiedNet, frozen: bool = True) -> None:
         m.train(not frozen)
 
 
-def _irrelevant_label_list(irrelevant_labels):
-    if isinstance(irrelevant_labels, torch.Tensor):
-        return [irrelevant_labels] if irrelevant_labels.dim() == 1 else list(irrelevant_labels.unbind(-1))
-    return list(irrelevant_labels)
-
-
 def balancing_tables(task_labels: torch.Tensor, irrelevant_labels) -> list:
     """Weight tables ``w[y, t] = n_y * n_t / (N * n_yt)``, one per irrelevant label type.
 
@@ -226,10 +224,10 @@ def balancing_weights(task_labels: torch.Tensor, irrelevant_labels, tables=None)
     """Per-sample weights ``[N]`` (one label type) or ``[N, T]`` from :func:`balancing_tables`."""
     labels = _irrelevant_label_list(irrelevant_labels)
     tables = balancing_tables(task_labels, labels) if tables is None else tables
+    y = task_labels.long()
     cols = []
     for tab, t in zip(tables, labels):
-        tab = tab.to(t.device)
-        y, t = task_labels.long(), t.long()
+        tab, t = tab.to(t.device), t.long()                     # a no-op when fit has moved them
         inside = (y < tab.shape[0]) & (t < tab.shape[1])        # labels unseen when counting: weight 0
         cols.append(torch.where(inside, tab[y.clamp_max(tab.shape[0] - 1), t.clamp_max(tab.shape[1] - 1)], 0.0))
     return cols[0] if isinstance(irrelevant_labels, torch.Tensor) and irrelevant_labels.dim() == 1 else torch.stack(cols, -1)
@@ -342,7 +340,8 @@ def fit(model: PurifiedNet, data, *, epochs: int = 100, lr: float = 1e-3, weight
         if not labelled:
             raise ValueError("fit: balance_irrelevant=True needs irrelevant labels in the data")
         irr = [torch.cat(ts) for ts in zip(*(_irrelevant_label_list(t) for _, t in labelled))]
-        tables = balancing_tables(torch.cat([y for y, _ in labelled]), irr)
+        # counted once, moved to the device once: the training loop only looks weights up
+        tables = [t.to(device) for t in balancing_tables(torch.cat([y for y, _ in labelled]), irr)]
     common = dict(lr=lr, weight_decay=weight_decay, batch_size=batch_size, device=device,
                   generator=generator, progress=progress, balance_tables=tables)
     if schedule == "joint":
