@@ -27,9 +27,10 @@ training set, same batches, optimizer, learning rate and number of steps):
   image before the same main encoder and task head. Two stages: the probe learns the texture
   first, with its loss balanced against the digit (``fit(balance_irrelevant=True)``, so that it
   cannot learn digits where the texture follows the digit), then it is frozen and the network
-  learns the task; ``--schedule joint --no-balance`` is the previous default. ``--variant per_sample`` is the per-sample
-  form: a task-irrelevant encoder of the main encoder's architecture gives each sample one
-  direction in main-feature space, which is removed from its main features.
+  learns the task; ``--schedule joint --no-balance`` is the previous default. ``--variant
+  per_sample`` is the per-sample form: a task-irrelevant encoder of the main encoder's
+  architecture gives each sample one direction in main-feature space, which is removed from its
+  main features.
 
 The variant was chosen on a validation split carved from the training pool (:func:`load_validation`,
 ``scripts/demo_validation.py``), never on the test set; docs/demo.md reports every variant tried.

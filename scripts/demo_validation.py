@@ -9,7 +9,6 @@ seeds with its standard error; docs/demo.md keeps the table.
     python scripts/demo_validation.py --variants base balanced --seeds 8
 """
 import argparse
-import math
 
 import numpy as np
 import torch
@@ -37,8 +36,12 @@ def main():
     p.add_argument("--regimes", nargs="+", default=list(demo.REGIMES), choices=demo.REGIMES)
     args = p.parse_args()
     torch.set_num_threads(1)
-    common = dict(steps=500, batch_size=32, lr=1e-3, irrelevant_weight=1.0, rho=0.9,
-                  evaluate_on="validation")
+    # the demo's own training settings (its command-line defaults), scored on validation
+    demo_parser = argparse.ArgumentParser()
+    demo.add_arguments(demo_parser)
+    d = demo_parser.parse_args([])
+    common = dict(steps=d.steps, batch_size=d.batch_size, lr=d.lr, irrelevant_weight=d.irrelevant_weight,
+                  rho=d.rho, evaluate_on="validation")
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for regime in args.regimes:
         plain = np.array([demo.run_one("plain", regime, args.size, s, **common) for s in seeds])
@@ -46,10 +49,10 @@ def main():
         for name in args.variants:
             kw = {**common, **VARIANTS[name]}
             acc = np.array([demo.run_one("purified", regime, args.size, s, **kw) for s in seeds])
-            d = acc - plain
-            se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-            print(f"[{regime}] {name:>20}: purified - plain {d.mean():+.4f} +- {se:.4f}  "
-                  f"(purified {acc.mean():.4f}; per seed {' '.join(f'{x:+.3f}' for x in d)})", flush=True)
+            c = demo.compare(plain, acc)
+            print(f"[{regime}] {name:>20}: purified - plain {c['diff']:+.4f} +- {c['se_paired']:.4f}  "
+                  f"(purified {acc.mean():.4f}; per seed {' '.join(f'{x:+.3f}' for x in acc - plain)})",
+                  flush=True)
 
 
 if __name__ == "__main__":
