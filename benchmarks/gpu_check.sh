@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (H100/H200, sm_90), unattended in one call of at most 10 minutes:
 #   1. build the extension for sm_90 only (MAX_JOBS=16), ptxas report -> ptxas_sm90.txt
-#   2. the CUDA tests (tests/test_cuda.py and every test's cuda parametrization)
-#   3. the CUDA benchmark (`python -m purified_ops bench --preset cuda`, purified_ops/bench.py) with
+#   2. `purified-ops verify --device all`: every backend here (CPU, CUDA) and every gradient against
+#      the float64 reference, gradcheck, opcheck, determinism (capped at 150 s) -> gpu_verify.log
+#   3. the CUDA tests (tests/test_cuda.py and every test's cuda parametrization)
+#   4. the CUDA benchmark (`python -m purified_ops bench --preset cuda`, purified_ops/bench.py) with
 #      the time that is left: rows are upserted into benchmarks/results/cuda.csv (and $OUT/cuda.csv)
 #      after every case, so a run cut short still leaves its numbers
 # Logs go to $OUT (else benchmarks/results/). A failing step never stops the next.
-# Expected on an H100 host (16 cores): build ~1-2 min, tests ~1-3 min (capped at 180 s), the
+# Expected on an H100 host (16 cores): build ~1-2 min, verify well under a minute, tests ~1-3 min (capped at 180 s), the
 # benchmark the rest: ~8 torch.compile graphs (dynamic shapes) at 10-40 s each, then ~2-5 s a case.
 # Usage: bash benchmarks/gpu_check.sh        (PYTHON=python3 by default)
 set -u
@@ -45,7 +47,15 @@ if [ $BUILD_RC -ne 0 ]; then
 fi
 $PY -c "import purified_ops, torch; print('backends', purified_ops.available_backends())"
 
-# 2. tests on the GPU (bounded; the benchmark runs whatever happens here)
+# 2. verify (bounded; a failing check is named in the log and never stops the next steps)
+say "verify (timeout 150s)"
+timeout 150 $PY -m purified_ops verify --device all --json > "$LOGDIR/gpu_verify.log" 2> "$LOGDIR/gpu_verify.err"
+VERIFY_RC=$?
+grep -E "^(FAILED|verify:)" "$LOGDIR/gpu_verify.log" | head -30
+[ $VERIFY_RC -ne 0 ] && tail -5 "$LOGDIR/gpu_verify.err"
+say "verify rc=$VERIFY_RC"
+
+# 3. tests on the GPU (bounded; the benchmark runs whatever happens here)
 T=$(( $(left) - 200 )); [ $T -gt 180 ] && T=180; [ $T -lt 30 ] && T=30
 say "CUDA tests (timeout ${T}s)"
 timeout $T $PY -m pytest tests -q -k "cuda" -p no:cacheprovider --maxfail=20 --durations=15 > "$LOGDIR/gpu_tests.log" 2>&1
@@ -54,7 +64,7 @@ grep -E "passed|failed|error" "$LOGDIR/gpu_tests.log" | tail -3
 [ $TEST_RC -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$LOGDIR/gpu_tests.log" | head -30
 say "tests rc=$TEST_RC"
 
-# 3. benchmark with the time left: no case starts after the budget; the hard limit ends a case
+# 4. benchmark with the time left: no case starts after the budget; the hard limit ends a case
 # that runs over (a long compile) in time for the transfers, its earlier rows already written
 B=$(( $(left) - 60 )); [ $B -lt 30 ] && B=30
 HARD=$(( $(left) - 5 )); [ $HARD -lt 40 ] && HARD=40
@@ -63,4 +73,4 @@ timeout -k 5 $HARD $PY -m purified_ops bench --device cuda --preset cuda --budge
   --csv "$RES/cuda.csv" ${OUT:+"$OUT/cuda.csv"} > "$LOGDIR/gpu_bench.log" 2>&1
 BENCH_RC=$?
 grep -vE "^(W|I)[0-9]{4}" "$LOGDIR/gpu_bench.log" | tail -40
-say "bench rc=$BENCH_RC; done in $(elapsed)s (build $BUILD_RC, tests $TEST_RC, bench $BENCH_RC)"
+say "bench rc=$BENCH_RC; done in $(elapsed)s (build $BUILD_RC, verify $VERIFY_RC, tests $TEST_RC, bench $BENCH_RC)"

@@ -1,5 +1,6 @@
-"""The ``purified-ops`` command line: ``info`` (version, backends, build), ``bench`` (timings against
-the eager formula and torch.compile), ``demo`` (PurifiedLearning on digits)."""
+"""The ``purified-ops`` command line: ``info`` (version, backends, build), ``verify`` (the kernels and
+gradients against the float64 reference, on this machine), ``bench`` (timings against the eager
+formula and torch.compile), ``demo`` (PurifiedLearning on digits)."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,22 @@ def _info(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from .testing import verify
+
+    report = verify(device=args.device, dtypes=args.dtypes, quick=args.quick, progress=True)
+    print(report.format_table())
+    for row in report.failures:
+        print(f"FAILED: {row.backend} {row.case} {row.dtype}: {row.detail}")
+    print("bounds:")
+    for note in report.notes:
+        print(f"  - {note}")
+    print(report.verdict)
+    if args.json:
+        print(report.to_json())
+    return 0 if report.passed else 1
+
+
 def _bench(args) -> int:
     from . import bench
 
@@ -74,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="version, backends and build information")
     info.add_argument("--json", action="store_true", help="one JSON object")
     info.set_defaults(run=_info)
+
+    from . import testing
+
+    verify = sub.add_parser("verify", help="check the kernels and every gradient against the float64 reference "
+                                           "on this machine (exit status 1 when a check fails)")
+    verify.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                        help="the backends to check: those whose tensors live there (default: all found here)")
+    verify.add_argument("--dtypes", nargs="+", choices=list(testing.DTYPES), help="default: all four")
+    verify.add_argument("--quick", action="store_true", help="a subset of the matrix: a few seconds on a CPU")
+    verify.add_argument("--json", action="store_true", help="the report as one JSON object, the last line")
+    verify.set_defaults(run=_verify)
 
     from .bench import DTYPES, MODES, PRESETS, PROVIDERS
 

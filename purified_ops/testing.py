@@ -1,0 +1,545 @@
+"""Testing utilities: the float64 truth, DESIGN.md's accuracy bounds, and :func:`verify`, the check
+of the kernels and gradients against the reference that a user runs on their own machine
+(``purified-ops verify``). The repository's tests take their bounds from here too.
+
+A *backend* is a pair of raw ops with the schemas of ``purified_ops::purify_forward`` and
+``purified_ops::purify_backward`` plus the device its tensors live on (:class:`Backend`);
+:func:`verify` checks each one available on the chosen device, or the ones it is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import reference
+from .ops import PurifyFunction, available_backends, purify
+
+__all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_roundoff", "gram_condition",
+           "conditioned_row_bound", "truth_rank_deficient", "rank_deficient_bound", "row_err",
+           "Backend", "Row", "VerifyReport", "discover_backends", "verify", "DTYPES"]
+
+# ---- the truth and the bounds -------------------------------------------------------------------
+
+# DESIGN.md: ||out - ref|| / ||ref|| against float64, for the output and every gradient.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# Per-row error relative to |x| (the computation's scale), before the conditioning term.
+ROW_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+def truth(x, z, strength=1.0, eps=1e-6):
+    """The result computed in float64 by the reference, from the very same (rounded) inputs."""
+    s = strength.double() if isinstance(strength, torch.Tensor) else strength
+    return reference.purify(x.double(), z.double(), strength=s, eps=eps)
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| (the absolute error where ref is zero)."""
+    ref = ref.double()
+    denom = ref.norm()
+    diff = (out.double().reshape(ref.shape) - ref).norm()
+    return (diff / denom).item() if denom > 0 else diff.item()
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Machine epsilon of the arithmetic dtype for inputs of ``dtype`` (float32 for 16-bit)."""
+    return torch.finfo(reference.accumulate_dtype(dtype)).eps
+
+
+def gram_condition(x, z, eps) -> torch.Tensor:
+    """cond(Z Z^T + eps I) per row of x (float64), z broadcast as purify broadcasts it."""
+    z3 = reference.as_directions(x, z).double()
+    gram = z3 @ z3.transpose(-1, -2) + eps * torch.eye(z3.shape[-2], dtype=torch.float64, device=z3.device)
+    return torch.linalg.cond(gram).expand(x.shape[:-1])
+
+
+def conditioned_row_bound(dtype, kappa, strength=1.0):
+    """Bound on the per-row error relative to |x|: rounding in G = Z Z^T + eps I is amplified by
+    its condition number kappa in any evaluation (K >= D, nearly dependent z), so the bound grows
+    with it: ``(ROW_TOLERANCE + 8 u kappa) max(1, |s|)``."""
+    return (ROW_TOLERANCE[dtype] + 8 * unit_roundoff(dtype) * kappa) * max(1.0, abs(float(strength)))
+
+
+def truth_rank_deficient(x, z, strength=1.0, eps=1e-6):
+    """The output in float64 through the D x D system, well conditioned where K >= D directions
+    span R^D with |z|^2 >> eps: ``Z^T (Z Z^T + eps)^-1 Z = I - eps (Z^T Z + eps)^-1``, so
+    ``y = (1 - s) x + s eps (Z^T Z + eps I)^-1 x``."""
+    x64, z64 = x.double(), reference.as_directions(x, z).double()
+    s = float(strength)
+    m = z64.transpose(-1, -2) @ z64 + eps * torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)
+    return (1 - s) * x64 + s * eps * torch.linalg.solve(m, x64.expand(m.shape[:-1]))
+
+
+def rank_deficient_bound(dtype, k: int) -> float:
+    """K >= D, |z|^2 >> eps: y is ~eps/|z|^2 of x, a cancellation no float32 evaluation resolves.
+    The error is bounded relative to |x| instead (backward stability): ``64 K u`` for the
+    arithmetic, plus the rounding of y to ``dtype`` (|y| <= |x| at s = 1)."""
+    return 64 * k * unit_roundoff(dtype) + torch.finfo(dtype).eps
+
+
+def sum_err(out, ref, terms) -> float:
+    """|out - ref| / sum |terms| for a value that is the sum of ``terms``: the error relative to
+    the sum's own scale. Where the terms cancel (|sum| << sum |terms|) no float32 summation is
+    within 1e-5 of |sum| itself, whatever its order."""
+    scale = terms.double().abs().sum()
+    diff = (out.double() - ref.double()).abs().max()
+    return (diff / scale).item() if scale > 0 else diff.item()
+
+
+def row_err(out, ref, x) -> torch.Tensor:
+    """Per-row ||out - ref|| / ||x||."""
+    return (out.double() - ref.double()).norm(dim=-1) / (x.double().norm(dim=-1) + 1e-300)
+
+
+# ---- backends -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Backend:
+    """Raw forward and backward ops with the schemas of ``purified_ops::purify_forward(x, z,
+    strength, eps) -> (y, coeff, chol)`` and ``purified_ops::purify_backward(grad_y, x, z, strength,
+    coeff, chol, compute_grad_z) -> (dx, dz, ds)``, and the device their tensors live on.
+    ``public``: the public autograd path (``PurifyFunction``, ``purify(backend=name)``) runs these
+    ops, and is checked with them."""
+
+    name: str
+    device: str
+    forward: Callable
+    backward: Callable
+    public: bool = False
+
+
+def _emulated_cuda_ops():
+    """The emulated CUDA kernels' ops namespace where that build is present, else None (importing
+    the module registers them)."""
+    try:
+        importlib.import_module("purified_ops._cuda_emu")
+    except ImportError:
+        return None
+    return torch.ops.purified_ops_cuda_emu
+
+
+def discover_backends(device: str = "all") -> list[Backend]:
+    """The backends that run here on ``device`` ("cpu", "cuda" or "all")."""
+    if device not in ("cpu", "cuda", "all"):
+        raise ValueError(f"verify: device must be 'cpu', 'cuda' or 'all', got {device!r}")
+    found = []
+    compiled = available_backends()
+    ops = torch.ops.purified_ops
+    for name in ("cpu", "cuda"):
+        if name in compiled and device in (name, "all"):
+            found.append(Backend(name, name, ops.purify_forward, ops.purify_backward, public=True))
+    if device in ("cpu", "all") and (emu := _emulated_cuda_ops()) is not None:
+        found.append(Backend("cuda-emulated", "cpu", emu.purify_forward, emu.purify_backward))
+    return found
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One line of the table: a check of one backend on one case and dtype."""
+
+    backend: str
+    case: str
+    dtype: str
+    error: float | None       # worst error over what the case covers; None for pass/fail checks
+    tolerance: float | None   # the bound it is held to (the notes say which bound)
+    passed: bool
+    detail: str = ""          # where the worst error is, or why it failed
+
+
+@dataclass
+class VerifyReport:
+    device: str
+    dtypes: list[str]
+    quick: bool
+    backends: list[str]
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    @property
+    def failures(self) -> list[Row]:
+        return [r for r in self.rows if not r.passed]
+
+    @property
+    def verdict(self) -> str:
+        where = f"{', '.join(self.backends) or 'no backend'} on {self.device}"
+        if self.passed:
+            return (f"verify: PASS: {len(self.rows)} checks of {where} ({', '.join(self.dtypes)}) "
+                    f"in {self.seconds:.1f} s")
+        bad = self.failures
+        named = "; ".join(f"{r.backend} {r.case} {r.dtype}" + (f" ({r.detail})" if r.detail else "") for r in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        return f"verify: FAIL: {len(bad)} of {len(self.rows)} checks of {where} failed: {named}{more}"
+
+    def to_dict(self) -> dict:
+        def finite(v):  # strict JSON has no NaN or Infinity
+            return v if v is None or math.isfinite(v) else str(v)
+
+        rows = [{**dataclasses.asdict(r), "error": finite(r.error), "tolerance": finite(r.tolerance)}
+                for r in self.rows]
+        return {"passed": self.passed, "verdict": self.verdict, "device": self.device, "dtypes": self.dtypes,
+                "quick": self.quick, "backends": self.backends, "seconds": round(self.seconds, 3),
+                "notes": self.notes, "rows": rows}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def format_table(self) -> str:
+        def num(v):
+            return "-" if v is None else f"{v:.2e}"
+
+        head = ("backend", "case", "dtype", "worst rel. error", "tolerance", "pass", "worst at / why")
+        body = [(r.backend, r.case, r.dtype, num(r.error), num(r.tolerance), "ok" if r.passed else "FAIL", r.detail)
+                for r in self.rows]
+        widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+# ---- the fixed matrix -----------------------------------------------------------------------------
+
+EPS = 1e-6
+STRENGTH = 0.75
+LAYOUTS = ("rows", "shared z", "transposed x", "offset x, z")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    ks: tuple
+    ds: tuple
+    layouts: tuple
+    gradcheck_shapes: tuple   # (x shape, z shape) pairs, float64
+    opcheck_samples: int      # 0: no opcheck (its first call imports torch's test machinery, seconds)
+    determinism: tuple        # (K, x shape, z shape)
+
+
+FULL = _Plan(ks=(1, 2, 4, 16, 24), ds=(1, 7, 1000), layouts=LAYOUTS,
+             gradcheck_shapes=(((4, 7), (4, 7)), ((3, 4, 6), (3, 1, 2, 6)), ((5, 6), (1, 3, 6)),
+                               ((2, 2, 24), (1, 2, 18, 24))),  # the last: K > 16, below D
+             opcheck_samples=4,
+             determinism=((4, (8, 64, 1000), (8, 1, 4, 1000)), (24, (4, 32, 300), (4, 1, 24, 300))))
+QUICK = _Plan(ks=(1, 24), ds=(7, 1000), layouts=LAYOUTS,
+              gradcheck_shapes=FULL.gradcheck_shapes[1:2], opcheck_samples=0, determinism=FULL.determinism[:1])
+
+
+def _inputs(k, d, dtype, layout, device, seed):
+    """x, z (z in [..., D] form for K = 1 with rows layout), grad_y; fixed by the seed."""
+    g = torch.Generator().manual_seed(seed)
+    # K >= D directions span R^D: with |z|^2 >> eps the output is ~eps/|z|^2 of x, which the
+    # rank-deficient rows check separately; with |z|^2 ~ eps the Gram matrix is well conditioned.
+    zscale = 1e-3 if k >= d else 1.0
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    if layout == "shared z":    # one z per sample, shared by its 3 rows (never expanded)
+        x, z = make(2, 3, d), make(2, 1, k, d, scale=zscale)
+    elif layout == "transposed x":
+        x, z = make(d, 5).t(), make(k, d, 5, scale=zscale).permute(2, 0, 1)
+    elif layout == "offset x, z":  # storage offset 1, row stride D + 1
+        x, z = make(5, d + 1)[:, 1:], make(5, k, d + 1, scale=zscale)[..., 1:]
+    else:
+        x, z = make(5, d), make(5, k, d, scale=zscale)
+        if k == 1:
+            z = z.squeeze(-2)   # the [..., D] form of a single direction
+    return x, z, make(*x.shape)
+
+
+def _strength(dtype, device, value=STRENGTH):
+    return torch.tensor(value, dtype=reference.accumulate_dtype(dtype), device=device)
+
+
+def _float64_truth(x, z, s, g):
+    """(y, dx, dz, ds) in float64 from the same rounded inputs, and the terms g * p whose sum is
+    -ds (p = Z^T c, the removed part: (x - y) / s)."""
+    x64, z64, s64 = (t.detach().double().requires_grad_() for t in (x, z, s))
+    y = truth(x64, z64, s64, EPS)
+    grads = torch.autograd.grad(y, (x64, z64, s64), g.double())
+    return (y.detach(), *grads), g.double() * (x64.detach() - y.detach()) / s64.detach()
+
+
+def _entry_points(backend: Backend, x, z, s, g):
+    """(entry name, (y, dx, dz, ds)) for the raw ops and, for a public backend, the public autograd
+    path."""
+    z3 = reference.as_directions(x, z)
+    y, coeff, chol = backend.forward(x, z3, s, EPS)
+    dx, dz, ds = backend.backward(g, x, z3, s, coeff, chol, True)
+    yield "raw ops", (y, dx, dz, ds)
+    if backend.public:  # purify runs PurifyFunction for inputs that need gradients
+        xr, zr, sr = (t.detach().requires_grad_() for t in (x, z, s))
+        out = purify(xr, zr, strength=sr, eps=EPS, backend=backend.name)
+        yield "purify", (out.detach(), *torch.autograd.grad(out, (xr, zr, sr), g))
+
+
+def _worst(pairs):
+    """The (error, where) pair with the largest error; NaN counts as the largest."""
+    return max(pairs, key=lambda p: math.inf if math.isnan(p[0]) else p[0])
+
+
+def _accuracy_case(backend: Backend, k, d, dtype, layouts):
+    """Output and every gradient against the float64 truth over the layouts and entry points."""
+    errors = []
+    for i, layout in enumerate(layouts):
+        x, z, g = _inputs(k, d, dtype, layout, backend.device, seed=10007 * k + 101 * d + i)
+        s = _strength(dtype, backend.device)
+        true, ds_terms = _float64_truth(x, z, s, g)
+        for entry, ours in _entry_points(backend, x, z, s, g):
+            for name, o, t in zip(("y", "dx", "dz"), ours, true):
+                errors.append((rel_err(o, t), f"{name}, {layout}, {entry}"))
+            errors.append((sum_err(ours[3], true[3], ds_terms), f"dstrength, {layout}, {entry}"))
+    err, where = _worst(errors)
+    tol = TOLERANCE[dtype]
+    case = f"K={k} D={d}" + (" |z|^2~eps" if k >= d else "")
+    return Row(backend.name, case, _dtype_name(dtype), err, tol, err <= tol, where)
+
+
+def _rank_deficient_case(backend: Backend, k, d, dtype):
+    """K >= D, |z|^2 >> eps: the output's per-row error relative to |x|."""
+    g = torch.Generator().manual_seed(7 * k + d)
+    x = torch.randn(64, d, generator=g).to(backend.device, dtype)
+    z = torch.randn(64, k, d, generator=g).to(backend.device, dtype)
+    exact = truth_rank_deficient(x, z, 1.0, EPS)
+    errors = [(row_err(backend.forward(x, z, _strength(dtype, backend.device, 1.0), EPS)[0], exact, x)
+               .max().item(), "y, raw ops")]
+    if backend.public:
+        errors.append((row_err(purify(x, z, eps=EPS, backend=backend.name), exact, x).max().item(), "y, purify"))
+    err, where = _worst(errors)
+    tol = rank_deficient_bound(dtype, k)
+    return Row(backend.name, f"K={k} D={d} rank-deficient, y per row / |x|", _dtype_name(dtype), err, tol,
+               err <= tol, where)
+
+
+class _RawOpsFunction(torch.autograd.Function):
+    """First-order autograd over one backend's raw ops (canonical arguments), for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, x, z, strength, eps, backend):
+        y, coeff, chol = backend.forward(x, z, strength, eps)
+        ctx.save_for_backward(x, z, strength, coeff, chol)
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, z, strength, coeff, chol = ctx.saved_tensors
+        dx, dz, ds = ctx.backend.backward(grad_y, x, z, strength, coeff, chol, True)
+        return dx, dz, ds, None, None
+
+
+def _gradcheck_inputs(shapes, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs, zs = shapes
+    x = torch.randn(xs, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    z = torch.randn(zs, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    s = torch.tensor(0.8, dtype=torch.float64, device=device, requires_grad=True)
+    return x, z, s
+
+
+def _first_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return " ".join(text[:3])[:300]
+
+
+def _gradcheck_case(backend: Backend, shapes, second_order: bool):
+    """torch.autograd.gradcheck (and gradgradcheck) in float64 through the raw ops or PurifyFunction."""
+    x, z, s = _gradcheck_inputs(shapes, backend.device, seed=sum(shapes[1]))
+    eps = 1e-3
+    if second_order:
+        fn = lambda x, z, s: PurifyFunction.apply(x, z, s, eps)  # noqa: E731
+        what = "gradcheck+gradgradcheck, PurifyFunction"
+    else:
+        fn = lambda x, z, s: _RawOpsFunction.apply(x, reference.as_directions(x, z), s, eps, backend)  # noqa: E731
+        what = "gradcheck, raw ops"
+    try:
+        ok = torch.autograd.gradcheck(fn, (x, z, s), fast_mode=True)
+        if second_order:
+            ok = ok and torch.autograd.gradgradcheck(fn, (x, z, s), fast_mode=True)
+        detail = ""
+    except Exception as exc:  # a gradcheck failure, or the backend raising: both fail the check
+        ok, detail = False, _first_line(exc)
+    case = f"{what} x{list(shapes[0])} z{list(shapes[1])}"
+    return Row(backend.name, case, "float64", None, None, bool(ok), detail)
+
+
+def _registered(op):
+    overload = getattr(op, "default", op)
+    return overload if isinstance(overload, torch._ops.OpOverload) else None
+
+
+def _opcheck_samples(device, count):
+    f32, f64 = dict(device=device, dtype=torch.float32), dict(device=device, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    r = lambda *shape, **kw: torch.randn(*shape, generator=g, dtype=kw["dtype"]).to(device)  # noqa: E731
+    s32, s64 = torch.tensor(0.7, **f32), torch.tensor(0.7, **f64)
+    samples = [
+        ("shared z", r(4, 5, 16, **f32), r(4, 1, 3, 16, **f32), s32),
+        ("float64", r(8, 12, **f64), r(1, 2, 12, **f64), s64),
+        ("offset", r(5, 17, **f32)[:, 1:], r(5, 2, 17, **f32)[..., 1:], s32),
+        ("bfloat16", r(3, 4, 8, dtype=torch.bfloat16), r(3, 1, 1, 8, dtype=torch.bfloat16), s32),
+    ]
+    return samples[:count]
+
+
+def _opcheck_case(backend: Backend, count):
+    """torch.library.opcheck on the registered forward and backward ops."""
+    fwd, bwd = _registered(backend.forward), _registered(backend.backward)
+    if fwd is None or bwd is None:
+        return [Row(backend.name, "opcheck", "-", None, None, False, "not registered torch ops")]
+    rows = []
+    for label, x, z, s in _opcheck_samples(backend.device, count):
+        for name, op in (("purify_forward", fwd), ("purify_backward", bwd)):
+            try:
+                if op is fwd:
+                    torch.library.opcheck(op, (x, z, s, EPS))
+                else:
+                    y, coeff, chol = fwd(x, z, s, EPS)
+                    torch.library.opcheck(op, (torch.randn_like(y), x, z, s, coeff, chol, True))
+                ok, detail = True, ""
+            except Exception as exc:
+                ok, detail = False, _first_line(exc)
+            rows.append(Row(backend.name, f"opcheck {name}, {label}", _dtype_name(x.dtype), None, None, ok, detail))
+    return rows
+
+
+def _determinism_case(backend: Backend, k, xs, zs, dtype):
+    """Two runs of forward and backward on the same inputs give bitwise the same results."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(xs, generator=g).to(backend.device, dtype)
+    z = torch.randn(zs, generator=g).to(backend.device, dtype)
+    gy = torch.randn(xs, generator=g).to(backend.device, dtype)
+    s = _strength(dtype, backend.device)
+
+    def run():
+        y, coeff, chol = backend.forward(x, z, s, EPS)
+        return (y, coeff, chol, *backend.backward(gy, x, z, s, coeff, chol, True))
+
+    first, second = run(), run()
+    names = ("y", "coeff", "chol", "dx", "dz", "ds")
+    diffs = [((a.double() - b.double()).abs().max().item() if a.numel() else 0.0, n)
+             for a, b, n in zip(first, second, names)]
+    same = all(torch.equal(a, b) for a, b in zip(first, second))
+    worst, where = _worst(diffs)
+    case = f"bitwise determinism, K={k} x{list(xs)} z{list(zs)}"
+    return Row(backend.name, case, _dtype_name(dtype), worst, 0.0, same, "" if same else f"{where} differs")
+
+
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+NOTES = [
+    "worst rel. error: ||out - ref|| / ||ref|| against the float64 reference from the same rounded inputs "
+    "(for dstrength = -sum g.p over all N x D products: |out - ref| / sum |g.p|, the sum's own scale, "
+    "since a cancelling sum has no float32 evaluation within 1e-5 of itself), worst over y, dx, dz, dstrength, the layouts (rows, a z shared by rows, a transposed x, x and z at a "
+    "storage offset) and the entry points (raw ops; for the public backends also purify, which runs "
+    "PurifyFunction); "
+    "tolerance: DESIGN.md's bound for the dtype (float64 1e-10, float32 1e-5, float16 3e-3, bfloat16 2e-2)",
+    "|z|^2~eps: K >= D directions span R^D; z is scaled by 1e-3 so that G = Z Z^T + eps I is well conditioned "
+    "and DESIGN.md's bounds apply",
+    "rank-deficient: K >= D with |z|^2 >> eps, where y is ~eps/|z|^2 of x (a cancellation no float32 "
+    "evaluation resolves): the per-row error of y relative to |x| against the exact D x D formula "
+    "y = (1 - s) x + s eps (Z^T Z + eps I)^-1 x, bound 64 K u (u: epsilon of the arithmetic dtype, float32 "
+    "for 16-bit inputs) plus the dtype's epsilon (the rounding of y)",
+    "gradcheck / gradgradcheck: torch.autograd's, fast mode (a random projection of the Jacobian), default "
+    "tolerances (atol 1e-5, rtol 1e-3), float64, eps 1e-3; "
+    "opcheck: torch.library.opcheck's schema, fake-tensor, autograd-registration and AOT-dispatch tests; "
+    "determinism: two runs of forward and backward, bitwise equal (error column: max |difference|)",
+]
+
+
+def _tasks(backends, dtypes, plan):
+    """(backend, label, thunk returning rows) for every check, in table order."""
+    tasks = []
+
+    def add(b, label, thunk):
+        tasks.append((b.name, label, thunk))
+
+    for b in backends:
+        for dtype in dtypes:
+            dn = _dtype_name(dtype)
+            for k in plan.ks:
+                for d in plan.ds:
+                    add(b, f"K={k} D={d} {dn}", lambda b=b, k=k, d=d, t=dtype: [_accuracy_case(b, k, d, t, plan.layouts)])
+            for k in plan.ks:
+                for d in plan.ds:
+                    if k >= d:
+                        add(b, f"K={k} D={d} rank-deficient {dn}",
+                            lambda b=b, k=k, d=d, t=dtype: [_rank_deficient_case(b, k, d, t)])
+        for shapes in plan.gradcheck_shapes:
+            add(b, "gradcheck", lambda b=b, shapes=shapes: [_gradcheck_case(b, shapes, False)])
+            if b.public:
+                add(b, "gradgradcheck", lambda b=b, shapes=shapes: [_gradcheck_case(b, shapes, True)])
+        if plan.opcheck_samples:
+            add(b, "opcheck", lambda b=b: _opcheck_case(b, plan.opcheck_samples))
+        for dtype in dtypes:
+            for k, xs, zs in plan.determinism:
+                add(b, f"determinism K={k} {_dtype_name(dtype)}",
+                    lambda b=b, k=k, xs=xs, zs=zs, t=dtype: [_determinism_case(b, k, xs, zs, t)])
+    return tasks
+
+
+def _guarded(backend_name, label, thunk):
+    """A check whose backend raises fails with the error named, and the run goes on."""
+    try:
+        return thunk()
+    except Exception as exc:
+        return [Row(backend_name, label, "-", None, None, False, _first_line(exc))]
+
+
+def verify(device: str = "all", dtypes=None, quick: bool = False, *, backends: list[Backend] | None = None,
+           progress: bool = False) -> VerifyReport:
+    """Checks every backend available on ``device`` ("cpu", "cuda" or "all") against the float64
+    reference: forward and every gradient over a fixed matrix of K, D, layouts and ``dtypes``
+    (names or torch dtypes; default all four), gradcheck and gradgradcheck in float64, opcheck of
+    the registered ops, and bitwise determinism. ``quick``: a subset, a few seconds on a CPU.
+    ``backends``: check these instead of the ones found here. ``progress``: a tqdm bar on stderr.
+
+    Returns a :class:`VerifyReport`; ``report.passed`` is False when any check fails or no backend
+    was found.
+    """
+    start = time.perf_counter()
+    names = list(DTYPES) if dtypes is None else [d if isinstance(d, str) else _dtype_name(d) for d in dtypes]
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown or not names:
+        raise ValueError(f"verify: dtypes must be among {list(DTYPES)}, got {names}")
+    chosen = discover_backends(device) if backends is None else list(backends)
+    report = VerifyReport(device=device, dtypes=names, quick=quick, backends=[b.name for b in chosen],
+                          notes=list(NOTES))
+    if not chosen:
+        report.rows.append(Row("-", f"backends on {device}", "-", None, None, False,
+                               f"none available here (available: {list(available_backends())})"))
+    tasks = _tasks(chosen, [DTYPES[n] for n in names], QUICK if quick else FULL)
+    bar = _progress(tasks, progress)
+    for name, label, thunk in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{name} {label}", refresh=False)
+        report.rows.extend(_guarded(name, label, thunk))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _progress(tasks, enabled):
+    if not enabled:
+        return tasks
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a convenience: without tqdm the run is the same, silent
+        return tasks
+    return tqdm(tasks, desc="verify", file=sys.stderr, unit="check", leave=False)

@@ -1,0 +1,150 @@
+"""`purified-ops verify` / purified_ops.testing.verify: passes on this build, fails (non-zero exit,
+the failing case named) on a deliberately wrong backend, --json parses, --quick is a subset."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from purified_ops import cli, testing
+from purified_ops.testing import Backend, verify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = torch.ops.purified_ops
+
+
+def _key(row):
+    return row.backend, row.case, row.dtype
+
+
+# The fused CPU kernel returns NaN rows for some sets of K >= 16 nearly dependent directions in
+# D = 7 (the K x K Cholesky's pivots are floored, and its triangular solves then overflow float32),
+# which DESIGN.md rules out ("never NaN or Inf"). verify names these rows, as it should; they are
+# the only failures allowed on this build until the kernel is fixed.
+KNOWN_KERNEL_FAILURES = {("cpu", "K=16 D=7 rank-deficient, y per row / |x|", "float32"),
+                         ("cpu", "K=24 D=7 rank-deficient, y per row / |x|", "float16")}
+
+
+def _unexpected_failures(report):
+    return [r for r in report.failures if _key(r) not in KNOWN_KERNEL_FAILURES]
+
+
+@pytest.fixture(scope="module")
+def full_report():
+    return verify(device="cpu")
+
+
+def test_passes_on_this_build(full_report):
+    assert not _unexpected_failures(full_report), full_report.verdict
+    assert "cpu" in full_report.backends
+    cases = {r.case for r in full_report.rows if r.backend == "cpu"}
+    for expected in ("K=24 D=1000", "K=16 D=7 |z|^2~eps", "K=2 D=1 rank-deficient, y per row / |x|"):
+        assert expected in cases
+    assert any(c.startswith("gradcheck+gradgradcheck") for c in cases)
+    assert any(c.startswith("opcheck purify_backward") for c in cases)
+    assert any(c.startswith("bitwise determinism") for c in cases)
+    assert {r.dtype for r in full_report.rows} >= {"float64", "float32", "float16", "bfloat16"}
+
+
+def test_quick_is_a_subset_of_the_default(full_report):
+    quick = verify(device="cpu", quick=True)
+    assert not _unexpected_failures(quick), quick.verdict
+    quick_keys, full_keys = {_key(r) for r in quick.rows}, {_key(r) for r in full_report.rows}
+    assert quick_keys < full_keys
+
+
+def _perturbed(which, factor=1 + 1e-3):
+    """The compiled CPU ops with one result scaled by `factor`: a deliberately wrong backend."""
+    def forward(x, z, s, eps):
+        y, coeff, chol = OPS.purify_forward(x, z, s, eps)
+        return (y * factor if which == "y" else y), coeff, chol
+
+    def backward(*args):
+        out = dict(zip(("dx", "dz", "dstrength"), OPS.purify_backward(*args)))
+        if which in out:
+            out[which] = out[which] * factor
+        return out["dx"], out["dz"], out["dstrength"]
+
+    return Backend(f"cpu-wrong-{which}", "cpu", forward, backward)
+
+
+@pytest.mark.parametrize("which", ["y", "dx", "dz", "dstrength"])
+def test_a_wrong_backend_fails_with_the_case_named(which):
+    report = verify(dtypes=["float32", "float64"], quick=True, backends=[_perturbed(which)])
+    assert not report.passed
+    failed = report.failures
+    accuracy = [r for r in failed if r.case.startswith("K=")]
+    assert accuracy and all(r.detail.startswith(which + ",") for r in accuracy)
+    assert {r.dtype for r in accuracy} == {"float32", "float64"}
+    assert f"cpu-wrong-{which} {accuracy[0].case}" in report.verdict
+    # the same ops unperturbed pass: the failure is the perturbation's
+    assert verify(dtypes=["float32"], quick=True, backends=[_perturbed(which, 1.0)]).passed
+
+
+def test_a_gradient_error_fails_gradcheck_and_plain_callables_are_not_opchecked():
+    report = verify(dtypes=["float64"], backends=[_perturbed("dz", 1.05)])
+    gradcheck = [r for r in report.rows if r.case.startswith("gradcheck")]
+    assert gradcheck and not any(r.passed for r in gradcheck)
+    assert "Jacobian mismatch" in gradcheck[0].detail
+    (opcheck,) = [r for r in report.rows if r.case == "opcheck"]
+    assert not opcheck.passed and "not registered" in opcheck.detail
+
+
+def test_nan_and_raising_backends_fail_and_the_report_is_json():
+    nan = Backend("cpu-nan", "cpu", lambda *a: (OPS.purify_forward(*a)[0] * float("nan"), *OPS.purify_forward(*a)[1:]),
+                  OPS.purify_backward)
+
+    def broken(*args):
+        raise RuntimeError("kernel exploded")
+
+    raising = Backend("cpu-raising", "cpu", OPS.purify_forward, broken)
+    report = verify(dtypes=["float32"], quick=True, backends=[nan, raising])
+    assert not report.passed
+    by_backend = {name: [r for r in report.rows if r.backend == name] for name in ("cpu-nan", "cpu-raising")}
+    assert all(not r.passed for r in by_backend["cpu-nan"] if r.case.startswith("K="))
+    assert any("kernel exploded" in r.detail for r in by_backend["cpu-raising"])
+    parsed = json.loads(report.to_json())  # strict JSON: NaN becomes "nan"
+    assert parsed["passed"] is False and "nan" in {r["error"] for r in parsed["rows"]}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where no CUDA device exists")
+def test_no_backend_on_the_device_fails():
+    report = verify(device="cuda", quick=True)
+    assert not report.passed and report.backends == []
+    assert "none available" in report.rows[0].detail
+
+
+def test_cli_fails_on_a_wrong_backend(monkeypatch, capsys):
+    monkeypatch.setattr(testing, "discover_backends", lambda device: [_perturbed("dx")])
+    rc = cli.main(["verify", "--quick", "--dtypes", "float32", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 1
+    assert any(line.startswith("FAILED: cpu-wrong-dx K=1 D=7 float32: dx,") for line in out)
+    assert out[-2].startswith("verify: FAIL")
+    report = json.loads(out[-1])
+    assert report["passed"] is False and report["backends"] == ["cpu-wrong-dx"]
+
+
+def test_cli_outside_the_checkout(tmp_path):
+    """`python -m purified_ops verify --quick --json` from another directory: the table first, the
+    verdict, the JSON last; exit status 1 exactly when a check failed."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "purified_ops", "verify", "--quick", "--device", "cpu", "--json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    failed = {(r["backend"], r["case"], r["dtype"]) for r in report["rows"] if not r["passed"]}
+    assert failed <= KNOWN_KERNEL_FAILURES, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == (1 if failed else 0) and report["passed"] == (not failed)
+    assert "cpu" in report["backends"]
+    assert lines[-2].startswith("verify: FAIL" if failed else "verify: PASS")
+    assert lines[0].split()[:3] == ["backend", "case", "dtype"]
+
+
+def test_unknown_dtype_or_device_is_an_error():
+    with pytest.raises(ValueError, match="dtypes"):
+        verify(dtypes=["int8"])
+    with pytest.raises(ValueError, match="device"):
+        verify(device="tpu")
