@@ -178,14 +178,13 @@ class VerifyReport:
 
     @property
     def verdict(self) -> str:
-        where = f"{', '.join(self.backends) or 'no backend'} on {self.device}"
+        checked = f"{len(self.rows)} checks of {', '.join(self.backends) or f'no backend on {self.device}'}"
         if self.passed:
-            return (f"verify: PASS: {len(self.rows)} checks of {where} ({', '.join(self.dtypes)}) "
-                    f"in {self.seconds:.1f} s")
+            return f"verify: PASS: {checked} ({', '.join(self.dtypes)}) in {self.seconds:.1f} s"
         bad = self.failures
         named = "; ".join(f"{r.backend} {r.case} {r.dtype}" + (f" ({r.detail})" if r.detail else "") for r in bad[:5])
         more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
-        return f"verify: FAIL: {len(bad)} of {len(self.rows)} checks of {where} failed: {named}{more}"
+        return f"verify: FAIL: {len(bad)} of {checked} failed: {named}{more}"
 
     def to_dict(self) -> dict:
         def finite(v):  # strict JSON has no NaN or Infinity

@@ -148,3 +148,13 @@ def test_unknown_dtype_or_device_is_an_error():
         verify(dtypes=["int8"])
     with pytest.raises(ValueError, match="device"):
         verify(device="tpu")
+
+
+def test_the_emulated_cuda_ops_are_a_cpu_backend_where_present(monkeypatch):
+    monkeypatch.setattr(testing, "_emulated_cuda_ops", lambda: OPS)  # stands in for that build's namespace
+    found = {b.name: b for b in testing.discover_backends("cpu")}
+    assert found["cuda-emulated"].device == "cpu" and not found["cuda-emulated"].public
+    assert "cuda-emulated" not in {b.name for b in testing.discover_backends("cuda")}
+    report = verify(device="cpu", dtypes=["float32"], quick=True)
+    assert "cuda-emulated" in report.backends
+    assert any(r.backend == "cuda-emulated" and r.case.startswith("K=24") for r in report.rows)
