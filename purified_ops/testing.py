@@ -324,6 +324,31 @@ def _rank_deficient_case(backend: Backend, k, d, dtype):
                err <= tol, where)
 
 
+def _dependent_case(backend: Backend, dtype):
+    """Nearly dependent directions (K = 4 < D, G ill-conditioned): the output's per-row error
+    relative to |x| against the bound that grows with cond(G)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 1000, generator=g)
+    a = torch.randn(32, 2, 1000, generator=g)
+    z = torch.cat([a, a + 0.1 * torch.randn(32, 2, 1000, generator=g)], dim=1)
+    x, z = x.to(backend.device, dtype), z.to(backend.device, dtype)
+    ref = truth(x, z, STRENGTH, EPS)
+    bound = conditioned_row_bound(dtype, gram_condition(x, z, EPS), STRENGTH)
+    s = _strength(dtype, backend.device)
+    outputs = [("y, raw ops", backend.forward(x, z, s, EPS)[0])]
+    if backend.public:
+        outputs.append(("y, purify", purify(x, z, strength=STRENGTH, eps=EPS, backend=backend.name)))
+    worst = []
+    for where, y in outputs:
+        err = row_err(y, ref, x)
+        ratio = torch.nan_to_num(err / bound, nan=math.inf)
+        i = int(ratio.argmax())
+        worst.append((ratio[i].item(), where, err[i].item(), bound[i].item()))
+    ratio, where, err, tol = max(worst)
+    return Row(backend.name, "K=4 D=1000 nearly dependent z, y per row / |x|", _dtype_name(dtype), err, tol,
+               ratio <= 1, where)
+
+
 class _RawOpsFunction(torch.autograd.Function):
     """First-order autograd over one backend's raw ops (canonical arguments), for gradcheck."""
 
@@ -446,9 +471,9 @@ def _dtype_name(dtype):
 NOTES = [
     "worst rel. error: ||out - ref|| / ||ref|| against the float64 reference from the same rounded inputs "
     "(for dstrength = -sum g.p over all N x D products: |out - ref| / sum |g.p|, the sum's own scale, "
-    "since a cancelling sum has no float32 evaluation within 1e-5 of itself), worst over y, dx, dz, dstrength, the layouts (rows, a z shared by rows, a transposed x, x and z at a "
-    "storage offset) and the entry points (raw ops; for the public backends also purify, which runs "
-    "PurifyFunction); "
+    "since a cancelling sum has no float32 evaluation within 1e-5 of itself), worst over y, dx, dz, dstrength, "
+    "the layouts (rows, a z shared by rows, a transposed x, x and z at a storage offset) and the entry "
+    "points (raw ops; for the public backends also purify, which runs PurifyFunction); "
     "tolerance: DESIGN.md's bound for the dtype (float64 1e-10, float32 1e-5, float16 3e-3, bfloat16 2e-2)",
     "|z|^2~eps: K >= D directions span R^D; z is scaled by 1e-3 so that G = Z Z^T + eps I is well conditioned "
     "and DESIGN.md's bounds apply",
@@ -456,6 +481,10 @@ NOTES = [
     "evaluation resolves): the per-row error of y relative to |x| against the exact D x D formula "
     "y = (1 - s) x + s eps (Z^T Z + eps I)^-1 x, bound 64 K u (u: epsilon of the arithmetic dtype, float32 "
     "for 16-bit inputs) plus the dtype's epsilon (the rounding of y)",
+    "nearly dependent z: z = [a, a + 0.1 n] (K = 4 < D), G ill-conditioned: the per-row error of y relative "
+    "to |x| against the float64 reference, bound (r + 8 u kappa) max(1, |s|), kappa = cond(G) of the row, r: "
+    "float64 1e-9, float32 2e-5, float16 4e-3, bfloat16 3e-2 (the bound of the property tests); the table "
+    "shows the row nearest its bound",
     "gradcheck / gradgradcheck: torch.autograd's, fast mode (a random projection of the Jacobian), default "
     "tolerances (atol 1e-5, rtol 1e-3), float64, eps 1e-3; "
     "opcheck: torch.library.opcheck's schema, fake-tensor, autograd-registration and AOT-dispatch tests; "
@@ -464,42 +493,40 @@ NOTES = [
 
 
 def _tasks(backends, dtypes, plan):
-    """(backend, label, thunk returning rows) for every check, in table order."""
+    """(backend, case, dtype, thunk returning rows) for every check, in table order."""
     tasks = []
-
-    def add(b, label, thunk):
-        tasks.append((b.name, label, thunk))
-
     for b in backends:
+        add = lambda case, dtype, thunk, b=b: tasks.append((b.name, case, dtype, thunk))  # noqa: E731
         for dtype in dtypes:
             dn = _dtype_name(dtype)
             for k in plan.ks:
                 for d in plan.ds:
-                    add(b, f"K={k} D={d} {dn}", lambda b=b, k=k, d=d, t=dtype: [_accuracy_case(b, k, d, t, plan.layouts)])
+                    add(f"K={k} D={d}", dn, lambda b=b, k=k, d=d, t=dtype: [_accuracy_case(b, k, d, t, plan.layouts)])
             for k in plan.ks:
                 for d in plan.ds:
                     if k >= d:
-                        add(b, f"K={k} D={d} rank-deficient {dn}",
+                        add(f"K={k} D={d} rank-deficient", dn,
                             lambda b=b, k=k, d=d, t=dtype: [_rank_deficient_case(b, k, d, t)])
+            add("nearly dependent z", dn, lambda b=b, t=dtype: [_dependent_case(b, t)])
         for shapes in plan.gradcheck_shapes:
-            add(b, "gradcheck", lambda b=b, shapes=shapes: [_gradcheck_case(b, shapes, False)])
+            add("gradcheck", "float64", lambda b=b, shapes=shapes: [_gradcheck_case(b, shapes, False)])
             if b.public:
-                add(b, "gradgradcheck", lambda b=b, shapes=shapes: [_gradcheck_case(b, shapes, True)])
+                add("gradgradcheck", "float64", lambda b=b, shapes=shapes: [_gradcheck_case(b, shapes, True)])
         if plan.opcheck_samples:
-            add(b, "opcheck", lambda b=b: _opcheck_case(b, plan.opcheck_samples))
+            add("opcheck", "-", lambda b=b: _opcheck_case(b, plan.opcheck_samples))
         for dtype in dtypes:
             for k, xs, zs in plan.determinism:
-                add(b, f"determinism K={k} {_dtype_name(dtype)}",
+                add(f"determinism K={k}", _dtype_name(dtype),
                     lambda b=b, k=k, xs=xs, zs=zs, t=dtype: [_determinism_case(b, k, xs, zs, t)])
     return tasks
 
 
-def _guarded(backend_name, label, thunk):
+def _guarded(backend_name, case, dtype, thunk):
     """A check whose backend raises fails with the error named, and the run goes on."""
     try:
         return thunk()
     except Exception as exc:
-        return [Row(backend_name, label, "-", None, None, False, _first_line(exc))]
+        return [Row(backend_name, case, dtype, None, None, False, _first_line(exc))]
 
 
 def verify(device: str = "all", dtypes=None, quick: bool = False, *, backends: list[Backend] | None = None,
@@ -526,10 +553,10 @@ def verify(device: str = "all", dtypes=None, quick: bool = False, *, backends: l
                                f"none available here (available: {list(available_backends())})"))
     tasks = _tasks(chosen, [DTYPES[n] for n in names], QUICK if quick else FULL)
     bar = _progress(tasks, progress)
-    for name, label, thunk in bar:
+    for name, case, dtype, thunk in bar:
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{name} {label}", refresh=False)
-        report.rows.extend(_guarded(name, label, thunk))
+            bar.set_postfix_str(f"{name} {case} {dtype}", refresh=False)
+        report.rows.extend(_guarded(name, case, dtype, thunk))
     report.seconds = time.perf_counter() - start
     return report
 

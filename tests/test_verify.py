@@ -40,7 +40,8 @@ def test_passes_on_this_build(full_report):
     assert not _unexpected_failures(full_report), full_report.verdict
     assert "cpu" in full_report.backends
     cases = {r.case for r in full_report.rows if r.backend == "cpu"}
-    for expected in ("K=24 D=1000", "K=16 D=7 |z|^2~eps", "K=2 D=1 rank-deficient, y per row / |x|"):
+    for expected in ("K=24 D=1000", "K=16 D=7 |z|^2~eps", "K=2 D=1 rank-deficient, y per row / |x|",
+                     "K=4 D=1000 nearly dependent z, y per row / |x|"):
         assert expected in cases
     assert any(c.startswith("gradcheck+gradgradcheck") for c in cases)
     assert any(c.startswith("opcheck purify_backward") for c in cases)
