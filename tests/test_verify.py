@@ -117,6 +117,14 @@ def test_no_backend_on_the_device_fails():
     assert "none available" in report.rows[0].detail
 
 
+def test_without_the_compiled_extension_it_fails(monkeypatch):
+    """Only the reference runs: there is nothing to verify, which an install check must not pass."""
+    monkeypatch.setattr(testing, "available_backends", lambda: ("reference",))
+    monkeypatch.setattr(testing, "_emulated_cuda_ops", lambda: None)
+    report = verify(quick=True)
+    assert not report.passed and report.backends == [] and "no backend" in report.verdict
+
+
 def test_cli_fails_on_a_wrong_backend(monkeypatch, capsys):
     monkeypatch.setattr(testing, "discover_backends", lambda device: [_perturbed("dx")])
     rc = cli.main(["verify", "--quick", "--dtypes", "float32", "--json"])
