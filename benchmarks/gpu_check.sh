@@ -8,8 +8,9 @@
 #      the time that is left: rows are upserted into benchmarks/results/cuda.csv (and $OUT/cuda.csv)
 #      after every case, so a run cut short still leaves its numbers
 # Logs go to $OUT (else benchmarks/results/). A failing step never stops the next.
-# Expected on an H100 host (16 cores): build ~1-2 min, verify well under a minute, tests ~1-3 min (capped at 180 s), the
-# benchmark the rest: ~8 torch.compile graphs (dynamic shapes) at 10-40 s each, then ~2-5 s a case.
+# Expected on an H100 host (16 cores): build ~1-2 min, verify (capped at 150 s), tests ~1-3 min
+# (capped at 180 s), the benchmark the rest: ~8 torch.compile graphs (dynamic shapes) at 10-40 s
+# each, then ~2-5 s a case.
 # Usage: bash benchmarks/gpu_check.sh        (PYTHON=python3 by default)
 set -u
 cd "$(dirname "$0")/.."
