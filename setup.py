@@ -71,7 +71,7 @@ def extension():
                                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     if os.environ.get("PURIFIED_OPS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))

@@ -117,7 +117,7 @@ def directions(shape, dtype, device, D):
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 8, 11, 16])
 @pytest.mark.parametrize("D", [1, 5, 7, 64, 1000, 1024, 4100])
 def test_shapes_k_buckets_and_tiles(target, dtype, K, D):
@@ -129,7 +129,7 @@ def test_shapes_k_buckets_and_tiles(target, dtype, K, D):
     check_against_reference(x, z, ops=target.ops)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("K", [1, 4, 16])
 @pytest.mark.parametrize("D", [8, 512, 8192, 20000])
 def test_broadcast_z_shared_by_many_rows(target, dtype, K, D):
@@ -137,6 +137,8 @@ def test_broadcast_z_shared_by_many_rows(target, dtype, K, D):
     torch.manual_seed(K + D)
     B, T = 3, 300
     if target.emulated and D > 512:
+        if D > 8192:
+            pytest.skip("emulated: D = 8192 already takes several tiles per row; 20000 only costs time")
         T = 40  # still several work items per z row (>= 16 rows each)
     x = torch.randn(B, T, D).to(target.device, dtype)
     z = torch.randn(B, 1, K, D).to(target.device, dtype)
@@ -151,7 +153,7 @@ def test_broadcast_patterns_interleaved(target):
         check_against_reference(x, z, ops=target.ops)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_offset_and_misaligned_inputs(target, dtype):
     torch.manual_seed(2)
     base_x = torch.randn(64, 1 + 512).to(target.device, dtype)
@@ -166,7 +168,7 @@ def test_offset_and_misaligned_inputs(target, dtype):
     check_against_reference(xt, zt, ops=target.ops)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shared", [False, True])
 def test_vector_path_equals_scalar_path(target, dtype, shared):
     # The same values read 16 bytes at a time (aligned) and element by element (storage offset 1
@@ -292,7 +294,7 @@ def test_large_k_shared_z_is_not_expanded_per_row():
 
 def test_bitwise_deterministic(target):
     torch.manual_seed(4)
-    rows = 600 if target.emulated else 4000
+    rows = 200 if target.emulated else 4000
     for x, z in [(torch.randn(257, 3000).to(target.device, torch.bfloat16),
                   torch.randn(257, 4, 3000).to(target.device, torch.bfloat16)),
                  (torch.randn(2, rows, 700, device=target.device), torch.randn(2, 1, 16, 700, device=target.device))]:
