@@ -28,7 +28,9 @@ inline int64_t cuda_chunks(const RowGrid& grid, int64_t min_rows) {
   return std::max<int64_t>(1, std::min(want, grid.group_size / min_rows));
 }
 inline int64_t forward_chunks(const RowGrid& grid) { return cuda_chunks(grid, 16); }
-inline int64_t backward_chunks(const RowGrid& grid) { return cuda_chunks(grid, std::max<int64_t>(16, 4 * grid.K)); }
+inline int64_t backward_chunks(const RowGrid& grid) {
+  return cuda_chunks(grid, std::max<int64_t>(16, 4 * grid.K));
+}
 
 // Elements per 16-byte vector.
 inline int64_t vector_width(int64_t elem_size) { return 16 / elem_size; }
