@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean test-cuda-emu
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,18 @@ install: $(VENV)/.built
 
 test: install
 	$(PY) -m pytest tests -q
+
+# The CUDA kernels emulated on the CPU (README, "CUDA kernels without a GPU"): the CUDA tests
+# through them, a subset under AddressSanitizer and UBSan, and the check that planted bugs are caught.
+CUDA_EMU_ASAN_TESTS := emulated and not shapes_k_buckets_and_tiles and not broadcast_z_shared and not deterministic \
+	or emulated and shapes_k_buckets_and_tiles and (-7- or -1000- or -4100-) and (float32 or float16) \
+	or emulated and broadcast_z_shared and 512
+test-cuda-emu: install
+	PURIFIED_OPS_CUDA_EMU=1 $(PY) setup.py build_ext --inplace -q
+	$(PY) -m pytest tests/test_cuda.py -q -k emulated
+	PURIFIED_OPS_CUDA_EMU=asan $(PY) setup.py build_ext --inplace -q
+	scripts/with_asan $(PY) -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "$(CUDA_EMU_ASAN_TESTS)"
+	$(PY) scripts/cuda_emu_sensitivity.py
 
 demo: install
 	$(VENV)/bin/purified-ops demo

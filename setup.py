@@ -6,6 +6,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST           CUDA archs (default "8.0;9.0")
   PURIFIED_OPS_CPU_CAPABILITY    DEFAULT, AVX2 or AVX512 (default: what torch detects here)
   PURIFIED_OPS_PTXAS_VERBOSE=1   print ptxas' register and spill report for every kernel
+  PURIFIED_OPS_CUDA_EMU=1|asan   also build the CUDA kernels emulated on the CPU (a test backend,
+                                 see README): purified_ops._cuda_emu, or with asan
+                                 purified_ops._cuda_emu_asan under -fsanitize=address,undefined
 """
 import glob
 import os
@@ -68,7 +71,7 @@ def extension():
                                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     if os.environ.get("PURIFIED_OPS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
@@ -82,7 +85,40 @@ def extension():
                                        extra_link_args=link)
 
 
+def cuda_emulation_extensions():
+    """The CUDA kernel sources compiled by the host compiler against csrc/cuda_emu/cuda_emu.h,
+    with the CUDA ops' host code, as a test backend on CPU tensors (needs the CUDA toolkit's
+    headers only: cuda_runtime.h for the types, cuda_fp16.h and cuda_bf16.h)."""
+    mode = os.environ.get("PURIFIED_OPS_CUDA_EMU", "0")
+    if mode == "0":
+        return []
+    if mode not in ("1", "asan"):
+        raise SystemExit(f"PURIFIED_OPS_CUDA_EMU must be 0, 1 or asan, got {mode!r}")
+    homes = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, *sorted(glob.glob("/usr/local/cuda*"))]
+    include = next((os.path.join(h, "include") for h in homes
+                    if h and os.path.exists(os.path.join(h, "include", "cuda_fp16.h"))), None)
+    if include is None:
+        raise SystemExit("PURIFIED_OPS_CUDA_EMU needs the CUDA toolkit's headers (set CUDA_HOME)")
+    # -fno-extern-tls-init: `extern __shared__` becomes an extern thread_local, which must not
+    # go through a TLS init wrapper; -fno-strict-aliasing: the kernels type-pun as CUDA allows.
+    # nvcc's `#pragma unroll` means nothing to g++ (it unrolls by itself at -O2).
+    cxx = [cxx_standard(), "-fno-extern-tls-init", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+           "-include", os.path.join(ROOT, "csrc", "cuda_emu", "cuda_emu.h")]
+    link = []
+    name = "purified_ops._cuda_emu"
+    if mode == "asan":
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        cxx += ["-O1", "-g", "-fno-omit-frame-pointer", *sanitize]
+        link += sanitize
+        name += "_asan"
+    else:
+        cxx += ["-O2"]
+    return [cpp_extension.CppExtension(name, sorted(glob.glob("csrc/cuda_emu/*.cpp")),
+                                       define_macros=[("PURIFIED_OPS_CUDA_EMU", None)], include_dirs=[include],
+                                       extra_compile_args={"cxx": cxx}, extra_link_args=link)]
+
+
 setup(
-    ext_modules=[extension()],
+    ext_modules=[extension(), *cuda_emulation_extensions()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

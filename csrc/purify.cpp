@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/output_cache.h"
+#include "purify_schema.h"
 
 #ifndef PURIFIED_OPS_CPU_CAPABILITY
 #define PURIFIED_OPS_CPU_CAPABILITY "unknown"
@@ -19,23 +20,10 @@
 #endif
 
 TORCH_LIBRARY(purified_ops, m) {
-  // y = x - s Z^T (Z Z^T + eps I)^{-1} Z x per row; also returns the per-row coefficients c
-  // and the per-z-row Cholesky factor of the Gram matrix (accumulate dtype) for the backward.
-  m.def("purify_forward(Tensor x, Tensor z, Tensor strength, float eps) -> (Tensor, Tensor, Tensor)");
-  // (dx, dz, ds); dz is an empty [0] tensor when compute_grad_z is false.
-  m.def(
-      "purify_backward(Tensor grad_y, Tensor x, Tensor z, Tensor strength, Tensor coeff, "
-      "Tensor chol, bool compute_grad_z) -> (Tensor, Tensor, Tensor)");
-  // The same into preallocated outputs (exactly the shapes, dtypes and layout the functional
-  // ops return), for callers that reuse buffers and for kernel-only timing. They return
-  // nothing: torch.compile functionalizes custom ops only without aliased outputs.
-  m.def(
-      "purify_forward_out(Tensor x, Tensor z, Tensor strength, float eps, Tensor(a!) y, "
-      "Tensor(b!) coeff, Tensor(c!) chol) -> ()");
-  m.def(
-      "purify_backward_out(Tensor grad_y, Tensor x, Tensor z, Tensor strength, Tensor coeff, "
-      "Tensor chol, bool compute_grad_z, Tensor(a!) grad_x, Tensor(b!) grad_z, "
-      "Tensor(c!) grad_strength) -> ()");
+  m.def(purified_ops::kForwardSchema);
+  m.def(purified_ops::kBackwardSchema);
+  m.def(purified_ops::kForwardOutSchema);
+  m.def(purified_ops::kBackwardOutSchema);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -10,7 +10,7 @@ from . import reference
 from ._validate import check_purify_args
 
 __all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "empty_cpu_cache", "cpu_cache_bytes",
-           "BACKENDS"]
+           "BACKENDS", "emulated_cuda_ops"]
 
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
@@ -50,6 +50,34 @@ def empty_cpu_cache() -> int:
 def cpu_cache_bytes() -> int:
     """Bytes the CPU output cache holds for reuse (not in live tensors)."""
     return _C.cpu_output_cache_bytes() if _C is not None else 0
+
+
+_EMULATED_CUDA: list = []  # [module or None], filled on first use
+
+
+def emulated_cuda_module():
+    """The emulated CUDA backend's extension module, imported on first use, or None where it is
+    not built (``PURIFIED_OPS_CUDA_EMU=1 python setup.py build_ext --inplace``). With
+    PURIFIED_OPS_CUDA_EMU=asan in the environment it is the sanitizer build
+    (``purified_ops._cuda_emu_asan``, which needs libasan preloaded). Its test knobs:
+    ``set_schedule("forward" | "reverse")`` and ``set_max_grid_stride_blocks(n)``."""
+    if not _EMULATED_CUDA:
+        import importlib
+        import os
+
+        name = "_cuda_emu_asan" if os.environ.get("PURIFIED_OPS_CUDA_EMU") == "asan" else "_cuda_emu"
+        try:
+            _EMULATED_CUDA.append(importlib.import_module(f"{__package__}.{name}"))  # registers the ops
+        except ImportError:
+            _EMULATED_CUDA.append(None)
+    return _EMULATED_CUDA[0]
+
+
+def emulated_cuda_ops():
+    """``torch.ops.purified_ops_cuda_emu``: the CUDA kernels and their host code emulated on the
+    CPU, on CPU tensors, with the schemas of ``torch.ops.purified_ops`` (a test backend: CUDA's
+    thread, barrier and shuffle semantics, checked); None where it is not built."""
+    return torch.ops.purified_ops_cuda_emu if emulated_cuda_module() is not None else None
 
 
 def available_backends() -> tuple[str, ...]:

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../row_math.h"
+#include "device_hooks.cuh"
 #include "purify_launch.h"
 
 namespace purified_ops {
@@ -23,8 +24,8 @@ cudaError_t launch_factor_grams(A* gram, int64_t count, int K, double eps, cudaS
   if (count == 0) return cudaSuccess;
   constexpr int kThreads = 128;
   const auto blocks = static_cast<unsigned int>((count + kThreads - 1) / kThreads);
-  factor_grams_kernel<A><<<blocks, kThreads, 0, stream>>>(gram, count, K, static_cast<A>(eps));
-  return cudaGetLastError();
+  return launch_kernel(factor_grams_kernel<A>, blocks, kThreads, 0, stream, false, gram, count, K,
+                       static_cast<A>(eps));
 }
 
 }  // namespace

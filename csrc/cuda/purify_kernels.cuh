@@ -31,6 +31,7 @@
 
 #include "../row_grid.h"
 #include "../row_math.h"
+#include "device_hooks.cuh"
 #include "purify_launch.h"
 
 namespace purified_ops {
@@ -202,7 +203,7 @@ struct Team {
       __syncwarp();
     } else {
       // Named barrier per team (id 0 is __syncthreads); orders shared memory among its threads.
-      asm volatile("bar.sync %0, %1;" ::"r"(id + 1), "r"(size) : "memory");
+      named_barrier_sync(id + 1, size);
     }
   }
 };
@@ -770,8 +771,8 @@ cudaError_t launch_forward_kb(const ForwardParams& p, cudaStream_t stream) {
   const int tpb = kBlock / team;
   const size_t smem = block_smem_bytes<A, KB>(team);
   const int64_t items = p.grid.groups * p.chunks;
-  purify_forward_kernel<T, KB><<<grid_blocks(items, tpb), kBlock, smem, stream>>>(p, team, items);
-  return cudaGetLastError();
+  return launch_kernel(purify_forward_kernel<T, KB>, grid_blocks(items, tpb), kBlock, smem, stream, true, p, team,
+                       items);
 }
 
 template <typename T, int KB>
@@ -782,8 +783,8 @@ cudaError_t launch_backward_kb(const BackwardParams& p, cudaStream_t stream) {
   const int tpb = kBlock / team;
   const size_t smem = block_smem_bytes<A, KB>(team);
   const int64_t items = p.grid.groups * p.chunks;
-  purify_backward_kernel<T, KB><<<grid_blocks(items, tpb), kBlock, smem, stream>>>(p, team, items);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(purify_backward_kernel<T, KB>, grid_blocks(items, tpb), kBlock, smem, stream,
+                                  true, p, team, items);
   if (err != cudaSuccess) return err;
   int64_t dz_blocks = 0;
   if (p.dz != nullptr && p.grid.group_size > 1) {
@@ -791,8 +792,8 @@ cudaError_t launch_backward_kb(const BackwardParams& p, cudaStream_t stream) {
     dz_blocks = (total + kBlock - 1) / kBlock;
     if (dz_blocks > (int64_t{1} << 20)) dz_blocks = int64_t{1} << 20;
   }
-  purify_backward_finalize<T><<<static_cast<unsigned>(dz_blocks + 1), kBlock, 0, stream>>>(p, items, dz_blocks);
-  return cudaGetLastError();
+  return launch_kernel(purify_backward_finalize<T>, static_cast<unsigned>(dz_blocks + 1), kBlock, 0, stream, false, p,
+                       items, dz_blocks);
 }
 
 inline int direction_bucket(int K) { return K <= 1 ? 1 : K <= 2 ? 2 : K <= 4 ? 4 : K <= 8 ? 8 : 16; }

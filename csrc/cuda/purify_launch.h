@@ -60,7 +60,7 @@ PURIFY_DECLARE_LAUNCHERS(f64)
 cudaError_t launch_factor_grams_f32(float* gram, int64_t count, int K, double eps, cudaStream_t stream);
 cudaError_t launch_factor_grams_f64(double* gram, int64_t count, int K, double eps, cudaStream_t stream);
 
-// Largest K served by the fused kernels; larger K takes the ATen path in purify_cuda.cpp.
+// Largest K served by the fused kernels; larger K takes the ATen path of purify_cuda_ops.h.
 constexpr int kMaxCudaFusedK = 16;
 
 }  // namespace cuda

@@ -1,0 +1,277 @@
+// The torch side of the CUDA ops, shared by the CUDA build (purify_cuda.cpp) and the emulated
+// one (csrc/cuda_emu/purify_emu.cpp): outputs, the launch plan (purify_launch_plan.h) into the
+// launchers of purify_kernels_*.cu, and the K > 16 path (ATen batched products around
+// launch_factor_grams). No host sync anywhere (strength is read by the kernels from device
+// memory), so the ops can be captured in a CUDA graph.
+//
+// `Dev` is where the kernels run:
+//   kDeviceType         the tensors' device type (CUDA; CPU for the emulation)
+//   Guard               a device guard constructed from a c10::Device
+//   stream()            the cudaStream_t to launch on
+//   check(cudaError_t)  raises on a launch error
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "../purify_host.h"
+#include "purify_launch.h"
+#include "purify_launch_plan.h"
+
+namespace purified_ops {
+namespace cuda {
+
+inline int64_t leading_rows(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  return rows;
+}
+
+#define PURIFY_DISPATCH_LAUNCH(DTYPE, KIND, P, STREAM)                               \
+  [&]() -> cudaError_t {                                                             \
+    switch (DTYPE) {                                                                 \
+      case at::kHalf: return launch_##KIND##_f16(P, STREAM);                         \
+      case at::kBFloat16: return launch_##KIND##_bf16(P, STREAM);                    \
+      case at::kFloat: return launch_##KIND##_f32(P, STREAM);                        \
+      case at::kDouble: return launch_##KIND##_f64(P, STREAM);                       \
+      default: TORCH_CHECK(false, "purify: unsupported dtype ", DTYPE);              \
+    }                                                                                \
+  }()
+
+// K > kMaxCudaFusedK (uses_fused_kernels false): the same math through ATen ops (correct, not
+// fused; no host sync). The factor comes from row_math's Cholesky (launch_factor_grams), pivot
+// floor included.
+//
+// A z row shared by many x rows (size-1 leading dims of z) is never expanded per row: x's
+// leading dims are permuted group-first, so x is [G, T, D] (G the z rows, T the x rows each
+// one serves; a view when the layout allows, else one copy of x) and z is [G, K, D] (a view
+// or a z-sized copy). Every product is then a batched matmul over the G z rows with the T x
+// rows as columns; at::matmul on [.., 1, K, D] against [.., T, D, 1] would instead expand z to
+// [.., T, K, D] and copy it (N K D elements), and the factor to [.., T, K, K] for the solve.
+// dz of a shared z row, the sum over its T x rows, is one bmm reduction over T (cuBLAS: a
+// fixed order for given shapes and device, no atomics), not an [N, K, D] tensor then summed.
+struct GroupedRows {
+  std::vector<int64_t> perm;  // x's leading dims: z's own (group) dims first, then shared ones
+  int64_t G = 1, T = 1;
+};
+
+inline GroupedRows group_rows(const at::Tensor& x, const at::Tensor& z) {
+  GroupedRows r;
+  const int64_t lead = x.dim() - 1;
+  std::vector<int64_t> shared;
+  for (int64_t i = 0; i < lead; ++i) {
+    if (z.size(i) == 1 && x.size(i) != 1) {
+      shared.push_back(i);
+      r.T *= x.size(i);
+    } else {
+      r.perm.push_back(i);
+      r.G *= x.size(i);
+    }
+  }
+  r.perm.insert(r.perm.end(), shared.begin(), shared.end());
+  return r;
+}
+
+// [..., last] tensor t (x's leading dims) as [G, T, last] in the accumulate dtype.
+inline at::Tensor to_grouped(const at::Tensor& t, const GroupedRows& r, at::ScalarType acc) {
+  std::vector<int64_t> perm = r.perm;
+  perm.push_back(t.dim() - 1);
+  return t.permute(perm).reshape({r.G, r.T, t.size(-1)}).to(acc);
+}
+
+// z [..., K, D] as [G, K, D] in the accumulate dtype (z's shared dims have size 1).
+inline at::Tensor z_grouped(const at::Tensor& z, const GroupedRows& r, at::ScalarType acc) {
+  std::vector<int64_t> perm = r.perm;
+  perm.push_back(z.dim() - 2);
+  perm.push_back(z.dim() - 1);
+  return z.permute(perm).reshape({r.G, z.size(-2), z.size(-1)}).to(acc);
+}
+
+// The inverse of to_grouped: [G, T, last] back to x's leading dims, contiguous, dtype `out`.
+inline at::Tensor from_grouped(const at::Tensor& t3, const at::Tensor& x, const GroupedRows& r, at::ScalarType out) {
+  std::vector<int64_t> shape, inverse(r.perm.size() + 1);
+  for (size_t j = 0; j < r.perm.size(); ++j) {
+    shape.push_back(x.size(r.perm[j]));
+    inverse[r.perm[j]] = static_cast<int64_t>(j);
+  }
+  shape.push_back(t3.size(-1));
+  inverse.back() = static_cast<int64_t>(r.perm.size());
+  return t3.reshape(shape).permute(inverse).to(out).contiguous();
+}
+
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& z,
+                                                               const at::Tensor& strength, double eps) {
+  // The products below are cuBLAS matmuls: with torch.backends.cuda.matmul.allow_tf32 (or
+  // float32 matmul precision "high") they would round float32 to TF32's 10-bit mantissa, and the
+  // Gram matrix would lose the accuracy the op promises. Off for this thread, for this call.
+  const at::NoTF32Guard no_tf32;
+  const auto acc = accumulate_type(x.scalar_type());
+  const GroupedRows r = group_rows(x, z);
+  const at::Tensor xg = to_grouped(x, r, acc), zg = z_grouped(z, r, acc);  // [G, T, D], [G, K, D]
+  const int64_t K = z.size(-2);
+  at::Tensor L = (at::bmm(zg, zg.transpose(1, 2)) + eps * at::eye(K, zg.options())).contiguous();
+  const cudaStream_t stream = Dev::stream();
+  Dev::check(acc == at::kDouble
+                 ? launch_factor_grams_f64(L.mutable_data_ptr<double>(), r.G, static_cast<int>(K), eps, stream)
+                 : launch_factor_grams_f32(L.mutable_data_ptr<float>(), r.G, static_cast<int>(K), eps, stream));
+  const at::Tensor c = at::cholesky_solve(at::bmm(zg, xg.transpose(1, 2)), L).transpose(1, 2);  // [G, T, K]
+  const at::Tensor y = xg - strength * at::bmm(c, zg);
+  std::vector<int64_t> chol_shape = z.sizes().vec();
+  chol_shape.back() = K;
+  return {from_grouped(y, x, r, x.scalar_type()), from_grouped(c, x, r, acc), L.reshape(chol_shape)};
+}
+
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor& g, const at::Tensor& x,
+                                                                const at::Tensor& z, const at::Tensor& strength,
+                                                                const at::Tensor& coeff, const at::Tensor& chol,
+                                                                bool compute_grad_z) {
+  const at::NoTF32Guard no_tf32;  // as in forward_unfused
+  const auto acc = accumulate_type(x.scalar_type());
+  const GroupedRows r = group_rows(x, z);
+  const int64_t K = z.size(-2);
+  const at::Tensor xg = to_grouped(x, r, acc), gg = to_grouped(g, r, acc), zg = z_grouped(z, r, acc);
+  const at::Tensor cg = to_grouped(coeff, r, acc);                                    // [G, T, K]
+  const at::Tensor u = at::cholesky_solve(at::bmm(zg, gg.transpose(1, 2)), chol.reshape({r.G, K, K}));  // [G, K, T]
+  const at::Tensor p = at::bmm(cg, zg);                                               // [G, T, D]
+  const at::Tensor q = at::bmm(u.transpose(1, 2), zg);
+  at::Tensor dx = from_grouped(gg - strength * q, x, r, x.scalar_type());
+  at::Tensor dz = at::empty({0}, z.options());
+  if (compute_grad_z) {
+    // sum over the T rows of c (g - q)^T + u (x - p)^T, as two [K, T] x [T, D] products
+    const at::Tensor sum = at::baddbmm(at::bmm(cg.transpose(1, 2), gg - q), u, xg - p);  // [G, K, D]
+    dz = (-strength * sum).reshape(z.sizes()).to(z.scalar_type()).contiguous();
+  }
+  at::Tensor ds = -(gg * p).sum();
+  return {dx, dz, ds};
+}
+
+// The forward into given outputs; x and z have unit last stride, the device guard is held.
+template <typename Dev>
+void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
+                  at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
+  if (!uses_fused_kernels(z.size(-2))) {
+    auto [y_u, coeff_u, chol_u] = forward_unfused<Dev>(x, z, strength, eps);
+    y.copy_(y_u);
+    coeff.copy_(coeff_u);
+    chol.copy_(chol_u);
+    return;
+  }
+  if (leading_rows(x) == 0) {
+    chol.zero_();  // no rows: nothing reads the factor, but it is defined
+    return;
+  }
+  ForwardParams p;
+  p.x = x.const_data_ptr();
+  p.z = z.const_data_ptr();
+  p.strength = strength.const_data_ptr();
+  p.y = y.mutable_data_ptr();
+  p.coeff = coeff.mutable_data_ptr();
+  p.chol = chol.mutable_data_ptr();
+  p.grid = make_row_grid(x, z, nullptr);
+  p.eps = eps;
+  p.chunks = forward_chunks(p.grid);
+  p.vec = vector_ok(p.grid, x.element_size(), {p.x, p.z, p.y}, false);
+  Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), forward, p, Dev::stream()));
+}
+
+// The backward into given outputs (dz unused unless compute_grad_z); same preconditions.
+template <typename Dev>
+void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                   const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx,
+                   at::Tensor& dz, at::Tensor& ds) {
+  if (!uses_fused_kernels(z.size(-2))) {
+    auto [dx_u, dz_u, ds_u] = backward_unfused<Dev>(g, x, z, strength, coeff, chol, compute_grad_z);
+    dx.copy_(dx_u);
+    if (compute_grad_z) dz.copy_(dz_u);
+    ds.copy_(ds_u);
+    return;
+  }
+  if (leading_rows(x) == 0) {
+    if (compute_grad_z) dz.zero_();
+    ds.zero_();
+    return;
+  }
+  BackwardParams p;
+  p.grid = make_row_grid(x, z, &g);
+  const int64_t K = p.grid.K;
+  p.Dp = padded_row(p.grid.D, x.element_size());
+  p.chunks = backward_chunks(p.grid);
+  const int64_t items = p.grid.groups * p.chunks;
+  const auto acc_opts = x.options().dtype(accumulate_type(x.scalar_type()));
+  at::Tensor gp_partial = at::empty({items}, acc_opts);
+  at::Tensor dz_partial;
+  if (compute_grad_z && p.grid.group_size > 1) {
+    dz_partial = at::empty({items * K * p.Dp}, acc_opts);
+    p.dz_partial = dz_partial.mutable_data_ptr();
+  }
+  p.g = g.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.z = z.const_data_ptr();
+  p.strength = strength.const_data_ptr();
+  p.coeff = coeff.const_data_ptr();
+  p.chol = chol.const_data_ptr();
+  p.dx = dx.mutable_data_ptr();
+  p.dz = compute_grad_z ? dz.mutable_data_ptr() : nullptr;
+  p.gp_partial = gp_partial.mutable_data_ptr();
+  p.ds = ds.mutable_data_ptr();
+  p.vec = vector_ok(p.grid, x.element_size(), {p.g, p.x, p.z, p.dx, p.dz}, true);
+  Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), backward, p, Dev::stream()));
+}
+
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_impl(const at::Tensor& x_in, const at::Tensor& z_in,
+                                                                  const at::Tensor& strength, double eps) {
+  check_forward_args(x_in, z_in, strength, eps, Dev::kDeviceType);
+  const typename Dev::Guard guard(x_in.device());
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  if (!uses_fused_kernels(z.size(-2))) return forward_unfused<Dev>(x, z, strength, eps);
+  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
+  forward_into<Dev>(x, z, strength, eps, y, coeff, chol);
+  return {y, coeff, chol};
+}
+
+template <typename Dev>
+void purify_forward_out_impl(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
+                             double eps, at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
+  check_forward_args(x_in, z_in, strength, eps, Dev::kDeviceType);
+  check_forward_outputs(x_in, z_in, y, coeff, chol);
+  const typename Dev::Guard guard(x_in.device());
+  forward_into<Dev>(unit_last_stride(x_in), unit_last_stride(z_in), strength, eps, y, coeff, chol);
+}
+
+template <typename Dev>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_impl(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+    const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+    bool compute_grad_z) {
+  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, Dev::kDeviceType);
+  const typename Dev::Guard guard(x_in.device());
+  const at::Tensor g = unit_last_stride(grad_y_in);
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  if (!uses_fused_kernels(z.size(-2))) return backward_unfused<Dev>(g, x, z, strength, coeff, chol, compute_grad_z);
+  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
+  backward_into<Dev>(g, x, z, strength, coeff, chol, compute_grad_z, dx, dz, ds);
+  return {dx, dz, ds};
+}
+
+template <typename Dev>
+void purify_backward_out_impl(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+                              const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+                              bool compute_grad_z, at::Tensor& dx, at::Tensor& dz, at::Tensor& ds) {
+  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, Dev::kDeviceType);
+  check_backward_outputs(x_in, z_in, compute_grad_z, dx, dz, ds);
+  const typename Dev::Guard guard(x_in.device());
+  backward_into<Dev>(unit_last_stride(grad_y_in), unit_last_stride(x_in), unit_last_stride(z_in), strength, coeff,
+                chol, compute_grad_z, dx, dz, ds);
+}
+
+}  // namespace cuda
+}  // namespace purified_ops

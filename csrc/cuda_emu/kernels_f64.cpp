@@ -1,0 +1,2 @@
+// The f64 kernels of csrc/cuda, compiled by the host compiler against cuda_emu.h.
+#include "../cuda/purify_kernels_f64.cu"

@@ -1,0 +1,61 @@
+// purified_ops._cuda_emu: the CUDA ops on CPU tensors, through the real kernels and host code
+// of csrc/cuda run by the emulation (cuda_emu.h), registered as torch.ops.purified_ops_cuda_emu
+// with the schemas of torch.ops.purified_ops. A test backend: slow, exact CUDA semantics.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "../cuda/purify_cuda_ops.h"
+#include "../purify_schema.h"
+#include "cuda_emu.h"
+
+namespace purified_ops {
+namespace cuda {
+namespace {
+
+struct EmulatedDevice {
+  static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
+  struct Guard {
+    explicit Guard(c10::Device) {}
+  };
+  static cudaStream_t stream() { return nullptr; }
+  static void check(cudaError_t err) {
+    TORCH_CHECK(err == cudaSuccess, "emulated CUDA launch failed: ", ::cuda_emu::last_error());
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY(purified_ops_cuda_emu, m) {
+  m.def(kForwardSchema);
+  m.def(kBackwardSchema);
+  m.def(kForwardOutSchema);
+  m.def(kBackwardOutSchema);
+}
+
+TORCH_LIBRARY_IMPL(purified_ops_cuda_emu, CPU, m) {
+  m.impl("purify_forward", &purify_forward_impl<EmulatedDevice>);
+  m.impl("purify_backward", &purify_backward_impl<EmulatedDevice>);
+  m.impl("purify_forward_out", &purify_forward_out_impl<EmulatedDevice>);
+  m.impl("purify_backward_out", &purify_backward_out_impl<EmulatedDevice>);
+}
+
+}  // namespace cuda
+}  // namespace purified_ops
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def(
+      "set_schedule",
+      [](const std::string& order) {
+        TORCH_CHECK_VALUE(order == "forward" || order == "reverse", "schedule must be 'forward' or 'reverse', got ",
+                          order);
+        ::cuda_emu::set_schedule(order == "reverse");
+      },
+      "The order in which the threads of a block are first run and resumed: 'forward' or 'reverse'.");
+  m.def("set_max_grid_stride_blocks", &::cuda_emu::set_max_grid_stride_blocks,
+        "Caps the grid of grid-stride kernels (0: no cap), so that every team serves several work items.");
+#if defined(__SANITIZE_ADDRESS__)
+  m.attr("sanitized") = true;
+#else
+  m.attr("sanitized") = false;
+#endif
+}

@@ -1,0 +1,26 @@
+// The op schemas, one copy for the library (purify.cpp) and the emulated CUDA backend
+// (csrc/cuda_emu/purify_emu.cpp), which registers the same ops in a namespace of its own.
+#pragma once
+
+namespace purified_ops {
+
+// y = x - s Z^T (Z Z^T + eps I)^{-1} Z x per row; also returns the per-row coefficients c
+// and the per-z-row Cholesky factor of the Gram matrix (accumulate dtype) for the backward.
+constexpr const char* kForwardSchema =
+    "purify_forward(Tensor x, Tensor z, Tensor strength, float eps) -> (Tensor, Tensor, Tensor)";
+// (dx, dz, ds); dz is an empty [0] tensor when compute_grad_z is false.
+constexpr const char* kBackwardSchema =
+    "purify_backward(Tensor grad_y, Tensor x, Tensor z, Tensor strength, Tensor coeff, "
+    "Tensor chol, bool compute_grad_z) -> (Tensor, Tensor, Tensor)";
+// The same into preallocated outputs (exactly the shapes, dtypes and layout the functional
+// ops return), for callers that reuse buffers and for kernel-only timing. They return
+// nothing: torch.compile functionalizes custom ops only without aliased outputs.
+constexpr const char* kForwardOutSchema =
+    "purify_forward_out(Tensor x, Tensor z, Tensor strength, float eps, Tensor(a!) y, "
+    "Tensor(b!) coeff, Tensor(c!) chol) -> ()";
+constexpr const char* kBackwardOutSchema =
+    "purify_backward_out(Tensor grad_y, Tensor x, Tensor z, Tensor strength, Tensor coeff, "
+    "Tensor chol, bool compute_grad_z, Tensor(a!) grad_x, Tensor(b!) grad_z, "
+    "Tensor(c!) grad_strength) -> ()";
+
+}  // namespace purified_ops
