@@ -99,8 +99,8 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6)
         xa, za = x.to(acc), as_directions(x, z).to(acc)
         s = strength.to(acc) if isinstance(strength, torch.Tensor) else strength
         _, c = _factor_and_solve(xa, za, eps)
-        proj = (c.unsqueeze(-2) @ za).squeeze(-2)  # Z^T c, [..., D]
-        return (xa - s * proj).to(out_dtype)
+        # s c first, as the kernels do: a non-finite strength then gives their Inf/NaN pattern
+        return (xa - ((s * c).unsqueeze(-2) @ za).squeeze(-2)).to(out_dtype)
 
 
 def purify_jvp(x, z, strength, eps, x_t, z_t, strength_t):

@@ -260,6 +260,17 @@ def test_infinite_strength_is_rejected_on_every_backend():
         PurifyLayer(float("inf"))
 
 
+def test_non_finite_strength_tensor_gives_the_same_pattern_on_every_backend(device):
+    # A tensor strength is not read on the host (that would synchronize the device): its
+    # non-finite values give non-finite outputs, the same ones on every backend.
+    x, z = torch.randn(3, 8, device=device), torch.randn(3, 2, 8, device=device)
+    z[1] = 0
+    for value in (float("inf"), float("-inf"), float("nan")):
+        s = torch.tensor(value, device=device)
+        fused, ref = purify(x, z, strength=s), purify(x, z, strength=s, backend="reference")
+        assert torch.equal(fused.isnan(), ref.isnan()) and torch.equal(fused.isinf(), ref.isinf())
+
+
 @pytest.mark.parametrize("which", ["x", "z"])
 def test_sparse_inputs_raise_type_error(which):
     x, z = torch.randn(3, 8), torch.randn(3, 8)
