@@ -1,5 +1,6 @@
 // The op schemas of purified_ops and the plain build-info binding. Implementations live in
 // cpu/ and cuda/ (TORCH_LIBRARY_IMPL), fake kernels and autograd in purified_ops/ops.py.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -24,6 +25,16 @@ TORCH_LIBRARY(purified_ops, m) {
   m.def(purified_ops::kBackwardSchema);
   m.def(purified_ops::kForwardOutSchema);
   m.def(purified_ops::kBackwardOutSchema);
+}
+
+// Autograd kernel of the functional ops: they record no gradient formula of their own
+// (gradients come from PurifyFunction, which calls them with grad mode off). A raw call with an
+// input that requires grad gets an output whose backward raises "derivative for
+// purified_ops::purify_forward is not implemented" instead of leaving x.grad silently None.
+// Raising at the call instead would break tracers that run the Function's forward with grad on.
+TORCH_LIBRARY_IMPL(purified_ops, Autograd, m) {
+  m.impl("purify_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("purify_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

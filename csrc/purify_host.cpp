@@ -4,6 +4,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace purified_ops {
 
@@ -64,6 +65,14 @@ void check_forward_args(const at::Tensor& x, const at::Tensor& z, const at::Tens
                     "purify: strength must be a 0-dim ", accumulate_type(x.scalar_type()),
                     " tensor, got shape ", strength.sizes(), " and dtype ", strength.scalar_type());
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "purify: eps must be finite and > 0, got ", eps);
+  // A normal number of the arithmetic dtype: CUDA flushes a subnormal one to zero (and G of a
+  // zero z would be singular). The Python API checks the same range (_validate.check_eps_range).
+  const auto acc = accumulate_type(x.scalar_type());
+  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const double big = acc == at::kDouble ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+  TORCH_CHECK_VALUE(eps >= tiny && eps <= big, "purify: eps must be between ", tiny, " and ", big,
+                    " (the normal ", acc, " numbers, the arithmetic dtype of ", x.scalar_type(),
+                    " inputs), got ", eps);
 }
 
 void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,

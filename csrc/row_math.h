@@ -26,12 +26,16 @@ PURIFY_HD double unit_roundoff<double>() { return 2.220446049250313e-16; }
 // In place: the lower triangle of the row-major K x K matrix `a` (holding G) becomes its
 // Cholesky factor L (G = L L^T); the strict upper triangle is set to zero.
 //
-// Pivot floor: for G = A + eps I with A positive semi-definite every pivot is >= eps in exact
-// arithmetic. A computed pivot can still fall below that when a direction is (numerically)
-// dependent on the earlier ones, since rounding in G is ~K u G_jj; the noise then grows through
-// the factor into Inf or NaN. So pivots are floored at max(eps, 4 K u G_jj): exact math where G
-// is resolvable in this precision, and where it is not (|z|^2 / eps beyond 1/u), the factor of a
-// G whose dependent directions get a regularization at the rounding level, which stays finite.
+// For G = A + eps I with A positive semi-definite, in exact arithmetic every pivot is >= eps and
+// every entry obeys |L_ij| <= sqrt(G_ii - sum_{p<j} L_ip^2) (Cauchy-Schwarz on the Schur
+// complement). Where a direction is (numerically) dependent on earlier ones, rounding breaks both:
+// a pivot is noise at the level K u G_jj, and dividing the column's residuals (noise too) by it
+// makes entries far beyond the bound, which the next columns square and amplify into Inf or NaN.
+// So pivots are floored at max(eps, 4 K u G_jj) and each entry is clamped to its bound. Where G
+// is resolvable in this precision neither acts (exact math); where not (|z|^2 / eps beyond 1/u,
+// dependent directions, K > D), L is the factor of G plus a rounding-level perturbation, so it
+// stays finite and the solves are as accurate as the conditioning of G allows.
+// Operation order is mirrored exactly by warp_cholesky (cuda/purify_kernels.cuh).
 template <typename T>
 PURIFY_HD void cholesky_inplace(T* a, int K, T eps) {
   const T rel = T(4) * T(K) * unit_roundoff<T>();
@@ -46,8 +50,14 @@ PURIFY_HD void cholesky_inplace(T* a, int K, T eps) {
     const T inv = T(1) / r;
     for (int i = j + 1; i < K; ++i) {
       T v = a[i * K + j];
-      for (int p = 0; p < j; ++p) v -= a[i * K + p] * a[j * K + p];
-      a[i * K + j] = v * inv;
+      T rem = a[i * K + i];  // G_ii, then G_ii - sum_{p<j} L_ip^2
+      for (int p = 0; p < j; ++p) {
+        v -= a[i * K + p] * a[j * K + p];
+        rem -= a[i * K + p] * a[i * K + p];
+      }
+      const T bound = std::sqrt(rem > T(0) ? rem : T(0));
+      const T l = v * inv;
+      a[i * K + j] = l < -bound ? -bound : (l > bound ? bound : l);  // a NaN bound (NaN row) keeps l
       a[j * K + i] = T(0);
     }
   }

@@ -5,7 +5,6 @@ TypeError for non-tensors and non-floating dtypes. Messages name the offending s
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -30,17 +29,36 @@ class PurifyArgs:
 def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"purify: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"purify: {name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"purify: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+# Python numbers, and the symbolic floats torch.compile passes for them under dynamic shapes.
+_REALS = (numbers.Real, torch.SymFloat, torch.SymInt)
+
+
+def check_eps(eps):
+    """eps as a float (a SymFloat stays symbolic); finite and > 0. Comparisons only, so a
+    SymFloat is checked by guards instead of being specialized."""
+    if isinstance(eps, bool) or not isinstance(eps, _REALS):
         raise TypeError(f"purify: eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps <= 0:
+    if isinstance(eps, numbers.Real):
+        eps = float(eps)
+    if not 0 < eps < math.inf:  # also false for NaN
         raise ValueError(f"purify: eps must be finite and > 0, got {eps}")
     return eps
+
+
+def check_eps_range(eps, acc: torch.dtype) -> None:
+    """eps must be a normal number of the arithmetic dtype: a subnormal one is flushed to zero
+    by CUDA's fast paths (and loses precision elsewhere), and G would then be singular."""
+    info = torch.finfo(acc)
+    if not info.tiny <= eps <= info.max:
+        dtypes = "float64" if acc == torch.float64 else "float16, bfloat16 and float32"
+        raise ValueError(f"purify: eps must be between {info.tiny:.6g} and {info.max:.6g} (the normal {acc} "
+                         f"numbers, the arithmetic dtype of {dtypes} inputs), got {eps}")
 
 
 def check_strength(strength) -> None:
@@ -49,8 +67,10 @@ def check_strength(strength) -> None:
             raise ValueError(f"purify: strength must be a float or a 0-dim tensor, got shape {tuple(strength.shape)}")
         if not strength.is_floating_point():
             raise TypeError(f"purify: a strength tensor must be floating point, got {strength.dtype}")
-    elif isinstance(strength, bool) or not isinstance(strength, numbers.Real):
+    elif isinstance(strength, bool) or not isinstance(strength, _REALS):
         raise TypeError(f"purify: strength must be a float or a 0-dim tensor, got {type(strength).__name__}")
+    elif not -math.inf < strength < math.inf:  # inf times a zero projection would be NaN
+        raise ValueError(f"purify: strength must be finite, got {strength}")
 
 
 def check_shapes(x: torch.Tensor, z: torch.Tensor) -> None:
@@ -72,16 +92,10 @@ def check_shapes(x: torch.Tensor, z: torch.Tensor) -> None:
                              f"never x over z's); got x {tuple(x.shape)} and z {tuple(z.shape)}")
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Read-only constants: making a tensor per call costs more than a small op's kernel.
-    return torch.tensor(value, dtype=dtype, device=device)
-
-
-def strength_tensor(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # traced code makes its own constant
-        return torch.tensor(value, dtype=dtype, device=device)
-    return _cached_scalar(value, dtype, device)
+def strength_tensor(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Made per call, never cached: a tensor kept across calls would outlive the mode it was made
+    # in (inference_mode, FakeTensorMode, jit.trace) and break the next call.
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def check_purify_args(x, z, strength, eps) -> PurifyArgs:
@@ -93,14 +107,21 @@ def check_purify_args(x, z, strength, eps) -> PurifyArgs:
     check_shapes(x, z)
     eps = check_eps(eps)
     check_strength(strength)
+    check_eps_range(eps, accumulate_dtype(torch.promote_types(x.dtype, z.dtype)))
+    if isinstance(strength, torch.Tensor) and strength.device != x.device and strength.device.type != "cpu":
+        raise ValueError(f"purify: strength must be on x's device ({x.device}) or a CPU scalar, "
+                         f"got {strength.device}")
+    return canonical_args(x, z, strength, eps)
+
+
+def canonical_args(x, z, strength, eps) -> PurifyArgs:
+    """The kernels' form of arguments already checked: promoted dtype, z as [..., K, D], strength
+    as a 0-dim tensor of the accumulate dtype on x's device."""
     dtype = x.dtype if x.dtype == z.dtype else torch.promote_types(x.dtype, z.dtype)
     acc = accumulate_dtype(dtype)
     if isinstance(strength, torch.Tensor):
-        if strength.device != x.device and strength.device.type != "cpu":
-            raise ValueError(f"purify: strength must be on x's device ({x.device}) or a CPU scalar, "
-                             f"got {strength.device}")
         s = strength.to(device=x.device, dtype=acc)
     else:
-        s = strength_tensor(float(strength), acc, x.device)
+        s = strength_tensor(strength, acc, x.device)
     z = as_directions(x, z)
     return PurifyArgs(x if x.dtype == dtype else x.to(dtype), z if z.dtype == dtype else z.to(dtype), s, eps)

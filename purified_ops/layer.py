@@ -91,6 +91,12 @@ class PurifyLayer(nn.Module):
         y = purify(x.movedim(dim, -1), z_rows, strength=self.strength, eps=self.eps)
         return y.movedim(-1, dim)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: say what works instead of a compiler error deep in
+        # the checks.
+        raise RuntimeError("PurifyLayer does not support torch.jit.script: its checks and its autograd.Function "
+                           "are Python. torch.jit.trace, torch.compile and torch.export support it.")
+
     def extra_repr(self) -> str:
         s = float(self.strength.detach()) if self.learnable_strength else self.strength
         return (f"strength={s}, learnable_strength={self.learnable_strength}, eps={self.eps}, "

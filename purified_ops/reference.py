@@ -11,9 +11,12 @@ when no compiled kernel serves.  Inputs are assumed valid: validation lives in
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-__all__ = ["purify", "purify_backward", "accumulate_dtype", "as_directions"]
+__all__ = ["purify", "purify_backward", "purify_jvp", "regularized_cholesky", "cholesky_solve", "accumulate_dtype",
+           "as_directions"]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,12 +29,62 @@ def as_directions(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return z.unsqueeze(-2) if z.dim() == x.dim() else z
 
 
-def _solve_coefficients(xa, za, eps):
+def regularized_cholesky(gram: torch.Tensor, eps: float) -> torch.Tensor:
+    """The lower Cholesky factor of ``gram`` (``Z Z^T + eps I``, ``[..., K, K]``) with the
+    kernels' regularization (``cholesky_inplace`` in csrc/row_math.h), differentiable by autograd.
+
+    In exact arithmetic every pivot is ``>= eps`` and ``|L_ij| <= sqrt(G_ii - sum_{p<j} L_ip^2)``.
+    For directions dependent on earlier ones (and K > D), rounding breaks both and the factor
+    blows up into Inf or NaN; so pivots are floored at ``max(eps, 4 K u G_jj)`` (``u`` the
+    machine epsilon of the dtype) and entries clamped to that bound. Neither acts where ``G`` is
+    resolvable in this precision; elsewhere the factor is that of ``G`` plus a rounding-level
+    perturbation.
+    """
+    k = gram.shape[-1]
+    rel = 4 * k * torch.finfo(gram.dtype).eps
+    rows = torch.arange(k, device=gram.device)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    cols = []
+    for j in range(k):
+        v, rem = gram[..., :, j], diag
+        if j:
+            done = torch.stack(cols, -1)  # [..., K, j]: the columns so far
+            v = v - (done @ done[..., j, :].unsqueeze(-1)).squeeze(-1)
+            rem = rem - done.square().sum(-1)
+        gjj = gram[..., j, j]
+        floor = torch.clamp(rel * gjj, min=eps)
+        d = v[..., j]
+        d = torch.where(d > floor, d, floor)  # a NaN pivot maps to the floor, as in the kernels
+        r = d.sqrt().unsqueeze(-1)
+        # floored above zero (not at it) so that sqrt's derivative stays finite where unused
+        bound = rem.clamp(min=torch.finfo(rem.dtype).tiny).sqrt()
+        below = torch.clamp(v / r, -bound, bound)
+        cols.append(torch.where(rows > j, below, torch.where(rows == j, r, torch.zeros_like(r))))
+    return torch.stack(cols, -1)
+
+
+def cholesky_solve(chol: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^{-1} rhs`` for ``rhs [..., K]``; ``chol``'s batch dims broadcast against rhs's."""
+    b = rhs.unsqueeze(-1)
+    chol = chol.expand(*b.shape[:-2], *chol.shape[-2:])
+    w = torch.linalg.solve_triangular(chol, b, upper=False)
+    return torch.linalg.solve_triangular(chol.transpose(-1, -2), w, upper=True).squeeze(-1)
+
+
+def _factor_and_solve(xa, za, eps):
+    """The regularized factor of G = Z Z^T + eps I and c = G^{-1} Z x (c broadcast over z's rows)."""
     gram = za @ za.transpose(-1, -2)
     gram = gram + eps * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    rhs = (za @ xa.unsqueeze(-1)).squeeze(-1)  # Z x, [..., K], broadcast over z's leading dims
-    gram = gram.expand(*rhs.shape[:-1], *gram.shape[-2:])
-    return gram, torch.linalg.solve(gram, rhs)
+    chol = regularized_cholesky(gram, eps)
+    return chol, cholesky_solve(chol, (za @ xa.unsqueeze(-1)).squeeze(-1))
+
+
+def _no_autocast(device: torch.device):
+    """The math runs in the accumulate dtype also inside an autocast region (which would round
+    its products to 16 bits)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6) -> torch.Tensor:
@@ -42,11 +95,48 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6)
     """
     out_dtype = torch.promote_types(x.dtype, z.dtype)
     acc = accumulate_dtype(out_dtype)
-    xa, za = x.to(acc), as_directions(x, z).to(acc)
-    s = strength.to(acc) if isinstance(strength, torch.Tensor) else strength
-    _, c = _solve_coefficients(xa, za, eps)
-    proj = (c.unsqueeze(-2) @ za).squeeze(-2)  # Z^T c, [..., D]
-    return (xa - s * proj).to(out_dtype)
+    with _no_autocast(x.device):
+        xa, za = x.to(acc), as_directions(x, z).to(acc)
+        s = strength.to(acc) if isinstance(strength, torch.Tensor) else strength
+        _, c = _factor_and_solve(xa, za, eps)
+        # s c first, as the kernels do: a non-finite strength then gives their Inf/NaN pattern
+        return (xa - ((s * c).unsqueeze(-2) @ za).squeeze(-2)).to(out_dtype)
+
+
+def purify_jvp(x, z, strength, eps, x_t, z_t, strength_t):
+    """The forward-mode derivative of :func:`purify`: the tangent of y for the tangents of x, z
+    and strength (each may be None, meaning zero), differentiable itself.
+
+    With ``p = Z^T c``, ``w = x_t - Z_t^T c`` and ``v = G^{-1} (Z_t (x - p) + Z w)``::
+
+        y_t = x_t - s_t p - s (Z_t^T c + Z^T v)
+
+    ``z`` and ``z_t`` must be ``[..., K, D]``. Returns y_t in the promoted dtype of x and z.
+    """
+    out_dtype = torch.promote_types(x.dtype, z.dtype)
+    acc = accumulate_dtype(out_dtype)
+    with _no_autocast(x.device):
+        xa, za = x.to(acc), z.to(acc)
+        s = strength.to(acc) if isinstance(strength, torch.Tensor) else strength
+        chol, c = _factor_and_solve(xa, za, eps)
+        p = (c.unsqueeze(-2) @ za).squeeze(-2)
+        y_t = torch.zeros_like(p)
+        if x_t is not None or z_t is not None:
+            w = x_t.to(acc) if x_t is not None else torch.zeros_like(xa)
+            if z_t is not None:
+                zta = z_t.to(acc)
+                zt_c = (c.unsqueeze(-2) @ zta).squeeze(-2)
+                w = w - zt_c
+                r = (zta @ (xa - p).unsqueeze(-1)).squeeze(-1) + (za @ w.unsqueeze(-1)).squeeze(-1)
+            else:
+                zt_c, r = 0, (za @ w.unsqueeze(-1)).squeeze(-1)
+            v = cholesky_solve(chol, r)
+            y_t = y_t - s * (zt_c + (v.unsqueeze(-2) @ za).squeeze(-2))
+            if x_t is not None:
+                y_t = y_t + x_t.to(acc)
+        if strength_t is not None:
+            y_t = y_t - strength_t.to(acc) * p
+        return y_t.to(out_dtype)
 
 
 def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
@@ -67,14 +157,15 @@ def purify_backward(grad_y, x, z, strength, eps):
     dx of x's shape, dz of z's shape (summed over broadcast rows), ds a 0-dim tensor.
     """
     acc = accumulate_dtype(torch.promote_types(x.dtype, z.dtype))
-    xa, za, ga = x.to(acc), z.to(acc), grad_y.to(acc)
-    s = strength.to(acc) if isinstance(strength, torch.Tensor) else torch.tensor(strength, dtype=acc, device=x.device)
-    gram, c = _solve_coefficients(xa, za, eps)
-    u = torch.linalg.solve(gram, (za @ ga.unsqueeze(-1)).squeeze(-1))
-    p = (c.unsqueeze(-2) @ za).squeeze(-2)
-    q = (u.unsqueeze(-2) @ za).squeeze(-2)
-    dx = ga - s * q
-    dz_rows = -s * (c.unsqueeze(-1) * (ga - q).unsqueeze(-2) + u.unsqueeze(-1) * (xa - p).unsqueeze(-2))
-    dz = _sum_to(dz_rows, z.shape)
-    ds = -(ga * p).sum()
-    return dx, dz, ds
+    with _no_autocast(x.device):
+        xa, za, ga = x.to(acc), z.to(acc), grad_y.to(acc)
+        s = strength.to(acc) if isinstance(strength, torch.Tensor) else strength
+        chol, c = _factor_and_solve(xa, za, eps)
+        u = cholesky_solve(chol, (za @ ga.unsqueeze(-1)).squeeze(-1))
+        p = (c.unsqueeze(-2) @ za).squeeze(-2)
+        q = (u.unsqueeze(-2) @ za).squeeze(-2)
+        dx = ga - s * q
+        dz_rows = -s * (c.unsqueeze(-1) * (ga - q).unsqueeze(-2) + u.unsqueeze(-1) * (xa - p).unsqueeze(-2))
+        dz = _sum_to(dz_rows, z.shape)
+        ds = -(ga * p).sum()
+        return dx, dz, ds

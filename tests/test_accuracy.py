@@ -41,7 +41,7 @@ def _run(entry, x, z, strength, grad):
         s = layer.strength
     else:
         s = strength.detach().to(x.device).requires_grad_()
-        y = PurifyFunction.apply(x, z, s, 1e-6) if entry == "function" else purified_ops.purify(x, z, strength=s)
+        y = PurifyFunction.apply(x, z, s, 1e-6)[0] if entry == "function" else purified_ops.purify(x, z, strength=s)
     gx, gz, gs = torch.autograd.grad(y, (x, z, s), grad)
     return y, gx, gz, gs
 

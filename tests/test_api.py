@@ -12,7 +12,7 @@ from purified_ops import PurifyFunction, PurifyLayer, purify, reference
 
 ENTRY_POINTS = {
     "purify": lambda x, z, **kw: purify(x, z, **kw),
-    "function": lambda x, z, strength=1.0, eps=1e-6: PurifyFunction.apply(x, z, strength, eps),
+    "function": lambda x, z, strength=1.0, eps=1e-6: PurifyFunction.apply(x, z, strength, eps)[0],
     "layer": lambda x, z, strength=1.0, eps=1e-6: PurifyLayer(strength, eps=eps)(x, z),
 }
 

@@ -112,7 +112,7 @@ def _entry(name, x, z, strength, eps, backend):
     if name == "purify":
         return purify(x, z, strength=strength, eps=eps, backend=backend)
     if name == "function":
-        return PurifyFunction.apply(x, z, strength, eps)
+        return PurifyFunction.apply(x, z, strength, eps)[0]
     return PurifyLayer(strength, eps=eps)(x, z)
 
 

@@ -316,11 +316,15 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
 
 // Warp-lane-parallel Cholesky factor of G (lane i < KB holds row i in g[]), in the operation
 // order of cholesky_inplace (row_math.h) with its pivot floor max(eps, 4 K u G_jj) for the
-// real K (padded rows have G_jj = eps, so their floor is eps). On return lane i holds row i
-// of L (upper part zero).
+// real K (padded rows have G_jj = eps, so their floor is eps) and its clamp of each entry to
+// sqrt(G_ii - sum_{p<j} L_ip^2), which a lane keeps as a running value in the same order. On
+// return lane i holds row i of L (upper part zero).
 template <typename A, int KB>
 __device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane) {
   const A rel = A(4) * A(K) * unit_roundoff<A>();
+  A rem = A(0);  // this lane's G_ii, then G_ii - sum_{p<j} L_ip^2
+#pragma unroll
+  for (int p = 0; p < KB; ++p) rem = p == lane ? g[p] : rem;
 #pragma unroll
   for (int j = 0; j < KB; ++j) {
     const A gjj = __shfl_sync(kFull, g[j], j);
@@ -332,7 +336,11 @@ __device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane
     d = d > floor ? d : floor;
     const A r = sqrt(d);
     const A inv = A(1) / r;
-    g[j] = lane == j ? r : (lane > j ? v * inv : A(0));
+    const A bound = sqrt(rem > A(0) ? rem : A(0));
+    const A l = v * inv;
+    const A lc = l < -bound ? -bound : (l > bound ? bound : l);
+    g[j] = lane == j ? r : (lane > j ? lc : A(0));
+    if (lane > j) rem -= lc * lc;
   }
 }
 
