@@ -2,7 +2,7 @@
 # The CPU benchmark behind the README's table: purify against the eager formula and
 # torch.compile of it, all providers interleaved in one process per sweep, the copy bandwidth
 # (torch.add out=) measured alongside. Writes benchmarks/results/cpu.csv (upserted), the plots,
-# and cpu_summary.md (the targets of issue 4). Run it on a quiet machine: ~5 minutes on 2 cores.
+# and cpu_summary.md (the CPU speed targets). Run it on a quiet machine: ~5 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -1,4 +1,4 @@
-"""Markdown summary of a CPU benchmark CSV: the figures issue 4 sets targets for, and a table of
+"""Markdown summary of a CPU benchmark CSV: the CPU speed targets (README, Performance), and a table of
 every full-step (forward + backward) measurement.
 
     python benchmarks/summarize.py benchmarks/results/cpu.csv

@@ -6,13 +6,14 @@ bytes of DESIGN.md section 4, as a share of a copy bandwidth measured in the sam
 speedups over the two baselines. Results append to a long-format CSV (one row per measurement,
 upserted by key) that benchmarks/plot.py turns into plots.
 
-The GPU sweep of issue 3 (``purified-ops bench --device cuda --preset cuda``, run by
+The GPU sweep (``purified-ops bench --device cuda --preset cuda``, run by
 benchmarks/gpu_check.sh) is the same code with a time budget: rows are written after every case,
 so a run cut short still leaves its numbers, and a failing provider (out of memory, a compile
 error) costs its own row, not the run.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -54,18 +55,24 @@ def eager_formula(x: torch.Tensor, z: torch.Tensor, strength: float = 1.0, eps: 
     return x - strength * (z.transpose(-1, -2) @ c).squeeze(-1)
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(dynamic: bool) -> Callable:
+@contextlib.contextmanager
+def compile_settings():
+    """torch.compile settings a benchmark needs while it compiles, restored on exit (no global
+    side effects): a sweep compiles one graph per shape (dynamic=False), and past dynamo's default
+    recompile limit of 8 it would silently run the eager code instead; the "backward" mode replays
+    one graph (retain_graph=True), which donated buffers forbid (they save memory, not time).
+    Compiling happens in a provider's warm-up (prepare_runs), so only that runs under it."""
     import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
 
-    # A sweep compiles one graph per shape (dynamic=False); past dynamo's default limit of 8 it
-    # would silently run the eager code instead, and the comparison would be wrong.
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 1024)
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
-    # The "backward" mode replays one graph (retain_graph=True), which donated buffers forbid;
-    # they save memory, not time.
-    functorch_config.donated_buffer = False
+    with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, 1024),
+                             accumulated_recompile_limit=max(dynamo_config.accumulated_recompile_limit, 4096)), \
+            functorch_config.patch(donated_buffer=False):
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(dynamic: bool) -> Callable:
     return torch.compile(eager_formula, dynamic=dynamic)
 
 
@@ -161,8 +168,9 @@ def l2_bytes(device: str) -> int:
     return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
 
 
-def _saved_bytes(fn, x, z) -> int:
-    """Bytes autograd saves for the backward of one call (shared storages counted once)."""
+def saved_storages(fn: Callable, *inputs):
+    """Runs ``fn(*inputs)``; returns its output and ``{storage pointer: bytes}`` of what autograd
+    saved for the backward beyond the inputs' own storages (a shared storage counted once)."""
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -172,9 +180,9 @@ def _saved_bytes(fn, x, z) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x, z)
-    inputs = {x.untyped_storage().data_ptr(), z.untyped_storage().data_ptr()}
-    return sum(n for p, n in seen.items() if p not in inputs)
+        out = fn(*inputs)
+    own = {t.untyped_storage().data_ptr() for t in inputs}
+    return out, {p: n for p, n in seen.items() if p not in own}
 
 
 def _peak_bytes(run: Callable[[], None], device: str) -> int:
@@ -222,6 +230,18 @@ def _step(provider: str, mode: str, x, z, g, functions: dict[str, Callable] = FU
     def run():
         torch.autograd.grad(y, (x, z), g, retain_graph=True)
     return run
+
+
+def prepare_runs(provider: str, case: Case, sets, functions: dict[str, Callable] = FUNCTIONS,
+                 warmup: int = 3) -> list[Callable[[], None]]:
+    """The provider's timed unit of work on each input set, warmed up (compiled, for "compile")
+    and synchronized: what measure_case times and what the pytest-benchmark suite times."""
+    with compile_settings():  # the "backward" step records its graph (and compiles) when made
+        runs = [_step(provider, case.mode, *s, functions) for s in sets]
+        for i in range(warmup):
+            runs[i % len(runs)]()
+    _sync(case.device)
+    return runs
 
 
 def _kernel_step(mode: str, x, z, g):
@@ -295,10 +315,7 @@ def measure_case(case: Case, providers: Iterable[str] = PROVIDERS, reps: int = 3
     runs: dict[str, list[Callable[[], None]]] = {}
     for p in names:
         try:
-            runs[p] = [_step(p, case.mode, *s, functions) for s in sets]
-            for i in range(warmup):
-                runs[p][i % copies]()
-            _sync(case.device)
+            runs[p] = prepare_runs(p, case, sets, functions, warmup)
         except Exception as exc:  # noqa: BLE001 - one provider's failure must not stop the others
             runs.pop(p, None)
             _release(case.device)
@@ -316,7 +333,7 @@ def measure_case(case: Case, providers: Iterable[str] = PROVIDERS, reps: int = 3
     x, z = (t.detach().requires_grad_(True) for t in sets[0][:2])
     results = []
     for p in runs:
-        saved = _saved_bytes(functions[p], x, z) / 2**20 if p in functions else 0.0
+        saved = sum(saved_storages(functions[p], x, z)[1].values()) / 2**20 if p in functions else 0.0
         peak = _peak_bytes(runs[p][0], case.device) / 2**20
         results.append(Measurement(case, p, samples[p], saved, peak))
     return results
@@ -452,7 +469,7 @@ def cases_for(device: str, dtypes, Ns, Ds, Ks, modes) -> list[Case]:
 # The sweep of `purified-ops bench` where neither a preset nor a flag sets a value.
 DEFAULTS = dict(dtypes=["float32"], N=[2048, 8192], D=[1024], K=[1, 4], modes=list(MODES), reps=30, max_gib=None,
                 compile_dynamic=False)
-# Sweeps by name (`purified-ops bench --preset NAME`). "cuda" is issue 3's: forward and backward,
+# Sweeps by name (`purified-ops bench --preset NAME`). "cuda" is the GPU sweep: forward and backward,
 # K in {1, 4, 16}, bfloat16 and float32, N = 32768, D from 256 to 16384, each case within
 # max_gib of minimal full-step bytes (Case.fit lowers N where z alone would not fit), compile
 # with dynamic shapes (8 graphs for the sweep instead of one per shape and mode).
@@ -462,3 +479,13 @@ PRESETS = {
                  modes=["forward", "backward"], reps=20, max_gib=8.0, compile_dynamic=True),
 }
 DRY_RUN = dict(N=[64], D=[256, 1000], reps=3)
+
+
+def sweep_settings(preset: str | None = None, given: dict | None = None, dry_run: bool = False) -> dict:
+    """The settings of one sweep: DEFAULTS < the preset < values given (flags) < --dry-run's sizes."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    unknown = set(given or {}) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **PRESETS.get(preset, {}), **(given or {}), **(DRY_RUN if dry_run else {})}

@@ -64,10 +64,8 @@ def _bench(args) -> int:
         print("purified-ops bench: no CUDA device here (--dry-run --device cpu checks a sweep on the CPU)",
               file=sys.stderr)
         return 2
-    # defaults < the preset < flags given < --dry-run's sizes
     given = {k: getattr(args, k) for k in bench.DEFAULTS if getattr(args, k) is not None}
-    settings = {**bench.DEFAULTS, **bench.PRESETS.get(args.preset, {}), **given,
-                **(bench.DRY_RUN if args.dry_run else {})}
+    settings = bench.sweep_settings(args.preset, given, args.dry_run)
     cases = bench.cases_for(args.device, settings["dtypes"], settings["N"], settings["D"], settings["K"],
                             settings["modes"])
     copy = "torch.add(a, b, out=c)" if args.device == "cpu" else "a device-to-device copy"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from purified_ops import bench
@@ -124,3 +125,33 @@ def test_cli_dry_run_of_the_cuda_preset_on_the_cpu(tmp_path, capsys):
     for r in rows:
         assert float(r["gbps"]) > 0 and float(r["pct_of_copy"]) > 0 and r["torch"] == torch.__version__
     assert "device:" in capsys.readouterr().out
+
+
+def test_sweep_settings_precedence():
+    s = bench.sweep_settings("cuda", {"dtypes": ["float32"], "reps": 5})
+    assert s["dtypes"] == ["float32"] and s["reps"] == 5  # flags given beat the preset
+    assert s["K"] == bench.PRESETS["cuda"]["K"] and s["compile_dynamic"] is True  # the preset beats the defaults
+    assert bench.sweep_settings()["N"] == bench.DEFAULTS["N"]
+    assert bench.sweep_settings("cuda", {"N": [4]}, dry_run=True)["N"] == bench.DRY_RUN["N"]  # dry run beats all
+    with pytest.raises(ValueError, match="preset"):
+        bench.sweep_settings("nope")
+    with pytest.raises(ValueError, match="settings"):
+        bench.sweep_settings(None, {"bogus": 1})
+
+
+def test_benchmarking_compile_leaves_torch_settings_alone():
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
+
+    def current():
+        return (dynamo_config.recompile_limit, dynamo_config.accumulated_recompile_limit,
+                functorch_config.donated_buffer)
+
+    before = current()
+    with bench.compile_settings():
+        assert dynamo_config.recompile_limit >= 1024 and functorch_config.donated_buffer is False
+    assert current() == before
+    cases = bench.cases_for("cpu", ["float32"], [16], [32], [1], ["backward"])
+    rows = bench.sweep(cases, ["compile"], reps=2, warmup=1, log=lambda _: None)
+    assert {r["provider"] for r in rows} == {"compile"}  # compiled and replayed (no donated buffers)
+    assert current() == before

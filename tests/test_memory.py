@@ -3,20 +3,7 @@ an N x D intermediate."""
 import torch
 
 from purified_ops import PurifyLayer
-
-
-def _saved(fn, *inputs):
-    """Storages autograd saves for the backward, other than the inputs' own."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*inputs)
-    own = {t.untyped_storage().data_ptr() for t in inputs}
-    return out, {p: n for p, n in saved.items() if p not in own}
+from purified_ops.bench import saved_storages
 
 
 def test_training_step_saves_no_row_by_feature_tensor(device):
@@ -24,7 +11,7 @@ def test_training_step_saves_no_row_by_feature_tensor(device):
     x = torch.randn(N, D, device=device, requires_grad=True)
     z = torch.randn(N, K, D, device=device, requires_grad=True)
     layer = PurifyLayer(learnable_strength=True).to(device)
-    y, extra = _saved(layer, x, z)
+    y, extra = saved_storages(layer, x, z)
     row_values = N * K * 4 + N * K * K * 4  # coeff and the Cholesky factors, float32
     assert sum(extra.values()) <= row_values + 64, extra
     assert all(n < N * D * 4 for n in extra.values())
