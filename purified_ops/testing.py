@@ -9,7 +9,6 @@ A *backend* is a pair of raw ops with the schemas of ``purified_ops::purify_forw
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import sys
@@ -20,7 +19,7 @@ from typing import Callable
 import torch
 
 from . import reference
-from .ops import PurifyFunction, available_backends, purify
+from .ops import PurifyFunction, available_backends, emulated_cuda_ops, purify
 
 __all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_roundoff", "gram_condition",
            "conditioned_row_bound", "truth_rank_deficient", "rank_deficient_bound", "row_err",
@@ -118,16 +117,6 @@ class Backend:
     public: bool = False
 
 
-def _emulated_cuda_ops():
-    """The emulated CUDA kernels' ops namespace where that build is present, else None (importing
-    the module registers them)."""
-    try:
-        importlib.import_module("purified_ops._cuda_emu")
-    except ImportError:
-        return None
-    return torch.ops.purified_ops_cuda_emu
-
-
 def discover_backends(device: str = "all") -> list[Backend]:
     """The backends that run here on ``device`` ("cpu", "cuda" or "all")."""
     if device not in ("cpu", "cuda", "all"):
@@ -138,7 +127,7 @@ def discover_backends(device: str = "all") -> list[Backend]:
     for name in ("cpu", "cuda"):
         if name in compiled and device in (name, "all"):
             found.append(Backend(name, name, ops.purify_forward, ops.purify_backward, public=True))
-    if device in ("cpu", "all") and (emu := _emulated_cuda_ops()) is not None:
+    if device in ("cpu", "all") and (emu := emulated_cuda_ops()) is not None:
         found.append(Backend("cuda-emulated", "cpu", emu.purify_forward, emu.purify_backward))
     return found
 
