@@ -61,6 +61,7 @@ GRATING_ARMS = ("plain", "multitask", "shared", "per_sample", "oracle_shared", "
 PURIFIED_ARMS = ("purified", "shared", "per_sample")
 ORACLE_ARMS = ("oracle_shared", "oracle_per_sample")
 BANK_K = 2                   # directions per grating class of the per-sample arm
+BANK_TOP = 2                 # most probable classes whose subspaces the per-sample arm removes (validation)
 VARIANTS = ("subspace", "per_sample")
 SUBSPACE_K = 16              # directions of pixel space removed by the subspace variant
 REGIMES = ("correlated", "independent")
@@ -230,7 +231,7 @@ def _irrelevant_logits(dim: int, nuisance: str) -> nn.Module:
 def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
               detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K,
               nuisance: str = "texture", bank_k: int = BANK_K, hard: bool = True,
-              bank_top: int = 1) -> PurifiedNet:
+              bank_top: int = BANK_TOP) -> PurifiedNet:
     """The arms; the main encoder and task head get the same initial weights in all of them.
 
     ``variant`` picks the texture's purified arm: ``"subspace"`` purifies the input pixels against
@@ -295,7 +296,7 @@ def run_one(arm: str, regime: str, n_train: int, seed: int, *, steps: int, batch
             detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K,
             balance_irrelevant: bool = False, evaluate_on: str = "test", nuisance: str = "texture",
             bank_k: int = BANK_K, hard: bool = True, bank_init: str = "moments",
-            stage1_steps: int | None = None, bank_top: int = 1) -> float:
+            stage1_steps: int | None = None, bank_top: int = BANK_TOP) -> float:
     """Trains one arm and returns its task accuracy on the test set (or ``"validation"``)."""
     train, test = load_data(n_train, seed, regime, rho=rho, nuisance=nuisance)
     if evaluate_on == "validation":
@@ -419,6 +420,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"directions of the subspace variant and of the grating's shared arm (default {SUBSPACE_K})")
     p.add_argument("--bank-k", type=int, default=BANK_K,
                    help=f"grating's per-sample arm: directions per grating class (default {BANK_K})")
+    p.add_argument("--bank-top", type=int, default=BANK_TOP,
+                   help=f"grating's per-sample arm: z stacks the subspaces of this many most probable "
+                        f"classes (default {BANK_TOP})")
     p.add_argument("--bank-init", choices=("moments", "random"), default="moments",
                    help="grating's per-sample arm: class subspaces start from each class's excess second "
                         "moment (default) or at random, then learn the labels")
@@ -450,8 +454,8 @@ def run(args) -> dict:
     sizes = sorted(set(args.sizes) | {args.default_size})
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
-    if args.k < 1 or args.bank_k < 1:
-        raise SystemExit("--k and --bank-k must be >= 1")
+    if args.k < 1 or args.bank_k < 1 or not 1 <= args.bank_top <= math.prod(GRATING_CLASSES):
+        raise SystemExit(f"--k and --bank-k must be >= 1, --bank-top in [1, {math.prod(GRATING_CLASSES)}]")
     arms = demo_arms(args.nuisance)
     jobs = [(r, n, s, a) for r in regimes for n in sizes for s in range(args.seeds) for a in arms]
     results = {r: {n: {a: [] for a in arms} for n in sizes} for r in regimes}
@@ -466,7 +470,7 @@ def run(args) -> dict:
                       schedule=args.schedule, detach_irrelevant=not args.no_detach,
                       variant=args.variant, k=args.k, balance_irrelevant=not args.no_balance,
                       nuisance=args.nuisance, bank_k=args.bank_k, hard=not args.soft,
-                      bank_init=args.bank_init)
+                      bank_init=args.bank_init, bank_top=args.bank_top)
         results[regime][n][arm].append(acc)
         if bar is not None:
             bar.set_postfix(regime=regime, n=n)
@@ -537,7 +541,8 @@ def main(args) -> int:
         v = grating_verdict(row)
         obj = {
             "nuisance": "grating", "regime": head, "default_size": args.default_size, "seeds": args.seeds,
-            "k_shared": args.k, "bank_k": args.bank_k, "bank_init": args.bank_init, "hard": not args.soft,
+            "k_shared": args.k, "bank_k": args.bank_k, "bank_top": args.bank_top, "bank_init": args.bank_init,
+            "hard": not args.soft,
             "schedule": args.schedule, "balanced": not args.no_balance,
             "baseline_acc": row["plain"], "purified_acc": row["per_sample"],
             **{f"{a}_acc": row[a] for a in GRATING_ARMS if a not in ("plain", "per_sample")},

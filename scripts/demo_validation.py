@@ -33,6 +33,7 @@ GRATING_VARIANTS = {
     "shared_k32": ("shared", {"k": 32}),
     "bank_moments_ft": ("per_sample", {}),                          # moments init, then the labels' CE
     "bank_moments_only": ("per_sample", {"stage1_steps": 0}),       # moments init, no CE
+    "bank_ft1000": ("per_sample", {"stage1_steps": 1000}),          # twice the CE steps
     "bank_random_ft": ("per_sample", {"bank_init": "random"}),      # CE from a random bank
     "bank_soft": ("per_sample", {"hard": False}),                   # probability-weighted z at test
     "bank_k3": ("per_sample", {"bank_k": 3}),
