@@ -32,7 +32,14 @@ training set, same batches, optimizer, learning rate and number of steps):
   architecture gives each sample one direction in main-feature space, which is removed from its
   main features.
 
-The variant was chosen on a validation split carved from the training pool (:func:`load_validation`,
+``--nuisance grating`` swaps the texture for a sinusoidal grating (8 orientations x 3 frequencies,
+random phase; the labels are orientation and frequency; correlated: orientation = ``digit mod 8``),
+whose subspace changes from image to image. Its arms: plain, multitask, ``shared`` (the subspace
+arm above), ``per_sample`` (a :class:`~purified_ops.learning.ClassSubspaceBank`: two directions per
+orientation-frequency class learned from the labels; each image is purified against its most
+probable classes' subspaces), and two oracle reference rows that know the true gratings.
+
+The variants were chosen on a validation split carved from the training pool (:func:`load_validation`,
 ``scripts/demo_validation.py``), never on the test set; docs/demo.md reports every variant tried.
 """
 from __future__ import annotations
@@ -372,7 +379,7 @@ def plot(results: dict, sizes, path: str, *, default_size=None, arms=ARMS, nuisa
             stds = np.array([_std(by_size[n][arm]) for n in sizes])
             oracle = arm in ORACLE_ARMS          # reference rows: they know the true nuisance
             ax.plot(sizes, means, marker=marker, ls="--" if oracle else "-",
-                    label=arm.replace("_", " ") + (" (oracle)" if oracle else ""))
+                    label=arm.removeprefix("oracle_").replace("_", " ") + (" (oracle)" if oracle else ""))
             ax.fill_between(sizes, means - stds, means + stds, alpha=0.15)
         if default_size in sizes:
             ax.axvline(default_size, color="grey", lw=0.8, ls=":")
