@@ -27,18 +27,19 @@ VARIANTS = {
     "balanced_w3": {"balance_irrelevant": True, "irrelevant_weight": 3.0},
 }
 
-# grating nuisance: name -> (arm, keyword arguments of run_one); all two-stage and balanced unless said
+# grating nuisance: name -> (arm, keyword arguments of run_one); all two-stage and balanced unless
+# said; the bank variants are top-1 (the sweep's starting point) unless said
 GRATING_VARIANTS = {
     "shared_k16": ("shared", {}),                                   # the texture's arm, as it is
     "shared_k32": ("shared", {"k": 32}),
-    "bank_moments_ft": ("per_sample", {}),                          # moments init, then the labels' CE
-    "bank_moments_only": ("per_sample", {"stage1_steps": 0}),       # moments init, no CE
-    "bank_ft1000": ("per_sample", {"stage1_steps": 1000}),          # twice the CE steps
-    "bank_random_ft": ("per_sample", {"bank_init": "random"}),      # CE from a random bank
+    "bank_moments_ft": ("per_sample", {"bank_top": 1}),                          # moments init, then the labels' CE
+    "bank_moments_only": ("per_sample", {"stage1_steps": 0, "bank_top": 1}),       # moments init, no CE
+    "bank_ft1000": ("per_sample", {"stage1_steps": 1000, "bank_top": 1}),          # twice the CE steps
+    "bank_random_ft": ("per_sample", {"bank_init": "random", "bank_top": 1}),      # CE from a random bank
     "bank_soft": ("per_sample", {"hard": False}),                   # probability-weighted z at test
-    "bank_k3": ("per_sample", {"bank_k": 3}),
-    "bank_top2": ("per_sample", {"bank_top": 2}),                   # the two most probable classes' subspaces
-    "bank_not_balanced": ("per_sample", {"balance_irrelevant": False}),
+    "bank_k3": ("per_sample", {"bank_k": 3, "bank_top": 1}),
+    "bank_top2": ("per_sample", {"bank_top": 2}),                   # the chosen arm: top-2 classes' subspaces
+    "bank_not_balanced": ("per_sample", {"balance_irrelevant": False, "bank_top": 1}),
     "oracle_per_sample": ("oracle_per_sample", {}),                 # references
     "oracle_shared": ("oracle_shared", {}),
 }
