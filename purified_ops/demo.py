@@ -32,7 +32,14 @@ training set, same batches, optimizer, learning rate and number of steps):
   architecture gives each sample one direction in main-feature space, which is removed from its
   main features.
 
-The variant was chosen on a validation split carved from the training pool (:func:`load_validation`,
+``--nuisance grating`` swaps the texture for a sinusoidal grating (8 orientations x 3 frequencies,
+random phase; the labels are orientation and frequency; correlated: orientation = ``digit mod 8``),
+whose subspace changes from image to image. Its arms: plain, multitask, ``shared`` (the subspace
+arm above), ``per_sample`` (a :class:`~purified_ops.learning.ClassSubspaceBank`: two directions per
+orientation-frequency class learned from the labels; each image is purified against its most
+probable classes' subspaces), and two oracle reference rows that know the true gratings.
+
+The variants were chosen on a validation split carved from the training pool (:func:`load_validation`,
 ``scripts/demo_validation.py``), never on the test set; docs/demo.md reports every variant tried.
 """
 from __future__ import annotations
@@ -49,16 +56,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from .learning import LowRankProbe, PurifiedNet, evaluate, fit, seed_everything
+from .layer import PurifyLayer
+from .learning import (ClassSubspaceBank, LowRankProbe, MarginalLogits, PurifiedNet, SplitLogits,
+                       evaluate, fit, seed_everything)
 
 ARMS = ("plain", "multitask", "purified")
+# The grating regime's arms: "shared" is the texture's subspace arm (K directions shared by all
+# samples), "per_sample" a ClassSubspaceBank (each image's own predicted grating subspace); the
+# oracles are the plain network on images purified against the true subspaces (reference rows).
+GRATING_ARMS = ("plain", "multitask", "shared", "per_sample", "oracle_shared", "oracle_per_sample")
+PURIFIED_ARMS = ("purified", "shared", "per_sample")
+ORACLE_ARMS = ("oracle_shared", "oracle_per_sample")
+BANK_K = 2                   # directions per grating class of the per-sample arm
+BANK_TOP = 2                 # most probable classes whose subspaces the per-sample arm removes (validation)
 VARIANTS = ("subspace", "per_sample")
 SUBSPACE_K = 16              # directions of pixel space removed by the subspace variant
 REGIMES = ("correlated", "independent")
 N_TEXTURES = 4
 TEST_SIZE = 797
 SPLIT_SEED = 20210222        # the fixed train-pool / test split
-TEST_NUISANCE_SEED = 777     # the test set's textures (independent of the digit)
+TEST_NUISANCE_SEED = 777     # the test set's nuisance (independent of the digit)
+NUISANCES = ("texture", "grating")
+GRATING_ORIENTATIONS = 8                  # multiples of 22.5 degrees
+GRATING_FREQUENCIES = (0.9, 1.4, 2.0)     # cycles per image
+GRATING_AMPLITUDE = (0.3, 0.6)
+GRATING_CLASSES = (GRATING_ORIENTATIONS, len(GRATING_FREQUENCIES))   # the two irrelevant label types
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +108,57 @@ def add_nuisance(images: np.ndarray, digits: np.ndarray, rng: np.random.Generato
     return out.reshape(len(digits), -1).astype(np.float32), ids
 
 
+def grating_basis(orientation, frequency, size: int = 8, dtype=np.float32) -> np.ndarray:
+    """The 2-D subspace of each grating class: ``[N, 2, size * size]``, its cosine and sine patterns.
+
+    ``orientation`` (0-7, multiples of 22.5 degrees) and ``frequency`` (0-2, an index into
+    ``GRATING_FREQUENCIES``, cycles per image) are arrays of class ids; a grating of that class at
+    any phase is ``cos(phase) * cosine - sin(phase) * sine``, so it lies in their span.
+    """
+    orientation, frequency = np.asarray(orientation), np.asarray(frequency)
+    theta = orientation * (np.pi / GRATING_ORIENTATIONS)
+    omega = 2 * np.pi * np.asarray(GRATING_FREQUENCIES)[frequency] / size
+    c = np.arange(size) - (size - 1) / 2                                    # centred pixel coordinates
+    i, j = np.meshgrid(c, c, indexing="ij")
+    arg = omega[:, None, None] * (np.cos(theta)[:, None, None] * i + np.sin(theta)[:, None, None] * j)
+    return np.stack([np.cos(arg), np.sin(arg)], 1).reshape(len(arg), 2, size * size).astype(dtype)
+
+
+def add_grating(images: np.ndarray, digits: np.ndarray, rng: np.random.Generator, *,
+                correlated: bool, rho: float, amplitude=GRATING_AMPLITUDE):
+    """Adds a sinusoidal grating to each image; returns (images [N, 64], labels [N, 2]).
+
+    The labels are the grating's orientation (0-7) and frequency (0-2); the phase is uniform and
+    the amplitude uniform in ``amplitude``. Correlated: orientation = ``digit mod 8`` with
+    probability ``rho``; the frequency is always independent of the digit.
+    """
+    n = len(digits)
+    orientation = rng.integers(0, GRATING_ORIENTATIONS, size=n)
+    if correlated:
+        orientation = np.where(rng.random(n) < rho, digits % GRATING_ORIENTATIONS, orientation)
+    frequency = rng.integers(0, len(GRATING_FREQUENCIES), size=n)
+    phase = rng.uniform(0, 2 * np.pi, size=n)
+    amp = rng.uniform(*amplitude, size=n)
+    basis = grating_basis(orientation, frequency, images.shape[-1])            # [N, 2, 64]
+    coef = np.stack([np.cos(phase), -np.sin(phase)], 1) * amp[:, None]         # [N, 2]
+    out = images.reshape(n, -1) + np.einsum("nk,nkd->nd", coef, basis)
+    return out.astype(np.float32), np.stack([orientation, frequency], 1).astype(np.int64)
+
+
+def grating_span(size: int = 8, tol: float = 0.02) -> np.ndarray:
+    """An orthonormal basis ``[R, size * size]`` of the span of every grating class.
+
+    The 48 patterns are independent but ill-conditioned on an 8x8 grid (singular values down to
+    2e-6 of the largest); ``tol`` keeps the directions above that share of the largest singular
+    value: R = 32 by default (every grating keeps less than 5% of its norm outside them), 48 for
+    ``tol=0``.
+    """
+    o, f = np.meshgrid(np.arange(GRATING_ORIENTATIONS), np.arange(len(GRATING_FREQUENCIES)), indexing="ij")
+    patterns = grating_basis(o.ravel(), f.ravel(), size, np.float64).reshape(-1, size * size)
+    _, s, vt = np.linalg.svd(patterns, full_matrices=False)
+    return vt[s > tol * s[0]].astype(np.float32)
+
+
 @functools.lru_cache(maxsize=1)
 def _digits():
     from sklearn.datasets import load_digits
@@ -109,30 +182,42 @@ def _split(n_train: int, seed: int):
     return images, target, test_idx, np.setdiff1d(pool, train_idx), train_idx, rng
 
 
-def _nuisance_set(images, target, idx, rng, correlated: bool, rho: float):
-    x, tex = add_nuisance(images[idx], target[idx], rng, correlated=correlated, rho=rho)
-    return torch.from_numpy(x), torch.from_numpy(target[idx]), torch.from_numpy(tex)
+def _nuisance_set(images, target, idx, rng, correlated: bool, rho: float, nuisance: str = "texture"):
+    add = add_nuisance if nuisance == "texture" else add_grating
+    x, labels = add(images[idx], target[idx], rng, correlated=correlated, rho=rho)
+    return torch.from_numpy(x), torch.from_numpy(target[idx]), torch.from_numpy(labels)
 
 
-def load_data(n_train: int, seed: int, regime: str, *, rho: float = 0.9):
-    """((x, y, texture) train, (x, y, texture) test) as torch tensors; x is [N, 64]."""
+def _check_nuisance(nuisance: str) -> None:
+    if nuisance not in NUISANCES:
+        raise ValueError(f"nuisance must be one of {NUISANCES}, got {nuisance!r}")
+
+
+def load_data(n_train: int, seed: int, regime: str, *, rho: float = 0.9, nuisance: str = "texture"):
+    """((x, y, irrelevant) train, (x, y, irrelevant) test) as torch tensors; x is [N, 64].
+
+    ``irrelevant`` is the texture id ``[N]``, or for gratings ``[N, 2]``: (orientation, frequency).
+    """
     if regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    _check_nuisance(nuisance)
     images, target, test_idx, _, train_idx, rng = _split(n_train, seed)
-    train = _nuisance_set(images, target, train_idx, rng, regime == "correlated", rho)
-    test = _nuisance_set(images, target, test_idx, np.random.default_rng(TEST_NUISANCE_SEED), False, rho)
+    train = _nuisance_set(images, target, train_idx, rng, regime == "correlated", rho, nuisance)
+    test = _nuisance_set(images, target, test_idx, np.random.default_rng(TEST_NUISANCE_SEED), False, rho,
+                         nuisance)
     return train, test
 
 
-def load_validation(n_train: int, seed: int, size: int = VALIDATION_SIZE):
-    """(x, y, texture): ``size`` pool images outside the seed's training set, textures uniform.
+def load_validation(n_train: int, seed: int, size: int = VALIDATION_SIZE, *, nuisance: str = "texture"):
+    """(x, y, irrelevant): ``size`` pool images outside the seed's training set, nuisance uniform.
 
     The set used to choose the purified variant (docs/demo.md); it never touches the test images.
     """
+    _check_nuisance(nuisance)
     images, target, _, rest, _, _ = _split(n_train, seed)
     rng = np.random.default_rng([seed, n_train, size])
     return _nuisance_set(images, target, rng.choice(rest, size=min(size, len(rest)), replace=False),
-                         rng, False, 0.0)
+                         rng, False, 0.0, nuisance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,28 +228,49 @@ def encoder(hidden: int, dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
 
-def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
-              detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K) -> PurifiedNet:
-    """The three arms; the main encoder and task head get the same initial weights in all of them.
+def _irrelevant_logits(dim: int, nuisance: str) -> nn.Module:
+    """The last layer of an irrelevant head: the texture's 4 logits, or the grating's 8 + 3."""
+    if nuisance == "texture":
+        return nn.Linear(dim, N_TEXTURES)
+    return nn.Sequential(nn.Linear(dim, sum(GRATING_CLASSES)), SplitLogits(GRATING_CLASSES))
 
-    ``variant`` picks the purified arm: ``"subspace"`` purifies the input pixels against ``k``
-    learned directions shared by all samples; ``"per_sample"`` purifies the main features against
-    one direction per sample from a separate task-irrelevant encoder.
+
+def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
+              detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K,
+              nuisance: str = "texture", bank_k: int = BANK_K, hard: bool = True,
+              bank_top: int = BANK_TOP) -> PurifiedNet:
+    """The arms; the main encoder and task head get the same initial weights in all of them.
+
+    ``variant`` picks the texture's purified arm: ``"subspace"`` purifies the input pixels against
+    ``k`` learned directions shared by all samples; ``"per_sample"`` purifies the main features
+    against one direction per sample from a separate task-irrelevant encoder. With gratings,
+    ``"shared"`` is the subspace arm and ``"per_sample"`` purifies each image against the
+    ``bank_k`` directions of its predicted grating class (:class:`ClassSubspaceBank`; ``hard``:
+    the top-1 class at eval). The oracle arms are the plain network (their purification is of the
+    data, :func:`oracle_purified`).
     """
+    _check_nuisance(nuisance)
     torch.manual_seed(seed)
     main, task_head = encoder(hidden, dim), nn.Linear(dim, 10)
-    if arm in ("plain", "multitask"):
+    if arm in ("plain", "multitask") or arm in ORACLE_ARMS:
         # The network alone; multitask puts the irrelevant head on its features.
-        irrelevant_head = nn.Linear(dim, N_TEXTURES)
+        irrelevant_head = _irrelevant_logits(dim, nuisance)
         return PurifiedNet(nn.Identity(), nn.Identity(), task_head, irrelevant_head, backbone=main,
                            purify=False)
-    if arm != "purified":
-        raise ValueError(f"unknown arm {arm!r}; expected one of {ARMS}")
-    if variant == "subspace":
+    arms = ARMS if nuisance == "texture" else GRATING_ARMS
+    if arm not in arms or arm not in PURIFIED_ARMS:
+        raise ValueError(f"unknown arm {arm!r}; expected one of {arms}")
+    if arm == "per_sample":
+        # input -> PurifyLayer(input, z) -> main encoder -> task head; z [B, bank_k, 64] is the
+        # predicted class's subspace, the bank learned only from orientation and frequency labels.
+        bank = ClassSubspaceBank(64, math.prod(GRATING_CLASSES), bank_k, hard=hard, top=bank_top)
+        return PurifiedNet(nn.Identity(), bank, nn.Sequential(main, task_head), MarginalLogits(GRATING_CLASSES),
+                           purify=True, detach_irrelevant=detach_irrelevant)
+    if arm == "shared" or variant == "subspace":
         # input -> PurifyLayer(input, P) -> main encoder -> task head; P [k, 64] is shared by all
-        # samples and learned (with the probe MLP) only from the texture labels.
+        # samples and learned (with the probe MLP) only from the irrelevant labels.
         probe = LowRankProbe(64, k)
-        irrelevant_head = nn.Sequential(nn.Linear(k, dim), nn.ReLU(), nn.Linear(dim, N_TEXTURES))
+        irrelevant_head = nn.Sequential(nn.Linear(k, dim), nn.ReLU(), _irrelevant_logits(dim, nuisance))
         return PurifiedNet(nn.Identity(), probe, nn.Sequential(main, task_head), irrelevant_head,
                            purify=True, detach_irrelevant=detach_irrelevant)
     if variant == "per_sample":
@@ -175,22 +281,51 @@ def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
 
+def oracle_purified(data, arm: str):
+    """``data`` (x, y, grating labels) with x purified against the true grating subspaces.
+
+    ``"oracle_per_sample"``: each image against its own 2-D grating subspace (it knows the true
+    orientation and frequency); ``"oracle_shared"``: every image against the span of all gratings.
+    """
+    x, y, labels = data
+    if arm == "oracle_per_sample":
+        z = torch.from_numpy(grating_basis(labels[:, 0].numpy(), labels[:, 1].numpy()))   # [N, 2, 64]
+    elif arm == "oracle_shared":
+        z = torch.from_numpy(grating_span())[None]                                       # [1, R, 64]
+    else:
+        raise ValueError(f"unknown oracle {arm!r}; expected one of {ORACLE_ARMS}")
+    with torch.no_grad():
+        return PurifyLayer()(x, z), y, labels
+
+
 def run_one(arm: str, regime: str, n_train: int, seed: int, *, steps: int, batch_size: int,
             lr: float, irrelevant_weight: float, rho: float, device=None, schedule: str = "joint",
             detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K,
-            balance_irrelevant: bool = False, evaluate_on: str = "test") -> float:
+            balance_irrelevant: bool = False, evaluate_on: str = "test", nuisance: str = "texture",
+            bank_k: int = BANK_K, hard: bool = True, bank_init: str = "moments",
+            stage1_steps: int | None = None, bank_top: int = BANK_TOP) -> float:
     """Trains one arm and returns its task accuracy on the test set (or ``"validation"``)."""
-    train, test = load_data(n_train, seed, regime, rho=rho)
+    train, test = load_data(n_train, seed, regime, rho=rho, nuisance=nuisance)
     if evaluate_on == "validation":
-        test = load_validation(n_train, seed)
+        test = load_validation(n_train, seed, nuisance=nuisance)
     elif evaluate_on != "test":
         raise ValueError(f"evaluate_on must be 'test' or 'validation', got {evaluate_on!r}")
-    model = build_arm(arm, seed, detach_irrelevant=detach_irrelevant, variant=variant, k=k)
+    if arm in ORACLE_ARMS:
+        if nuisance != "grating":
+            raise ValueError("the oracle arms are for the grating nuisance")
+        train, test = oracle_purified(train, arm), oracle_purified(test, arm)
+    model = build_arm(arm, seed, detach_irrelevant=detach_irrelevant, variant=variant, k=k,
+                      nuisance=nuisance, bank_k=bank_k, hard=hard, bank_top=bank_top)
+    if arm == "per_sample" and bank_init == "moments":
+        model.irrelevant_encoder.init_from_moments(train[0], model.irrelevant_head.joint(train[2]),
+                                                   train[1] if balance_irrelevant else None)
+    learns_irrelevant = arm == "multitask" or arm in PURIFIED_ARMS
     epochs = max(1, math.ceil(steps / math.ceil(n_train / batch_size)))  # >= steps optimizer steps
     fit(model, train, epochs=epochs, lr=lr, batch_size=batch_size,
-        irrelevant_weight=0.0 if arm == "plain" else irrelevant_weight, seed=seed, device=device,
-        schedule=schedule if arm == "purified" else "joint", progress=False,
-        balance_irrelevant=balance_irrelevant and arm != "plain")
+        irrelevant_weight=irrelevant_weight if learns_irrelevant else 0.0, seed=seed, device=device,
+        schedule=schedule if arm in PURIFIED_ARMS else "joint", progress=False,
+        balance_irrelevant=balance_irrelevant and learns_irrelevant,
+        stage1_epochs=None if stage1_steps is None else math.ceil(stage1_steps / math.ceil(n_train / batch_size)))
     return evaluate(model, test, device=device)["task_acc"]
 
 
@@ -214,32 +349,37 @@ def compare(baseline, purified) -> dict:
             "beats_by_2se_paired": bool(n > 1 and diff > 2 * se_paired)}
 
 
-def format_table(results: dict, sizes, arms=ARMS) -> str:
+def format_table(results: dict, sizes, arms=ARMS, comparisons=(("purified", "plain"),)) -> str:
+    """One block per regime: each arm's mean +- std, then each ``(arm, baseline)`` difference."""
     lines = []
     for regime, by_size in results.items():
         lines.append(f"regime: {regime}  (test accuracy, mean +- std over seeds)")
-        header = f"{'n_train':>8} " + " ".join(f"{a:>17}" for a in arms) + f" {'purified-plain':>22}"
+        header = (f"{'n_train':>8} " + " ".join(f"{a:>17}" for a in arms)
+                  + "".join(f" {a + '-' + b:>22}" for a, b in comparisons))
         lines.append(header)
         for n in sizes:
             row = by_size[n]
             cells = " ".join(f"{np.mean(row[a]):>9.4f} +- {_std(row[a]):.4f}" for a in arms)
-            c = compare(row["plain"], row["purified"])
-            lines.append(f"{n:>8} {cells} {c['diff']:>+10.4f} (SE {c['se']:.4f})")
+            diffs = "".join(f" {c['diff']:>+10.4f} (SE {c['se']:.4f})"
+                            for c in (compare(row[b], row[a]) for a, b in comparisons))
+            lines.append(f"{n:>8} {cells}{diffs}")
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(results: dict, sizes, path: str, *, default_size=None) -> None:
+def plot(results: dict, sizes, path: str, *, default_size=None, arms=ARMS, nuisance: str = "texture") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4), squeeze=False)
     for ax, (regime, by_size) in zip(axes[0], results.items()):
-        for arm, marker in zip(ARMS, "osD"):
+        for arm, marker in zip(arms, "osD^vx"):
             means = np.array([np.mean(by_size[n][arm]) for n in sizes])
             stds = np.array([_std(by_size[n][arm]) for n in sizes])
-            ax.plot(sizes, means, marker=marker, label=arm)
+            oracle = arm in ORACLE_ARMS          # reference rows: they know the true nuisance
+            ax.plot(sizes, means, marker=marker, ls="--" if oracle else "-",
+                    label=arm.removeprefix("oracle_").replace("_", " ") + (" (oracle)" if oracle else ""))
             ax.fill_between(sizes, means - stds, means + stds, alpha=0.15)
         if default_size in sizes:
             ax.axvline(default_size, color="grey", lw=0.8, ls=":")
@@ -250,7 +390,7 @@ def plot(results: dict, sizes, path: str, *, default_size=None) -> None:
         ax.set_xticklabels([str(n) for n in sizes])
         ax.set_xlabel("training-set size")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"digits + texture nuisance: {regime}")
+        ax.set_title(f"digits + {nuisance} nuisance: {regime}")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -264,8 +404,11 @@ def plot(results: dict, sizes, path: str, *, default_size=None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nuisance", choices=NUISANCES, default="texture",
+                   help="texture: one of 4 background textures (default); grating: a sinusoidal "
+                        "grating, 8 orientations x 3 frequencies, per-sample purification's regime")
     p.add_argument("--regime", choices=(*REGIMES, "both"), default="both",
-                   help="texture independent of the digit, correlated in training only, or both "
+                   help="nuisance independent of the digit, correlated in training only, or both "
                         "(default; the JSON's headline lists are for the first: correlated)")
     p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400],
                    help="training-set sizes of the learning curve (default: 50 100 200 400)")
@@ -277,10 +420,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--irrelevant-weight", type=float, default=1.0)
     p.add_argument("--variant", choices=VARIANTS, default="subspace",
-                   help="purified arm: subspace purification of the input against K learned directions "
-                        "shared by all samples (default), or one direction per sample in feature space")
+                   help="texture's purified arm: subspace purification of the input against K learned "
+                        "directions shared by all samples (default), or one direction per sample in "
+                        "feature space")
     p.add_argument("--k", type=int, default=SUBSPACE_K,
-                   help=f"directions of the subspace variant (default {SUBSPACE_K})")
+                   help=f"directions of the subspace variant and of the grating's shared arm (default {SUBSPACE_K})")
+    p.add_argument("--bank-k", type=int, default=BANK_K,
+                   help=f"grating's per-sample arm: directions per grating class (default {BANK_K})")
+    p.add_argument("--bank-top", type=int, default=BANK_TOP,
+                   help=f"grating's per-sample arm: z stacks the subspaces of this many most probable "
+                        f"classes (default {BANK_TOP})")
+    p.add_argument("--bank-init", choices=("moments", "random"), default="moments",
+                   help="grating's per-sample arm: class subspaces start from each class's excess second "
+                        "moment (default) or at random, then learn the labels")
+    p.add_argument("--soft", action="store_true",
+                   help="grating's per-sample arm: z mixes the class subspaces by their predicted "
+                        "probabilities at test time too (default: the top-1 class's)")
     p.add_argument("--schedule", choices=("joint", "two_stage"), default="two_stage",
                    help="purified arm: the irrelevant branch first, then frozen (default), or joint training")
     p.add_argument("--no-balance", action="store_true",
@@ -306,20 +461,23 @@ def run(args) -> dict:
     sizes = sorted(set(args.sizes) | {args.default_size})
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
-    if args.k < 1:
-        raise SystemExit("--k must be >= 1")
-    jobs = [(r, n, s, a) for r in regimes for n in sizes for s in range(args.seeds) for a in ARMS]
-    results = {r: {n: {a: [] for a in ARMS} for n in sizes} for r in regimes}
+    if args.k < 1 or args.bank_k < 1 or not 1 <= args.bank_top <= math.prod(GRATING_CLASSES):
+        raise SystemExit(f"--k and --bank-k must be >= 1, --bank-top in [1, {math.prod(GRATING_CLASSES)}]")
+    arms = demo_arms(args.nuisance)
+    jobs = [(r, n, s, a) for r in regimes for n in sizes for s in range(args.seeds) for a in arms]
+    results = {r: {n: {a: [] for a in arms} for n in sizes} for r in regimes}
     start = time.perf_counter()
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(jobs), desc="demo runs", unit="run", file=sys.stderr)
+        bar = tqdm(total=len(jobs), desc=f"demo runs ({args.nuisance})", unit="run", file=sys.stderr)
     for regime, n, seed, arm in jobs:
         acc = run_one(arm, regime, n, seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       irrelevant_weight=args.irrelevant_weight, rho=args.rho, device=args.device,
                       schedule=args.schedule, detach_irrelevant=not args.no_detach,
-                      variant=args.variant, k=args.k, balance_irrelevant=not args.no_balance)
+                      variant=args.variant, k=args.k, balance_irrelevant=not args.no_balance,
+                      nuisance=args.nuisance, bank_k=args.bank_k, hard=not args.soft,
+                      bank_init=args.bank_init, bank_top=args.bank_top)
         results[regime][n][arm].append(acc)
         if bar is not None:
             bar.set_postfix(regime=regime, n=n)
@@ -331,8 +489,36 @@ def run(args) -> dict:
     return {"regimes": regimes, "sizes": sizes, "results": results, "wall_s": wall}
 
 
+def demo_arms(nuisance: str):
+    return ARMS if nuisance == "texture" else GRATING_ARMS
+
+
+GRATING_GOAL = 0.10     # the per-sample arm's target margin over plain at the default size
+
+
+def grating_verdict(row: dict) -> dict:
+    """The per-sample arm against plain (by >= GRATING_GOAL and > 2 SE) and against the shared arm."""
+    vs_plain, vs_shared = compare(row["plain"], row["per_sample"]), compare(row["shared"], row["per_sample"])
+    return {"vs_plain": vs_plain, "vs_shared": vs_shared,
+            "goal_met": bool(vs_plain["diff"] >= GRATING_GOAL and vs_plain["beats_by_2se"]
+                             and vs_shared["beats_by_2se"])}
+
+
 def report(args, out: dict) -> str:
     regimes, sizes, results = out["regimes"], out["sizes"], out["results"]
+    if args.nuisance == "grating":
+        text = [format_table(results, sizes, GRATING_ARMS,
+                             (("per_sample", "plain"), ("per_sample", "shared"))),
+                "(oracle_*: reference rows that know each image's true grating; not learned)"]
+        for regime in regimes:
+            v = grating_verdict(results[regime][args.default_size])
+            p, s = v["vs_plain"], v["vs_shared"]
+            text.append(f"[{regime}] n={args.default_size}: per_sample - plain = {p['diff']:+.4f} (SE {p['se']:.4f}), "
+                        f"per_sample - shared = {s['diff']:+.4f} (SE {s['se']:.4f}); the goal (>= "
+                        f"{GRATING_GOAL:.2f} and > 2 SE over plain, > 2 SE over shared, {args.seeds} seeds) is "
+                        f"{'MET' if v['goal_met'] else 'NOT met'}")
+        text.append(f"wall time: {out['wall_s']:.1f} s")
+        return "\n".join(text)
     text = [format_table(results, sizes)]
     for regime in regimes:
         row = results[regime][args.default_size]
@@ -353,9 +539,28 @@ def main(args) -> int:
         with open(args.table, "w") as f:
             f.write(text + "\n")
     if args.plot:
-        plot(out["results"], out["sizes"], args.plot, default_size=args.default_size)
+        plot(out["results"], out["sizes"], args.plot, default_size=args.default_size,
+             arms=demo_arms(args.nuisance), nuisance=args.nuisance)
         print(f"plot: {args.plot}", flush=True)
-    if args.json:
+    if args.json and args.nuisance == "grating":
+        head = out["regimes"][0]
+        row = out["results"][head][args.default_size]
+        v = grating_verdict(row)
+        obj = {
+            "nuisance": "grating", "regime": head, "default_size": args.default_size, "seeds": args.seeds,
+            "k_shared": args.k, "bank_k": args.bank_k, "bank_top": args.bank_top, "bank_init": args.bank_init,
+            "hard": not args.soft,
+            "schedule": args.schedule, "balanced": not args.no_balance,
+            "baseline_acc": row["plain"], "purified_acc": row["per_sample"],
+            **{f"{a}_acc": row[a] for a in GRATING_ARMS if a not in ("plain", "per_sample")},
+            **v["vs_plain"], "vs_shared": v["vs_shared"], "goal_met": v["goal_met"],
+            "goal_met_by_regime": {r: grating_verdict(out["results"][r][args.default_size])["goal_met"]
+                                   for r in out["regimes"]},
+            "by_regime": {r: {str(n): out["results"][r][n] for n in out["sizes"]} for r in out["regimes"]},
+            "wall_s": out["wall_s"], "plot": args.plot or None,
+        }
+        print(json.dumps(obj), flush=True)
+    elif args.json:
         head = out["regimes"][0]
         row = out["results"][head][args.default_size]
         obj = {

@@ -24,6 +24,7 @@ Only the public API of :mod:`purified_ops` is used here.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -36,7 +37,8 @@ from torch import nn
 from .layer import PurifyLayer
 
 __all__ = [
-    "PurifiedNet", "PurifiedOutput", "PerDirectionHeads", "LowRankProbe", "purified_loss",
+    "PurifiedNet", "PurifiedOutput", "PerDirectionHeads", "LowRankProbe", "ClassSubspaceBank",
+    "SplitLogits", "MarginalLogits", "purified_loss",
     "freeze_irrelevant", "balancing_tables", "balancing_weights",
     "fit", "evaluate", "seed_everything", "choose_device",
 ]
@@ -95,6 +97,133 @@ class LowRankProbe(nn.Module):
     def forward(self, h: torch.Tensor):
         coords = (h.detach() if self.detach_input else h) @ self.directions.t()
         return self.directions.unsqueeze(0), coords
+
+
+class ClassSubspaceBank(nn.Module):
+    """K learned directions per class of an irrelevant label: per-sample purification.
+
+    Holds a bank ``[C, K, D]``, one K-dimensional subspace per class, and scores each class by
+    the energy of the sample in its subspace, ``logit_c(h) = ||bank_c h||^2 + bias_c``. Trained
+    with cross-entropy on the irrelevant labels, each class's subspace must take up the energy
+    that tells that class apart: for an additive nuisance whose classes live in their own
+    subspaces (a grating of given orientation and frequency at any phase spans two dimensions),
+    the bank learns them from labels alone. ``forward(h)`` returns ``(z, logits)``: ``z``
+    (``[B, K, D]``) is the predicted class's subspace, the one :class:`PurifiedNet` purifies
+    each sample against, and ``logits`` (``[B, C]``) go to the irrelevant head.
+
+    Args:
+        dim: D, the dimension of the features that are purified.
+        num_classes: C; for several label types, their product (the joint class), with
+            :class:`MarginalLogits` as the irrelevant head.
+        k: K, directions per class.
+        hard: in eval mode (also when frozen by :func:`freeze_irrelevant`) ``z`` is the subspace
+            of the top-1 class; in training, and always when False, it is the class subspaces
+            weighted by the predicted probabilities.
+        top: with ``hard``, ``z`` stacks the subspaces of the ``top`` most probable classes
+            (``[B, top * K, D]``), which covers a nuisance whose class is mistaken for a neighbour.
+    """
+
+    def __init__(self, dim: int, num_classes: int, k: int = 2, *, hard: bool = True, top: int = 1):
+        super().__init__()
+        if not 1 <= int(top) <= int(num_classes):
+            raise ValueError(f"ClassSubspaceBank: top must be in [1, {num_classes}], got {top}")
+        self.top = int(top)
+        self.bank = nn.Parameter(torch.empty(int(num_classes), int(k), int(dim)))
+        with torch.no_grad():      # orthonormal rows (as far as C * K <= D allows): distinct starts
+            self.bank.copy_(nn.init.orthogonal_(torch.empty(int(num_classes) * int(k), int(dim)))
+                            .reshape(self.bank.shape))
+        self.bias = nn.Parameter(torch.zeros(int(num_classes)))
+        self.hard = bool(hard)
+
+    @torch.no_grad()
+    def init_from_moments(self, h: torch.Tensor, labels: torch.Tensor, task_labels=None) -> None:
+        """Sets each class's directions to the top-K eigenvectors of its excess second moment.
+
+        ``E[h h^T | class c] - E[h h^T]``: the directions where class c's samples carry more
+        energy than the rest, which for an additive nuisance is where it lies. A class without
+        samples keeps its directions. ``labels`` are class ids ``[N]`` (the joint class for
+        several label types, :meth:`MarginalLogits.joint`). With ``task_labels``, each sample
+        first loses its task class's mean, so that where the irrelevant label follows the task
+        label the task's mean patterns do not pass for the nuisance.
+        """
+        h, labels = h.reshape(len(h), -1).double(), labels.reshape(-1).long()
+        if len(h) != len(labels) or h.shape[1] != self.bank.shape[2]:
+            raise ValueError(f"init_from_moments: h {tuple(h.shape)} and labels {tuple(labels.shape)} "
+                             f"do not match the bank {tuple(self.bank.shape)}")
+        if task_labels is not None:
+            task_labels = task_labels.reshape(-1).long()
+            if len(task_labels) != len(h):
+                raise ValueError(f"init_from_moments: {len(task_labels)} task labels for {len(h)} samples")
+            means = torch.zeros(int(task_labels.max()) + 1, h.shape[1], dtype=h.dtype).index_add_(0, task_labels, h)
+            means /= torch.bincount(task_labels, minlength=len(means)).clamp_min(1)[:, None].to(h.dtype)
+            h = h - means[task_labels]
+        pooled = h.T @ h / len(h)
+        k = self.bank.shape[1]
+        for c in labels.unique().tolist():
+            if not 0 <= c < self.bank.shape[0]:
+                raise ValueError(f"init_from_moments: class {c} outside [0, {self.bank.shape[0]})")
+            hc = h[labels == c]
+            _, vecs = torch.linalg.eigh(hc.T @ hc / len(hc) - pooled)
+            self.bank[c] = vecs[:, -k:].T.flip(0).to(self.bank.dtype)
+
+    def energies(self, h: torch.Tensor) -> torch.Tensor:
+        """``[B, C]``: the energy of each sample in each class's subspace, plus the class bias."""
+        return torch.einsum("bd,ckd->bck", h, self.bank).square().sum(-1) + self.bias
+
+    def forward(self, h: torch.Tensor):
+        if h.dim() != 2 or h.shape[1] != self.bank.shape[2]:
+            raise ValueError(f"ClassSubspaceBank: expected h of shape [B, {self.bank.shape[2]}], "
+                             f"got {tuple(h.shape)}")
+        logits = self.energies(h)
+        if self.hard and not self.training:
+            z = self.bank[logits.topk(self.top, -1).indices].flatten(1, 2)
+        else:
+            z = torch.einsum("bc,ckd->bkd", logits.softmax(-1), self.bank)
+        return z, logits
+
+
+class SplitLogits(nn.Module):
+    """One logits tensor ``[B, sum(sizes)]`` -> a list, one ``[B, size]`` per irrelevant label type."""
+
+    def __init__(self, sizes: Sequence[int]):
+        super().__init__()
+        self.sizes = tuple(int(c) for c in sizes)
+
+    def forward(self, logits: torch.Tensor):
+        if logits.shape[-1] != sum(self.sizes):
+            raise ValueError(f"SplitLogits: expected {sum(self.sizes)} logits, got {logits.shape[-1]}")
+        return list(logits.split(self.sizes, -1))
+
+
+class MarginalLogits(nn.Module):
+    """Joint logits over several label types ``[B, prod(shape)]`` -> one log-marginal per type.
+
+    The joint class of labels ``(a, b, ...)`` is their row-major index in ``shape``; each type's
+    log-marginal is the logsumexp over the other types, so softmax of it is the marginal of the
+    joint softmax and cross-entropy against each label trains the joint classifier.
+    """
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(int(c) for c in shape)
+
+    def joint(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels ``[N, T]`` (one column per type) -> joint class ids ``[N]``."""
+        if labels.dim() != 2 or labels.shape[1] != len(self.shape):
+            raise ValueError(f"MarginalLogits.joint: expected labels [N, {len(self.shape)}], got {tuple(labels.shape)}")
+        out = torch.zeros_like(labels[:, 0])
+        for t, size in enumerate(self.shape):
+            out = out * size + labels[:, t]
+        return out
+
+    def forward(self, joint: torch.Tensor):
+        if joint.shape[-1] != math.prod(self.shape):
+            raise ValueError(f"MarginalLogits: expected {math.prod(self.shape)} joint logits, "
+                             f"got {joint.shape[-1]}")
+        j = joint.reshape(*joint.shape[:-1], *self.shape)
+        lead = joint.dim() - 1
+        return [j.logsumexp([lead + a for a in range(len(self.shape)) if a != t]) if len(self.shape) > 1 else j
+                for t in range(len(self.shape))]
 
 
 class PurifiedNet(nn.Module):

@@ -1,6 +1,7 @@
 """The PurifiedLearning recipe (purified_ops.learning) and a tiny run of the demo pipeline."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -386,3 +387,157 @@ def test_fit_balance_irrelevant_changes_training_deterministically():
     assert any(not torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     with pytest.raises(ValueError, match="irrelevant labels"):
         fit(make_net(), (x, y), epochs=1, progress=False, balance_irrelevant=True)
+
+
+def test_class_subspace_bank_shapes_and_selection():
+    from purified_ops.learning import ClassSubspaceBank
+
+    torch.manual_seed(0)
+    bank = ClassSubspaceBank(D, 5, 2)
+    h = torch.randn(B, D)
+    z, logits = bank(h)                                   # training mode: probability-weighted
+    assert z.shape == (B, 2, D) and logits.shape == (B, 5)
+    assert torch.allclose(z, torch.einsum("bc,ckd->bkd", logits.softmax(-1), bank.bank))
+    bank.eval()                                           # eval: the top-1 class's own directions
+    z, logits = bank(h)
+    assert torch.equal(z, bank.bank[logits.argmax(-1)])
+    assert torch.allclose(logits, torch.einsum("bd,ckd->bck", h, bank.bank).square().sum(-1) + bank.bias)
+    two = ClassSubspaceBank(D, 5, 2, top=2).eval()
+    z2, l2 = two(h)
+    top2 = l2.topk(2, -1).indices
+    assert z2.shape == (B, 4, D) and torch.equal(z2[:, 2:], two.bank[top2[:, 1]])
+    soft = ClassSubspaceBank(D, 5, 2, hard=False).eval()
+    zs, ls = soft(h)
+    assert torch.allclose(zs, torch.einsum("bc,ckd->bkd", ls.softmax(-1), soft.bank))
+    with pytest.raises(ValueError):
+        bank(torch.randn(B, D + 1))
+
+
+def test_class_subspace_bank_moments_find_each_class_subspace():
+    from purified_ops.learning import ClassSubspaceBank
+
+    g = torch.Generator().manual_seed(1)
+    dim, classes, n = 16, 3, 600
+    basis = torch.linalg.qr(torch.randn(dim, 2 * classes, generator=g))[0].T.reshape(classes, 2, dim)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    task = torch.randint(0, 2, (n,), generator=g)
+    coef = torch.randn(n, 2, generator=g) * 2
+    means = torch.randn(2, dim, generator=g) * 3              # a task-label offset the bank must ignore
+    h = 0.3 * torch.randn(n, dim, generator=g) + means[task] + torch.einsum("nk,nkd->nd", coef, basis[labels])
+    bank = ClassSubspaceBank(dim, classes, 2)
+    bank.init_from_moments(h, labels, task)
+    for c in range(classes):
+        # the learned 2-D subspace is the planted one: the projector onto it keeps the planted basis
+        q = torch.linalg.qr(bank.bank[c].detach().T)[0]
+        kept = (basis[c] @ q).square().sum() / 2
+        assert kept > 0.95, (c, float(kept))
+    bank.eval()
+    _, logits = bank(h - means[task])
+    assert (logits.argmax(-1) == labels).float().mean() > 0.8   # the energies classify the nuisance
+    with pytest.raises(ValueError):
+        bank.init_from_moments(h, labels[:-1])
+
+
+def test_marginal_and_split_logits():
+    from purified_ops.learning import MarginalLogits, SplitLogits
+
+    torch.manual_seed(0)
+    joint = torch.randn(B, 8 * 3)
+    marg = MarginalLogits((8, 3))
+    o, f = marg(joint)
+    p = joint.softmax(-1).reshape(B, 8, 3)
+    assert torch.allclose(o.softmax(-1), p.sum(2), atol=1e-6) and torch.allclose(f.softmax(-1), p.sum(1), atol=1e-6)
+    labels = torch.tensor([[0, 0], [2, 1], [7, 2]])
+    assert marg.joint(labels).tolist() == [0, 7, 23]
+    a, b = SplitLogits((8, 3))(joint[:, :11])
+    assert torch.equal(a, joint[:, :8]) and torch.equal(b, joint[:, 8:11])
+    with pytest.raises(ValueError):
+        SplitLogits((8, 3))(joint)
+    with pytest.raises(ValueError):
+        marg(joint[:, :20])
+
+
+def test_grating_data_labels_and_regimes():
+    pytest.importorskip("sklearn")
+    from purified_ops.demo import GRATING_ORIENTATIONS, GRATING_FREQUENCIES, TEST_SIZE, load_data, load_validation
+
+    (x, y, lab), (xt, yt, labt) = load_data(200, 0, "correlated", rho=1.0, nuisance="grating")
+    assert x.shape == (200, 64) and lab.shape == (200, 2) and labt.shape == (TEST_SIZE, 2)
+    assert torch.equal(lab[:, 0], y % GRATING_ORIENTATIONS)             # rho=1: orientation follows the digit
+    assert 0.05 < (labt[:, 0] == yt % GRATING_ORIENTATIONS).float().mean() < 0.2   # not at test (1/8)
+    for labels in (lab, labt):
+        assert set(labels[:, 0].tolist()) <= set(range(GRATING_ORIENTATIONS))
+        assert set(labels[:, 1].tolist()) == set(range(len(GRATING_FREQUENCIES)))
+    (_, y2, lab2), (xt2, _, labt2) = load_data(200, 0, "independent", nuisance="grating")
+    assert (lab2[:, 0] == y2 % GRATING_ORIENTATIONS).float().mean() < 0.25
+    assert len(set(lab2[:, 0].tolist())) == GRATING_ORIENTATIONS
+    assert torch.equal(xt, xt2) and torch.equal(labt, labt2)             # one fixed test set
+    xv, yv, lv = load_validation(100, 7, nuisance="grating")
+    assert lv.shape == (len(xv), 2) and (lv[:, 0] == yv % GRATING_ORIENTATIONS).float().mean() < 0.25
+    (xtex, _, tex), _ = load_data(200, 0, "independent")                 # the texture default as it was
+    assert tex.dim() == 1 and not torch.equal(xtex, x)
+    with pytest.raises(ValueError):
+        load_data(50, 0, "independent", nuisance="stripes")
+
+
+def test_grating_oracle_subspaces_contain_each_grating():
+    from purified_ops import PurifyLayer
+    from purified_ops.demo import add_grating, grating_basis, grating_span
+
+    rng = np.random.default_rng(0)
+    digits = rng.integers(0, 10, 300)
+    gratings, labels = add_grating(np.zeros((300, 8, 8), np.float32), digits, rng, correlated=False, rho=0.0)
+    g = torch.from_numpy(gratings)
+    norm = g.norm(dim=-1)
+    assert 0.3 * 4 < norm.min() and norm.max() < 0.6 * 8 * 1.5           # amplitude in [0.3, 0.6]
+    own = torch.from_numpy(grating_basis(labels[:, 0], labels[:, 1]))    # [N, 2, 64]
+    layer = PurifyLayer()
+    assert (layer(g, own).norm(dim=-1) / norm).max() < 1e-3             # each image's own 2-D subspace
+    span = torch.from_numpy(grating_span())
+    assert span.shape == (32, 64)                                       # the numerical span of all gratings
+    assert (layer(g, span[None]).norm(dim=-1) / norm).max() < 0.05
+    exact = torch.from_numpy(grating_span(tol=0.0))
+    assert exact.shape == (48, 64) and (layer(g, exact[None]).norm(dim=-1) / norm).max() < 1e-3
+    other = torch.from_numpy(grating_basis((labels[:, 0] + 4) % 8, labels[:, 1]))
+    assert (layer(g, other).norm(dim=-1) / norm).min() > 0.3            # another class's does not
+
+
+def test_demo_per_sample_arm_shapes_and_determinism():
+    pytest.importorskip("sklearn")
+    from purified_ops.demo import BANK_K, build_arm, run_one
+
+    plain, arm = build_arm("plain", 3, nuisance="grating"), build_arm("per_sample", 3, nuisance="grating")
+    for a, b in zip(list(plain.backbone.parameters()) + list(plain.task_head.parameters()),
+                    list(arm.task_head[0].parameters()) + list(arm.task_head[1].parameters())):
+        assert torch.equal(a, b)                                 # same initial main network
+    x = torch.rand(5, 64)
+    out = arm(x)
+    assert out.irrelevant_features.shape == (5, BANK_K, 64) and out.task_logits.shape == (5, 10)
+    assert [t.shape for t in out.irrelevant_logits] == [(5, 8), (5, 3)]
+    with torch.no_grad():                                      # each row purified against its own z
+        z = out.irrelevant_features
+        assert (out.purified.unsqueeze(1) * z).sum(-1).abs().max() < 1e-4
+    kw = dict(steps=8, batch_size=16, lr=1e-3, irrelevant_weight=1.0, rho=0.9, nuisance="grating",
+              schedule="two_stage", balance_irrelevant=True)
+    a = run_one("per_sample", "correlated", 40, 1, **kw)
+    assert a == run_one("per_sample", "correlated", 40, 1, **kw)
+    assert 0.0 <= run_one("oracle_per_sample", "independent", 40, 1, **kw) <= 1.0
+    with pytest.raises(ValueError):
+        build_arm("per_sample", 0)                             # the texture demo has no such arm
+
+
+def test_demo_cli_grating_tiny(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from purified_ops.cli import main
+
+    png = tmp_path / "grating.png"
+    rc = main(["demo", "--nuisance", "grating", "--sizes", "20", "--default-size", "20", "--seeds", "2",
+               "--steps", "3", "--plot", str(png), "--json", "--no-progress"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    obj = json.loads(lines[-1])
+    assert obj["nuisance"] == "grating" and len(obj["purified_acc"]) == len(obj["oracle_per_sample_acc"]) == 2
+    assert set(obj["goal_met_by_regime"]) == {"correlated", "independent"} and "vs_shared" in obj
+    assert png.stat().st_size > 1000
+    assert any("per_sample-shared" in line for line in lines) and any("oracle" in line for line in lines)
