@@ -2,11 +2,13 @@
 //
 // A CUDA thread is a fiber on its own stack, entered once with makecontext/setcontext and
 // switched with _setjmp/_longjmp (swapcontext would make a signal-mask syscall per switch).
-// A fiber runs until it reaches a collective, then the scheduler runs the next ready one; a
-// collective that completes puts its participants at the front of the ready queue, so the
-// threads a barrier releases run ahead of the ones that have not reached it yet (a barrier
-// that releases too early shows as wrong data). No ready fiber while some are unfinished is a
-// deadlock. Checks, each a launch error naming the threads and lines involved:
+// A fiber runs until it reaches a collective, then the scheduler runs the next ready one. The
+// "forward" schedule starts the threads in thread order; a collective that completes puts its
+// participants at the front of the ready queue in the opposite order, so the threads a barrier
+// releases run ahead of the ones that have not reached it yet (a barrier that releases too
+// early shows as wrong data), and the last of them first (thread 0 of a team, which writes what
+// the others read after the next barrier, runs last: a missing barrier shows too). "reverse"
+// mirrors both orders. No ready fiber while some are unfinished is a deadlock. Checks, each a launch error naming the threads and lines involved:
 //   - bar.sync / __syncthreads: count a positive multiple of 32 and <= the block (PTX), every
 //     arrival of one phase with the same count, whole warps only (.aligned: every live lane of
 //     a warp arrives at the same barrier phase), __syncthreads from one call site;
@@ -160,11 +162,11 @@ void fiber_entry() {
   __builtin_unreachable();
 }
 
-// Participants of a completed collective run next, in schedule order.
+// Participants of a completed collective run next, against the schedule's thread order.
 void release(std::vector<int> who) {
   Block* b = t_block;
   std::sort(who.begin(), who.end());
-  if (b->reverse) std::reverse(who.begin(), who.end());
+  if (!b->reverse) std::reverse(who.begin(), who.end());
   for (auto it = who.rbegin(); it != who.rend(); ++it) {
     b->fibers[*it].state = State::kReady;
     b->ready.push_front(*it);
