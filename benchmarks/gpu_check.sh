@@ -16,7 +16,7 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-DEADLINE=${GPU_CHECK_DEADLINE_S:-540}   # leave ~1 min of the 10 for the transfers
+DEADLINE=${GPU_CHECK_DEADLINE_S:-540}   # the script ends by then: a caller with a 10-minute limit keeps ~1 min to collect the results
 PY=${PYTHON:-python3}
 RES=benchmarks/results
 mkdir -p "$RES"
@@ -66,7 +66,7 @@ grep -E "passed|failed|error" "$LOGDIR/gpu_tests.log" | tail -3
 say "tests rc=$TEST_RC"
 
 # 4. benchmark with the time left: no case starts after the budget; the hard limit ends a case
-# that runs over (a long compile) in time for the transfers, its earlier rows already written
+# that runs over (a long compile) before DEADLINE, its earlier rows already written
 B=$(( $(left) - 60 )); [ $B -lt 30 ] && B=30
 HARD=$(( $(left) - 5 )); [ $HARD -lt 40 ] && HARD=40
 say "benchmark (budget ${B}s, hard limit ${HARD}s)"

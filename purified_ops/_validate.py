@@ -1,6 +1,6 @@
 """Argument checks of the public entry points, run before any kernel.
 
-Errors follow DESIGN.md: ValueError for shapes, broadcasting, eps, backend names and devices;
+Errors follow docs/DESIGN.md: ValueError for shapes, broadcasting, eps, backend names and devices;
 TypeError for non-tensors and non-floating dtypes. Messages name the offending shapes or values.
 """
 from __future__ import annotations

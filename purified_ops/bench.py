@@ -2,7 +2,7 @@
 
 Every figure is measured in one process, providers interleaved (CPU) or back to back with CUDA
 events (GPU), and reported as the median with p20/p80, as achieved bandwidth over the minimal
-bytes of DESIGN.md section 4, as a share of a copy bandwidth measured in the same run, and as
+bytes of docs/DESIGN.md section 4, as a share of a copy bandwidth measured in the same run, and as
 speedups over the two baselines. Results append to a long-format CSV (one row per measurement,
 upserted by key) that benchmarks/plot.py turns into plots.
 
@@ -108,7 +108,7 @@ class Case:
     mode: str
 
     def minimal_bytes(self) -> int:
-        """DESIGN.md section 4: forward (2 + K) N D b, backward (3 + 2K) N D b, full both."""
+        """docs/DESIGN.md section 4: forward (2 + K) N D b, backward (3 + 2K) N D b, full both."""
         b = torch.finfo(DTYPES[self.dtype]).bits // 8
         fwd, bwd = (2 + self.K), (3 + 2 * self.K)
         per_row = {"forward": fwd, "backward": bwd, "full": fwd + bwd}[self.mode]

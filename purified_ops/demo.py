@@ -27,8 +27,8 @@ training set, same batches, optimizer, learning rate and number of steps):
   image before the same main encoder and task head. Two stages: the probe learns the texture
   first, with its loss balanced against the digit (``fit(balance_irrelevant=True)``, so that it
   cannot learn digits where the texture follows the digit), then it is frozen and the network
-  learns the task; ``--schedule joint --no-balance`` is the previous default. ``--variant
-  per_sample`` is the per-sample form: a task-irrelevant encoder of the main encoder's
+  learns the task; ``--schedule joint --no-balance`` trains both together, unbalanced.
+  ``--variant per_sample`` is the per-sample form: a task-irrelevant encoder of the main encoder's
   architecture gives each sample one direction in main-feature space, which is removed from its
   main features.
 

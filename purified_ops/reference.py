@@ -147,7 +147,7 @@ def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
 
 
 def purify_backward(grad_y, x, z, strength, eps):
-    """The closed-form backward of :func:`purify` (DESIGN.md section 2), differentiable itself.
+    """The closed-form backward of :func:`purify` (docs/DESIGN.md section 2), differentiable itself.
 
     With ``u = G^{-1} Z g``, ``p = Z^T c``, ``q = Z^T u``::
 

@@ -1,4 +1,4 @@
-"""Testing utilities: the float64 truth, DESIGN.md's accuracy bounds, and :func:`verify`, the check
+"""Testing utilities: the float64 truth, docs/DESIGN.md's accuracy bounds, and :func:`verify`, the check
 of the kernels and gradients against the reference that a user runs on their own machine
 (``purified-ops verify``). The repository's tests take their bounds from here too.
 
@@ -27,7 +27,7 @@ __all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_ro
 
 # ---- the truth and the bounds -------------------------------------------------------------------
 
-# DESIGN.md: ||out - ref|| / ||ref|| against float64, for the output and every gradient.
+# docs/DESIGN.md: ||out - ref|| / ||ref|| against float64, for the output and every gradient.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 # Per-row error relative to |x| (the computation's scale), before the conditioning term.
 ROW_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -463,9 +463,9 @@ NOTES = [
     "since a cancelling sum has no float32 evaluation within 1e-5 of itself), worst over y, dx, dz, dstrength, "
     "the layouts (rows, a z shared by rows, a transposed x, x and z at a storage offset) and the entry "
     "points (raw ops; for the public backends also purify, which runs PurifyFunction); "
-    "tolerance: DESIGN.md's bound for the dtype (float64 1e-10, float32 1e-5, float16 3e-3, bfloat16 2e-2)",
+    "tolerance: docs/DESIGN.md's bound for the dtype (float64 1e-10, float32 1e-5, float16 3e-3, bfloat16 2e-2)",
     "|z|^2~eps: K >= D directions span R^D; z is scaled by 1e-3 so that G = Z Z^T + eps I is well conditioned "
-    "and DESIGN.md's bounds apply",
+    "and docs/DESIGN.md's bounds apply",
     "rank-deficient: K >= D with |z|^2 >> eps, where y is ~eps/|z|^2 of x (a cancellation no float32 "
     "evaluation resolves): the per-row error of y relative to |x| against the exact D x D formula "
     "y = (1 - s) x + s eps (Z^T Z + eps I)^-1 x, bound 64 K u (u: epsilon of the arithmetic dtype, float32 "

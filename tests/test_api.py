@@ -1,4 +1,4 @@
-"""The public API: errors of DESIGN.md, PurifyLayer, the fallback without the extension, the CLI."""
+"""The public API: errors of docs/DESIGN.md, PurifyLayer, the fallback without the extension, the CLI."""
 import copy
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""The numbers of DESIGN.md that are not accuracy: exactness, finiteness, isolation, determinism,
+"""The numbers of docs/DESIGN.md that are not accuracy: exactness, finiteness, isolation, determinism,
 no writes to inputs, and the layouts (strides, offsets, broadcasting, empty tensors)."""
 import pytest
 import torch

@@ -21,7 +21,7 @@ def _key(row):
 
 # The fused CPU kernel returns NaN rows for some sets of K >= 16 nearly dependent directions in
 # D = 7 (the K x K Cholesky's pivots are floored, and its triangular solves then overflow float32),
-# which DESIGN.md rules out ("never NaN or Inf"). verify names these rows, as it should; they are
+# which docs/DESIGN.md rules out ("never NaN or Inf"). verify names these rows, as it should; they are
 # the only failures allowed on this build until the kernel is fixed.
 KNOWN_KERNEL_FAILURES = {("cpu", "K=16 D=7 rank-deficient, y per row / |x|", "float32"),
                          ("cpu", "K=24 D=7 rank-deficient, y per row / |x|", "float16")}
