@@ -112,7 +112,9 @@ def cuda_emulation_extensions():
         link += sanitize
         name += "_asan"
     else:
-        cxx += ["-O2"]
+        # PURIFIED_OPS_CUDA_EMU_OPT=-O0 compiles 4x faster and runs slower: for the sensitivity
+        # script, which rebuilds the kernels once per planted bug and runs a few tests on each.
+        cxx += [os.environ.get("PURIFIED_OPS_CUDA_EMU_OPT", "-O2")]
     return [cpp_extension.CppExtension(name, sorted(glob.glob("csrc/cuda_emu/*.cpp")),
                                        define_macros=[("PURIFIED_OPS_CUDA_EMU", None)], include_dirs=[include],
                                        extra_compile_args={"cxx": cxx}, extra_link_args=link)]
