@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._extras import require_extra
 from .learning import LowRankProbe, PurifiedNet, evaluate, fit, seed_everything
 
 ARMS = ("plain", "multitask", "purified")
@@ -346,6 +347,8 @@ def report(args, out: dict) -> str:
 
 
 def main(args) -> int:
+    # all of them up front: a missing plotting package must not end a run of minutes at its end
+    require_extra("demo", "sklearn", "tqdm", "matplotlib", purpose="purified-ops demo")
     out = run(args)
     text = report(args, out)
     print(text, flush=True)
