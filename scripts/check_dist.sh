@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-PY=$(realpath "${1:-.venv/bin/python}")
+PY=${1:-.venv/bin/python}
+PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # absolute, the venv's link kept
 REPO=$(pwd)
 step() { echo "[check_dist $(( $(date +%s) - START ))s] $*"; }
 WORK=$(mktemp -d)
