@@ -1,41 +1,54 @@
-"""Builds purified_ops._C: the op schemas, the fused CPU kernels and, when a CUDA build of torch
-and nvcc are present, the fused CUDA kernels.
+"""Builds the extension modules of purified_ops:
+
+  purified_ops._C            the op schemas, the autocast policy, the build-info binding and, when a
+                             CUDA build of torch and nvcc are present, the fused CUDA kernels;
+  purified_ops._cpu_default  the fused CPU kernels, once per CPU capability (DEFAULT, AVX2, AVX512
+  purified_ops._cpu_avx2     on x86-64). purified_ops imports the one for the best capability the
+  purified_ops._cpu_avx512   running CPU supports (torch's choice), and never another.
+
+One module per capability keeps the code compiled with -mavx2 or -mavx512f out of every process whose
+CPU lacks it: inline and template functions from headers (std::, c10::) are emitted in every
+translation unit that uses them, and within one shared object the linker keeps any one copy, so a
+copy compiled for AVX-512 could serve a DEFAULT kernel and die with SIGILL on an older CPU.
 
 Environment:
   PURIFIED_OPS_CUDA=0|1          force the CUDA extension off or on (default: automatic)
   TORCH_CUDA_ARCH_LIST           CUDA archs (default "8.0;9.0")
-  PURIFIED_OPS_CPU_CAPABILITY    DEFAULT, AVX2 or AVX512 (default: what torch detects here)
+  PURIFIED_OPS_CPU_CAPABILITY    DEFAULT, AVX2 or AVX512: the highest capability compiled
+                                 (default: all of them on x86-64, DEFAULT elsewhere)
   PURIFIED_OPS_PTXAS_VERBOSE=1   print ptxas' register and spill report for every kernel
-  PURIFIED_OPS_CUDA_EMU=1|asan   also build the CUDA kernels emulated on the CPU (a test backend,
-                                 see README): purified_ops._cuda_emu, or with asan
+  PURIFIED_OPS_CUDA_EMU=1|asan   build only the CUDA kernels emulated on the CPU (a test backend,
+                                 see README), next to a build of the rest: purified_ops._cuda_emu, or with asan
                                  purified_ops._cuda_emu_asan under -fsanitize=address,undefined
 """
 import glob
 import os
-import shlex
+import platform
 
 import torch
 from setuptools import setup
 from torch.utils import cpp_extension
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
 # at::vec::Vectorized picks its implementation from CPU_CAPABILITY_* defines; without them it
-# is a scalar emulation several times slower. The capability is fixed at build time, for the
-# machine that builds (the package is built where it runs).
+# is a scalar emulation several times slower. The flags are those torch compiles its own kernels
+# of each capability with, so a kernel runs wherever torch chooses that capability.
 CPU_CAPABILITY_FLAGS = {
     "DEFAULT": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
     "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
                "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
+CPU_CAPABILITIES = tuple(CPU_CAPABILITY_FLAGS)  # from lowest to highest
 
 
-def cpu_capability():
-    cap = os.environ.get("PURIFIED_OPS_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-    if cap not in CPU_CAPABILITY_FLAGS:
-        cap = "AVX512" if cap.startswith("AVX512") else "DEFAULT"
-    return cap
+def cpu_capabilities():
+    """The capabilities to compile CPU kernels for: up to PURIFIED_OPS_CPU_CAPABILITY (x86-64 only)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ("DEFAULT",)
+    top = os.environ.get("PURIFIED_OPS_CPU_CAPABILITY", CPU_CAPABILITIES[-1])
+    if top not in CPU_CAPABILITIES:
+        raise SystemExit(f"PURIFIED_OPS_CPU_CAPABILITY must be one of {', '.join(CPU_CAPABILITIES)}, got {top!r}")
+    return CPU_CAPABILITIES[:CPU_CAPABILITIES.index(top) + 1]
 
 
 def want_cuda():
@@ -50,8 +63,8 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def c_string(flags):
-    return '"' + " ".join(flags).replace('"', '\\"') + '"'
+def c_string(text):
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 def cxx_standard():
@@ -60,29 +73,41 @@ def cxx_standard():
     return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
-def extension():
-    cap = cpu_capability()
-    cxx = ["-O3", cxx_standard(), "-fopenmp", *CPU_CAPABILITY_FLAGS[cap]]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    defines = [("PURIFIED_OPS_CPU_CAPABILITY", f'"{cap}"'), ("PURIFIED_OPS_CXX_FLAGS", c_string(cxx))]
-    link = ["-fopenmp"]
+CXX = ["-O3", cxx_standard(), "-fopenmp"]
+LINK = ["-fopenmp"]
+
+
+def cpu_kernel_extension(capability):
+    """purified_ops._cpu_<capability>: the CPU kernels, the output cache they allocate from and the
+    host code they call, all compiled for this capability."""
+    cxx = [*CXX, *CPU_CAPABILITY_FLAGS[capability]]
+    sources = ["csrc/purify_host.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    defines = [("PURIFIED_OPS_CPU_CAPABILITY", c_string(capability)),
+               ("PURIFIED_OPS_CXX_FLAGS", c_string(" ".join(cxx)))]
+    return cpp_extension.CppExtension(f"purified_ops._cpu_{capability.lower()}", sources, define_macros=defines,
+                                      extra_compile_args={"cxx": cxx}, extra_link_args=LINK)
+
+
+def core_extension(capabilities):
+    """purified_ops._C: schemas, autocast, build info, and the CUDA kernels when built with CUDA."""
+    sources = ["csrc/purify.cpp", "csrc/purify_autocast.cpp"]
+    defines = [("PURIFIED_OPS_CPU_CAPABILITIES", c_string(" ".join(capabilities)))]
     if not want_cuda():
         return cpp_extension.CppExtension("purified_ops._C", sources, define_macros=defines,
-                                          extra_compile_args={"cxx": cxx}, extra_link_args=link)
+                                          extra_compile_args={"cxx": CXX}, extra_link_args=LINK)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     archs = os.environ["TORCH_CUDA_ARCH_LIST"]
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     if os.environ.get("PURIFIED_OPS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
-    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-    defines += [("PURIFIED_OPS_WITH_CUDA", None), ("PURIFIED_OPS_NVCC_FLAGS", c_string(nvcc)),
-                ("PURIFIED_OPS_CUDA_ARCHS", f'"{archs}"')]
+    sources += ["csrc/purify_host.cpp", *sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))]
+    defines += [("PURIFIED_OPS_WITH_CUDA", None), ("PURIFIED_OPS_NVCC_FLAGS", c_string(" ".join(nvcc))),
+                ("PURIFIED_OPS_CUDA_ARCHS", c_string(archs))]
     # ATen/cuda headers pull in cusparse.h, which a pip CUDA torch ships under nvidia/cu13.
     includes = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))
     return cpp_extension.CUDAExtension("purified_ops._C", sources, define_macros=defines,
                                        include_dirs=[os.path.abspath(p) for p in includes],
-                                       extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                                       extra_link_args=link)
+                                       extra_compile_args={"cxx": CXX, "nvcc": nvcc}, extra_link_args=LINK)
 
 
 def cuda_emulation_extensions():
@@ -120,7 +145,24 @@ def cuda_emulation_extensions():
                                        extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """Compiles each module's objects in a folder of its own: the CPU kernel modules compile the
+    same sources with different flags, and would otherwise overwrite each other's objects."""
+
+    def build_extension(self, ext):
+        build_temp = self.build_temp
+        self.build_temp = os.path.join(build_temp, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = build_temp
+
+
+# The emulated CUDA module is built on its own, next to an existing build of the package (it
+# registers its own op namespace): the sensitivity script rebuilds it once per planted bug.
+CAPABILITIES = cpu_capabilities()
 setup(
-    ext_modules=[extension(), *cuda_emulation_extensions()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    ext_modules=cuda_emulation_extensions() or [core_extension(CAPABILITIES),
+                                                *(cpu_kernel_extension(c) for c in CAPABILITIES)],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -11,7 +11,11 @@ import csv
 import os
 from collections import defaultdict
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:  # a standalone script: it does not import purified_ops for its check
+    raise SystemExit("benchmarks/plot.py needs matplotlib, not installed here: "
+                     "pip install 'purified-ops[bench]'") from None
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -1,17 +1,14 @@
-// The op schemas of purified_ops and the plain build-info binding. Implementations live in
-// cpu/ and cuda/ (TORCH_LIBRARY_IMPL), fake kernels and autograd in purified_ops/ops.py.
+// The op schemas of purified_ops and the build-info binding of purified_ops._C. Implementations
+// live in cpu/ (one module per CPU capability, see cpu/module.cpp) and cuda/ (TORCH_LIBRARY_IMPL),
+// fake kernels and autograd in purified_ops/ops.py.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/output_cache.h"
 #include "purify_schema.h"
 
-#ifndef PURIFIED_OPS_CPU_CAPABILITY
-#define PURIFIED_OPS_CPU_CAPABILITY "unknown"
-#endif
-#ifndef PURIFIED_OPS_CXX_FLAGS
-#define PURIFIED_OPS_CXX_FLAGS ""
+#ifndef PURIFIED_OPS_CPU_CAPABILITIES
+#define PURIFIED_OPS_CPU_CAPABILITIES ""
 #endif
 #ifndef PURIFIED_OPS_NVCC_FLAGS
 #define PURIFIED_OPS_NVCC_FLAGS ""
@@ -38,14 +35,10 @@ TORCH_LIBRARY_IMPL(purified_ops, Autograd, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("empty_cpu_output_cache", &purified_ops::empty_cpu_output_cache,
-        "Frees the CPU output cache's blocks; returns the bytes released.");
-  m.def("cpu_output_cache_bytes", &purified_ops::cpu_output_cache_bytes,
-        "Bytes the CPU output cache holds for reuse.");
   m.def("build_info", [] {
     pybind11::dict info;
-    info["cpu_capability"] = PURIFIED_OPS_CPU_CAPABILITY;
-    info["cxx_flags"] = PURIFIED_OPS_CXX_FLAGS;
+    // The capabilities a purified_ops._cpu_<capability> module was built for, lowest first.
+    info["cpu_capabilities"] = PURIFIED_OPS_CPU_CAPABILITIES;
 #ifdef PURIFIED_OPS_WITH_CUDA
     info["cuda"] = true;
 #else
@@ -53,11 +46,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     info["cuda_archs"] = PURIFIED_OPS_CUDA_ARCHS;
     info["nvcc_flags"] = PURIFIED_OPS_NVCC_FLAGS;
-#ifdef _OPENMP
-    info["openmp"] = true;
-#else
-    info["openmp"] = false;
-#endif
     return info;
   });
 }

@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from ._extras import MissingExtraError
+
 
 def _info(args) -> int:
     from . import __version__
@@ -137,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except MissingExtraError as exc:  # what to install, not a traceback
+        print(exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._extras import require_extra
 from .layer import PurifyLayer
 from .learning import (ClassSubspaceBank, LowRankProbe, MarginalLogits, PurifiedNet, SplitLogits,
                        evaluate, fit, seed_everything)
@@ -532,6 +533,8 @@ def report(args, out: dict) -> str:
 
 
 def main(args) -> int:
+    # all of them up front: a missing plotting package must not end a run of minutes at its end
+    require_extra("demo", "sklearn", "tqdm", "matplotlib", purpose="purified-ops demo")
     out = run(args)
     text = report(args, out)
     print(text, flush=True)

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch.autograd import forward_ad as _fwad
 
-from . import reference
+from . import _extension, reference
 from ._validate import canonical_args, check_purify_args
 
 __all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "empty_cpu_cache", "cpu_cache_bytes",
@@ -15,24 +15,20 @@ __all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "empt
 
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
-try:
-    from . import _C  # registers torch.ops.purified_ops.* (TORCH_LIBRARY) as a side effect
-    _LOAD_ERROR: Exception | None = None
-except ImportError as exc:  # no compiled extension: the reference serves, with one warning
-    _C = None
-    _LOAD_ERROR = exc
-
-# Read once: purify() consults it on every call, also while torch.compile traces.
-_BUILD_INFO: dict = _C.build_info() if _C is not None else {}
+# _C registers the op schemas, _CPU (the kernels of the CPU capability chosen here) the CPU
+# kernels. Without them the reference serves, with one warning. The build info is read once:
+# purify() consults it on every call, also while torch.compile traces.
+_C, _CPU, _BUILD_INFO, _LOAD_ERROR = _extension.load()
 
 _warned_fallback = False
 
 
 def build_info() -> dict:
-    """How the extension was built (CPU capability, flags, CUDA archs), or why it did not load."""
+    """How the extension was built (the CPU capabilities compiled and the one chosen here, flags,
+    CUDA archs), or why it did not load."""
     info = {"extension_loaded": _C is not None}
     if _C is None:
-        info["extension_error"] = f"{type(_LOAD_ERROR).__name__}: {_LOAD_ERROR}"
+        info["extension_error"] = _extension.load_failure_message(_LOAD_ERROR)
     else:
         info.update(_BUILD_INFO)
     return info
@@ -45,12 +41,12 @@ def empty_cpu_cache() -> int:
     freed blocks are kept (up to PURIFIED_OPS_CPU_CACHE_MB, default 512; 0 turns it off) so the
     next step does not fault in fresh pages. Like ``torch.cuda.empty_cache()``.
     """
-    return _C.empty_cpu_output_cache() if _C is not None else 0
+    return _CPU.empty_cpu_output_cache() if _CPU is not None else 0
 
 
 def cpu_cache_bytes() -> int:
     """Bytes the CPU output cache holds for reuse (not in live tensors)."""
-    return _C.cpu_output_cache_bytes() if _C is not None else 0
+    return _CPU.cpu_output_cache_bytes() if _CPU is not None else 0
 
 
 _EMULATED_CUDA: list = []  # [module or None], filled on first use
@@ -122,8 +118,8 @@ def _run_forward(x, z, strength, eps):
     """Validates, promotes and runs the registered forward op: (args, y, coeff, chol)."""
     args = check_purify_args(x, z, strength, eps)
     if _C is None:
-        raise RuntimeError(f"purified_ops: the compiled extension did not load ({_LOAD_ERROR}); "
-                           "use purify(..., backend='reference') or rebuild the package")
+        raise RuntimeError(f"purified_ops: {_extension.load_failure_message(_LOAD_ERROR)}; "
+                           "or use purify(..., backend='reference')")
     y, coeff, chol = torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)
     return args, y, coeff, chol
 
@@ -241,9 +237,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             global _warned_fallback
             if not _warned_fallback:
                 _warned_fallback = True
-                warnings.warn(f"purified_ops: the compiled extension did not load ({_LOAD_ERROR}); "
-                              "falling back to the pure-PyTorch reference, which is correct but slower. "
-                              "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"purified_ops: falling back to the pure-PyTorch reference, which is correct "
+                              f"but slower: {_extension.load_failure_message(_LOAD_ERROR)}.", RuntimeWarning,
+                              stacklevel=3)
         return "reference"
     if backend == "reference":
         return "reference"

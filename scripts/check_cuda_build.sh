@@ -18,8 +18,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   step "creating $VENV"
   $PY -m venv "$VENV"
 fi
-step "installing torch==2.14.1 and requirements.txt"
-"$VENV/bin/python" -m pip install --quiet torch==2.14.1 -r requirements.txt
+step "installing torch==2.14.1 and the requirements (pyproject.toml)"
+"$VENV/bin/python" scripts/requirements.py build run test bench demo > "$VENV/requirements.txt"
+"$VENV/bin/python" -m pip install --quiet torch==2.14.1 -r "$VENV/requirements.txt"
 
 REPO=$(pwd)
 SRC=$(mktemp -d)

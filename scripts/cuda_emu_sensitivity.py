@@ -9,6 +9,7 @@ Needs what PURIFIED_OPS_CUDA_EMU=1 needs (the CUDA toolkit's headers); bugs mark
 need libasan (gcc). Run from the repository root; the working tree is never modified.
 """
 import argparse
+import glob
 import os
 import shutil
 import subprocess
@@ -88,6 +89,11 @@ def main():
         if os.path.isfile(os.path.join(src, f)):
             os.makedirs(os.path.dirname(os.path.join(work, f)) or work, exist_ok=True)
             shutil.copy2(os.path.join(src, f), os.path.join(work, f))
+    # The package's own modules, built from sources no planted bug touches (csrc/cuda is not in
+    # the CPU build): copied, so that the copy rebuilds only the emulated module.
+    for so in glob.glob(os.path.join(src, "purified_ops", "_C*.so")) + glob.glob(
+            os.path.join(src, "purified_ops", "_cpu_*.so")):
+        shutil.copy2(so, os.path.join(work, "purified_ops"))
     failures = []
     try:
         for mode in ("1", "asan"):

@@ -1,0 +1,32 @@
+// The Python module purified_ops._cpu_<capability>: the CPU kernels of one CPU capability register
+// themselves (TORCH_LIBRARY_IMPL in purify_cpu.cpp) when purified_ops imports it; this adds the
+// output cache's controls and what the module was compiled for. Only one such module is loaded in
+// a process, so there is one output cache.
+#include <torch/extension.h>
+
+#include "output_cache.h"
+
+#ifndef PURIFIED_OPS_CPU_CAPABILITY
+#define PURIFIED_OPS_CPU_CAPABILITY "unknown"
+#endif
+#ifndef PURIFIED_OPS_CXX_FLAGS
+#define PURIFIED_OPS_CXX_FLAGS ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("empty_cpu_output_cache", &purified_ops::empty_cpu_output_cache,
+        "Frees the CPU output cache's blocks; returns the bytes released.");
+  m.def("cpu_output_cache_bytes", &purified_ops::cpu_output_cache_bytes,
+        "Bytes the CPU output cache holds for reuse.");
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["cpu_capability"] = PURIFIED_OPS_CPU_CAPABILITY;
+    info["cxx_flags"] = PURIFIED_OPS_CXX_FLAGS;
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    return info;
+  });
+}
