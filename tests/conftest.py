@@ -1,15 +1,12 @@
 import os
 
 import pytest
-import torch
 from hypothesis import settings
 
 # CI runs a fixed set of examples (reproducible); HYPOTHESIS_PROFILE=explore draws new ones.
 settings.register_profile("ci", derandomize=True, deadline=None)
 settings.register_profile("explore", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=["cpu", "cuda"])

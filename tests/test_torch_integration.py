@@ -1,4 +1,4 @@
-"""purify as a first-class PyTorch citizen: autocast, state and serialization, threads,
+"""purify inside torch's machinery: autocast, state and serialization, threads,
 DistributedDataParallel."""
 import copy
 import os
