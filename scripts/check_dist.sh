@@ -3,7 +3,8 @@
 # the wheel (so a file missing from the sdist fails here); the wheel goes into a fresh venv apart
 # from the checkout (the same torch from disk or pip's cache, the wheel with --no-deps), where
 # scripts/check_install.py checks the fused kernels: on this CPU, then under qemu-x86_64 as an
-# AVX2-only CPU (Haswell) and as one without AVX (Nehalem), each of which must get its own kernels.
+# AVX2-only CPU (Haswell) and as one without AVX (Nehalem), each of which must get its own kernels;
+# and `purified-ops verify --quick` runs from the installed wheel.
 # The build runs without isolation (`--no-isolation`): the extension must be compiled against the
 # torch it will run with, not one pip fetches into an isolated environment.
 # Usage: bash scripts/check_dist.sh [PYTHON]   (default .venv/bin/python, with torch and the
@@ -45,6 +46,9 @@ check() {  # check [qemu-x86_64 -cpu MODEL] EXPECTED_CAPABILITY
 NATIVE=$("$VPY" -c 'from purified_ops._extension import torch_cpu_capability; print(torch_cpu_capability())')
 step "check on this CPU (torch chose $NATIVE)"
 check "$NATIVE"
+step "purified-ops verify --quick from the installed wheel"
+"$WORK/venv/bin/purified-ops" verify --quick --device cpu > "$WORK/verify.out" || { cat "$WORK/verify.out"; exit 1; }
+tail -n 2 "$WORK/verify.out" | head -n 1
 if [ "$(uname -m)" = x86_64 ]; then
   command -v qemu-x86_64 > /dev/null ||
     { echo "check_dist: qemu-x86_64 not found (apt-get install -y qemu-user)"; exit 1; }
