@@ -37,11 +37,11 @@ PURIFY_HD double unit_roundoff<double>() { return 2.220446049250313e-16; }
 //    direction in the span of the others adds nothing to the span, so y changes by O(eps/|z|^2);
 //    a noise-level pivot instead would make its coefficient noise / floor, O(|x|) or larger.
 // Each entry is also clamped to its exact-math bound sqrt(G_ii - sum_{p<j} L_ip^2)
-// (Cauchy-Schwarz on the Schur complement): with pivots >= sqrt(eps) near the rounding level,
-// rounding in v can still push an entry past it, and the next columns would square that.
-// A NaN z row (NaN G_jj) keeps r NaN: only that row's output is NaN.
-// Operation order is mirrored exactly by warp_cholesky (cuda/purify_kernels.cuh) and
-// regularized_cholesky (purified_ops/reference.py).
+// (Cauchy-Schwarz on the Schur complement), which rounding otherwise exceeds (by up to 1% in
+// float32 with dependent directions): the factor stays within the bounds exact math obeys.
+// A NaN in z (NaN G_jj) keeps r NaN: only the outputs computed from that z are NaN.
+// Operation order is mirrored exactly by warp_cholesky (cuda/purify_kernels.cuh); the rule also
+// by regularized_cholesky (purified_ops/reference.py).
 template <typename T>
 PURIFY_HD void cholesky_inplace(T* a, int K, T eps) {
   const T rel = T(4) * T(K) * unit_roundoff<T>();
