@@ -9,6 +9,7 @@ import torch.autograd.forward_ad as fwAD
 
 import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, purify, reference
+from purified_ops.ops import emulated_cuda_ops
 
 from accuracy import TOLERANCE, dependent_row_bound, rel_err, row_err, span_condition, truth_rank_deficient
 
@@ -174,7 +175,7 @@ def _float32_forward(backend):
     the CUDA kernels emulated on the CPU (skipped where that build is absent)."""
     if backend != "cuda-emulated":
         return lambda x, z: purify(x, z, backend=backend)
-    emu = purified_ops.emulated_cuda_ops()
+    emu = emulated_cuda_ops()
     if emu is None:
         pytest.skip("the emulated CUDA backend is not built (PURIFIED_OPS_CUDA_EMU=1)")
     return lambda x, z: emu.purify_forward(x, z, torch.tensor(1.0), 1e-6)[0]
