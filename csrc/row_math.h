@@ -26,16 +26,22 @@ PURIFY_HD double unit_roundoff<double>() { return 2.220446049250313e-16; }
 // In place: the lower triangle of the row-major K x K matrix `a` (holding G) becomes its
 // Cholesky factor L (G = L L^T); the strict upper triangle is set to zero.
 //
-// For G = A + eps I with A positive semi-definite, in exact arithmetic every pivot is >= eps and
-// every entry obeys |L_ij| <= sqrt(G_ii - sum_{p<j} L_ip^2) (Cauchy-Schwarz on the Schur
-// complement). Where a direction is (numerically) dependent on earlier ones, rounding breaks both:
-// a pivot is noise at the level K u G_jj, and dividing the column's residuals (noise too) by it
-// makes entries far beyond the bound, which the next columns square and amplify into Inf or NaN.
-// So pivots are floored at max(eps, 4 K u G_jj) and each entry is clamped to its bound. Where G
-// is resolvable in this precision neither acts (exact math); where not (|z|^2 / eps beyond 1/u,
-// dependent directions, K > D), L is the factor of G plus a rounding-level perturbation, so it
-// stays finite and the solves are as accurate as the conditioning of G allows.
-// Operation order is mirrored exactly by warp_cholesky (cuda/purify_kernels.cuh).
+// For G = A + eps I with A positive semi-definite, in exact arithmetic every pivot is >= eps.
+// In precision u a pivot d is resolved only down to rel G_jj (rel = 4 K u); below that it is
+// rounding noise. The rule ("drop dependent directions"), per pivot j:
+//  - d > max(eps, rel G_jj): exact math, r = sqrt(d);
+//  - else, where eps >= rel G_jj: the regularization is resolvable, r = sqrt(eps) (exact math);
+//  - else (d <= rel G_jj > eps: direction j is dependent on earlier ones below this
+//    precision's resolution), or d is NaN: the direction is dropped, r = sqrt(G_jj) / u, so its
+//    coefficient and the entries below it are ~u times their size (finite, no squaring). A
+//    direction in the span of the others adds nothing to the span, so y changes by O(eps/|z|^2);
+//    a noise-level pivot instead would make its coefficient noise / floor, O(|x|) or larger.
+// Each entry is also clamped to its exact-math bound sqrt(G_ii - sum_{p<j} L_ip^2)
+// (Cauchy-Schwarz on the Schur complement), which rounding otherwise exceeds (by up to 1% in
+// float32 with dependent directions): the factor stays within the bounds exact math obeys.
+// A NaN in z (NaN G_jj) keeps r NaN: only the outputs computed from that z are NaN.
+// Operation order is mirrored exactly by warp_cholesky (cuda/purify_kernels.cuh); the rule also
+// by regularized_cholesky (purified_ops/reference.py).
 template <typename T>
 PURIFY_HD void cholesky_inplace(T* a, int K, T eps) {
   const T rel = T(4) * T(K) * unit_roundoff<T>();
@@ -43,9 +49,9 @@ PURIFY_HD void cholesky_inplace(T* a, int K, T eps) {
     const T gjj = a[j * K + j];
     T d = gjj;
     for (int p = 0; p < j; ++p) d -= a[j * K + p] * a[j * K + p];
-    const T floor = eps > rel * gjj ? eps : rel * gjj;
-    d = d > floor ? d : floor;  // also maps a NaN pivot to the floor; NaN rows still reach c via Z x
-    const T r = std::sqrt(d);
+    const T relf = rel * gjj;
+    const bool dropped = d != d || (relf > eps && d <= relf);
+    const T r = dropped ? std::sqrt(gjj) / unit_roundoff<T>() : std::sqrt(d > eps ? d : eps);
     a[j * K + j] = r;
     const T inv = T(1) / r;
     for (int i = j + 1; i < K; ++i) {

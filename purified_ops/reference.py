@@ -33,15 +33,19 @@ def regularized_cholesky(gram: torch.Tensor, eps: float) -> torch.Tensor:
     """The lower Cholesky factor of ``gram`` (``Z Z^T + eps I``, ``[..., K, K]``) with the
     kernels' regularization (``cholesky_inplace`` in csrc/row_math.h), differentiable by autograd.
 
-    In exact arithmetic every pivot is ``>= eps`` and ``|L_ij| <= sqrt(G_ii - sum_{p<j} L_ip^2)``.
-    For directions dependent on earlier ones (and K > D), rounding breaks both and the factor
-    blows up into Inf or NaN; so pivots are floored at ``max(eps, 4 K u G_jj)`` (``u`` the
-    machine epsilon of the dtype) and entries clamped to that bound. Neither acts where ``G`` is
-    resolvable in this precision; elsewhere the factor is that of ``G`` plus a rounding-level
-    perturbation.
+    In exact arithmetic every pivot is ``>= eps``. In precision ``u`` (the dtype's machine
+    epsilon) a pivot ``d`` is resolved only down to ``rel G_jj`` (``rel = 4 K u``), so: where
+    ``d > max(eps, rel G_jj)`` it is used (exact math); where ``eps >= rel G_jj`` it is floored at
+    ``eps`` (exact-math regularization); where ``d <= rel G_jj`` and ``rel G_jj > eps`` (the
+    direction depends on earlier ones below this precision's resolution) or ``d`` is NaN, the
+    direction is dropped: its pivot becomes ``sqrt(G_jj) / u``, so its coefficient and the
+    entries below it are ~0, which leaves the span of Z (hence y) unchanged up to
+    ``O(eps / |z|^2)``. Entries are clamped to their exact-math bound
+    ``sqrt(G_ii - sum_{p<j} L_ip^2)``. Every branch is finite, so gradients are too.
     """
     k = gram.shape[-1]
-    rel = 4 * k * torch.finfo(gram.dtype).eps
+    u = torch.finfo(gram.dtype).eps
+    rel = 4 * k * u
     rows = torch.arange(k, device=gram.device)
     diag = torch.diagonal(gram, dim1=-2, dim2=-1)
     cols = []
@@ -52,10 +56,11 @@ def regularized_cholesky(gram: torch.Tensor, eps: float) -> torch.Tensor:
             v = v - (done @ done[..., j, :].unsqueeze(-1)).squeeze(-1)
             rem = rem - done.square().sum(-1)
         gjj = gram[..., j, j]
-        floor = torch.clamp(rel * gjj, min=eps)
+        relf = rel * gjj
         d = v[..., j]
-        d = torch.where(d > floor, d, floor)  # a NaN pivot maps to the floor, as in the kernels
-        r = d.sqrt().unsqueeze(-1)
+        dropped = torch.isnan(d) | ((relf > eps) & (d <= relf))
+        kept = torch.where(d > eps, d, torch.full_like(d, eps)).sqrt()
+        r = torch.where(dropped, gjj.sqrt() / u, kept).unsqueeze(-1)
         # floored above zero (not at it) so that sqrt's derivative stays finite where unused
         bound = rem.clamp(min=torch.finfo(rem.dtype).tiny).sqrt()
         below = torch.clamp(v / r, -bound, bound)

@@ -22,7 +22,8 @@ from . import reference
 from .ops import PurifyFunction, available_backends, emulated_cuda_ops, purify
 
 __all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_roundoff", "gram_condition",
-           "conditioned_row_bound", "truth_rank_deficient", "rank_deficient_bound", "row_err",
+           "conditioned_row_bound", "span_condition", "dependent_row_bound", "truth_rank_deficient",
+           "rank_deficient_bound", "row_err",
            "Backend", "Row", "VerifyReport", "discover_backends", "verify", "DTYPES"]
 
 # ---- the truth and the bounds -------------------------------------------------------------------
@@ -67,6 +68,26 @@ def conditioned_row_bound(dtype, kappa, strength=1.0):
     its condition number kappa in any evaluation (K >= D, nearly dependent z), so the bound grows
     with it: ``(ROW_TOLERANCE + 8 u kappa) max(1, |s|)``."""
     return (ROW_TOLERANCE[dtype] + 8 * unit_roundoff(dtype) * kappa) * max(1.0, abs(float(strength)))
+
+
+def span_condition(z, rank: int) -> torch.Tensor:
+    """cond of the span of z's rows per row, ``(sigma_1 / sigma_rank)^2`` of z (float64), for z
+    ``[..., K, D]`` of rank ``rank``: what conditions y where some directions depend on others
+    (cond(G) itself is then about |z|^2 / eps, which y does not depend on)."""
+    sv = torch.linalg.svdvals(z.double())
+    return (sv[..., 0] / sv[..., rank - 1]).square()
+
+
+def dependent_row_bound(dtype, k: int, d: int, kappa):
+    """Bound on the per-row error of y relative to |x| where directions depend on others (rank <
+    K, or K > D) with |z|^2 >> eps, kappa the condition of their span (``span_condition``):
+    ``ROW_TOLERANCE + 8 (K u kappa + sqrt(D u))``. K u kappa: the factor's rounding, amplified
+    by the span's conditioning. sqrt(D u): the factor drops a direction once its pivot is below
+    4 K u G_jj; one kept just above that is resolved only to about sqrt(u / (4 K u)) of itself
+    against a Gram whose rounding grows like sqrt(D) u. The measured worst (tests' cases, 512
+    rows each) is about half of the bound."""
+    u = unit_roundoff(dtype)
+    return ROW_TOLERANCE[dtype] + 8 * (k * u * kappa + math.sqrt(d * u))
 
 
 def truth_rank_deficient(x, z, strength=1.0, eps=1e-6):

@@ -9,8 +9,9 @@ import torch.autograd.forward_ad as fwAD
 
 import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, purify, reference
+from purified_ops.ops import emulated_cuda_ops
 
-from accuracy import TOLERANCE, rel_err
+from accuracy import TOLERANCE, dependent_row_bound, rel_err, row_err, span_condition, truth_rank_deficient
 
 
 def _f64(device, *shape):
@@ -169,15 +170,52 @@ def test_issue_reproducer_dependent_rows_float32(device):
         assert torch.isfinite(purify(x, z, backend=backend)).all()
 
 
+def _float32_forward(backend):
+    """y = purify(x, z) in float32 through one backend: the public CPU and reference paths, or
+    the CUDA kernels emulated on the CPU (skipped where that build is absent)."""
+    if backend != "cuda-emulated":
+        return lambda x, z: purify(x, z, backend=backend)
+    emu = emulated_cuda_ops()
+    if emu is None:
+        pytest.skip("the emulated CUDA backend is not built (PURIFIED_OPS_CUDA_EMU=1)")
+    return lambda x, z: emu.purify_forward(x, z, torch.tensor(1.0), 1e-6)[0]
+
+
+# Dependent directions below float32's resolution (|z|^2 >> eps): K < D of low rank, K > D, and
+# K = 16 (the largest fused K) in D = 15. A pivot at noise level used to turn the dependent
+# direction's coefficient into noise / floor: errors up to 27 |x| in these rows. (K = 16 in
+# D = 15 over 512 rows: at 2048 rows one row, of span condition 1e5, is 1.5 |x| off.)
+@pytest.mark.parametrize("backend", ["cpu", "reference", "cuda-emulated"])
+@pytest.mark.parametrize("case", [(8, 64, 2, 2048), (16, 32, 5, 2048), (16, 15, 15, 512), (20, 16, 16, 2048)],
+                         ids=lambda c: "K%d-D%d-r%d-n%d" % c)
+def test_dependent_directions_float32_error_within_span_conditioning(backend, case):
+    K, D, rank, n = case
+    forward = _float32_forward(backend)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(n, K, rank, generator=g) @ torch.randn(n, rank, D, generator=g)
+    x = torch.randn(n, D, generator=g)
+    exact = truth_rank_deficient(x, z) if K >= D else reference.purify(x.double(), z.double())
+    err = row_err(forward(x, z), exact, x)
+    bound = dependent_row_bound(torch.float32, K, D, span_condition(z, rank))
+    worst = int((err / bound).argmax())
+    assert err[worst] <= bound[worst], f"row {worst}: {err[worst]:.3g} > {bound[worst]:.3g}"
+
+
 def test_factor_is_bounded_like_exact_cholesky():
-    """The reference factor (the kernels' semantics) of a rank-2 Gram: every entry within
-    sqrt(G_ii), as in exact arithmetic, where the unclamped factor grew past 1e20."""
+    """The reference factor (the kernels' semantics) of a rank-2 Gram in float32: every entry
+    below the diagonal within sqrt(G_ii), as in exact arithmetic (an unbounded factor grew past
+    1e20); two pivots per row kept (within sqrt(G_jj)), the dependent six dropped
+    (sqrt(G_jj) / u)."""
     torch.manual_seed(3)
     z = torch.randn(4, 8, 2) @ torch.randn(4, 2, 64)
     gram = z @ z.transpose(-1, -2) + 1e-6 * torch.eye(8)
     chol = reference.regularized_cholesky(gram, 1e-6)
-    bound = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt().unsqueeze(-1)
-    assert (chol.abs() <= bound * (1 + 1e-6)).all()
+    root = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt()
+    assert (chol.tril(-1).abs() <= root.unsqueeze(-1) * (1 + 1e-6)).all()
+    pivots = torch.diagonal(chol, dim1=-2, dim2=-1)
+    dropped = pivots == root / torch.finfo(torch.float32).eps
+    assert (dropped | (pivots <= root * (1 + 1e-6))).all()
+    assert (dropped.sum(-1) == 6).all(), dropped
     well = torch.randn(8, 64, dtype=torch.float64)  # well conditioned: exactly torch's factor
     g64 = well @ well.T + 1e-6 * torch.eye(8, dtype=torch.float64)
     torch.testing.assert_close(reference.regularized_cholesky(g64, 1e-6), torch.linalg.cholesky(g64))

@@ -315,10 +315,10 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
 }
 
 // Warp-lane-parallel Cholesky factor of G (lane i < KB holds row i in g[]), in the operation
-// order of cholesky_inplace (row_math.h) with its pivot floor max(eps, 4 K u G_jj) for the
-// real K (padded rows have G_jj = eps, so their floor is eps) and its clamp of each entry to
-// sqrt(G_ii - sum_{p<j} L_ip^2), which a lane keeps as a running value in the same order. On
-// return lane i holds row i of L (upper part zero).
+// order of cholesky_inplace (row_math.h) with its pivot rule (dependent directions dropped,
+// rel = 4 K u for the real K; padded rows have G_jj = eps, so their pivot is sqrt(eps)) and its
+// clamp of each entry to sqrt(G_ii - sum_{p<j} L_ip^2), which a lane keeps as a running value
+// in the same order. On return lane i holds row i of L (upper part zero).
 template <typename A, int KB>
 __device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane) {
   const A rel = A(4) * A(K) * unit_roundoff<A>();
@@ -331,10 +331,10 @@ __device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane
     A v = g[j];
 #pragma unroll
     for (int p = 0; p < j; ++p) v -= g[p] * __shfl_sync(kFull, g[p], j);
-    A d = __shfl_sync(kFull, v, j);
-    const A floor = eps > rel * gjj ? eps : rel * gjj;
-    d = d > floor ? d : floor;
-    const A r = sqrt(d);
+    const A d = __shfl_sync(kFull, v, j);
+    const A relf = rel * gjj;
+    const bool dropped = d != d || (relf > eps && d <= relf);
+    const A r = dropped ? sqrt(gjj) / unit_roundoff<A>() : sqrt(d > eps ? d : eps);
     const A inv = A(1) / r;
     const A bound = sqrt(rem > A(0) ? rem : A(0));
     const A l = v * inv;
