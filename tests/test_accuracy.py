@@ -5,9 +5,9 @@ import torch
 import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, reference
 
-from accuracy import TOLERANCE, rank_deficient_bound, rel_err, row_err, truth, truth_rank_deficient
+from purified_ops.testing import TOLERANCE, rank_deficient_bound, rel_err, row_err, truth, truth_rank_deficient
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(TOLERANCE)  # float64, float32, float16, bfloat16
 KS = [1, 2, 5, 16, 20]
 DS = [1, 3, 127, 1000]
 

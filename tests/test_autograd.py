@@ -6,7 +6,7 @@ import torch
 import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, purify
 
-from accuracy import truth
+from purified_ops.testing import truth
 
 
 @pytest.mark.parametrize("shapes", [((4, 7), (4, 7)), ((3, 4, 6), (3, 1, 2, 6)), ((5, 6), (1, 3, 6)),

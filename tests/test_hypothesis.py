@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from purified_ops import PurifyFunction, PurifyLayer, purify, reference
 
-from accuracy import conditioned_row_bound, gram_condition, row_err
+from purified_ops.testing import TOLERANCE, conditioned_row_bound, gram_condition, row_err
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DTYPES = tuple(TOLERANCE)  # float64, float32, float16, bfloat16
 
 
 @st.composite

@@ -6,9 +6,9 @@ import torch
 import purified_ops
 from purified_ops import PurifyLayer, purify, reference
 
-from accuracy import rel_err, truth
+from purified_ops.testing import TOLERANCE, rel_err, truth
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(TOLERANCE)  # float64, float32, float16, bfloat16
 
 
 def _grads(x, z, strength=1.0, seed=0):

@@ -11,7 +11,7 @@ import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, purify, reference
 from purified_ops.ops import emulated_cuda_ops
 
-from accuracy import TOLERANCE, dependent_row_bound, rel_err, row_err, span_condition, truth_rank_deficient
+from purified_ops.testing import TOLERANCE, dependent_row_bound, rel_err, row_err, span_condition, truth_rank_deficient
 
 
 def _f64(device, *shape):
