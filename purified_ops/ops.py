@@ -67,6 +67,8 @@ def emulated_cuda_module():
             _EMULATED_CUDA.append(importlib.import_module(f"{__package__}.{name}"))  # registers the ops
         except ImportError:
             _EMULATED_CUDA.append(None)
+        else:
+            _register_fakes("purified_ops_cuda_emu")
     return _EMULATED_CUDA[0]
 
 
@@ -89,20 +91,28 @@ def available_backends() -> tuple[str, ...]:
     return tuple(found)
 
 
+def _purify_forward_fake(x, z, strength, eps):
+    acc = reference.accumulate_dtype(x.dtype)
+    k = z.shape[-2]
+    return (x.new_empty(x.shape), x.new_empty((*x.shape[:-1], k), dtype=acc),
+            x.new_empty((*z.shape[:-2], k, k), dtype=acc))
+
+
+def _purify_backward_fake(grad_y, x, z, strength, coeff, chol, compute_grad_z):
+    acc = reference.accumulate_dtype(x.dtype)
+    return (x.new_empty(x.shape), z.new_empty(z.shape if compute_grad_z else (0,)),
+            x.new_empty((), dtype=acc))
+
+
+def _register_fakes(namespace: str) -> None:
+    """Fake kernels of a namespace's functional ops (the registered ops and the emulated CUDA
+    ones share the schemas), so torch.compile, export and opcheck trace them."""
+    torch.library.register_fake(f"{namespace}::purify_forward")(_purify_forward_fake)
+    torch.library.register_fake(f"{namespace}::purify_backward")(_purify_backward_fake)
+
+
 if _C is not None:
-
-    @torch.library.register_fake("purified_ops::purify_forward")
-    def _purify_forward_fake(x, z, strength, eps):
-        acc = reference.accumulate_dtype(x.dtype)
-        k = z.shape[-2]
-        return (x.new_empty(x.shape), x.new_empty((*x.shape[:-1], k), dtype=acc),
-                x.new_empty((*z.shape[:-2], k, k), dtype=acc))
-
-    @torch.library.register_fake("purified_ops::purify_backward")
-    def _purify_backward_fake(grad_y, x, z, strength, coeff, chol, compute_grad_z):
-        acc = reference.accumulate_dtype(x.dtype)
-        return (x.new_empty(x.shape), z.new_empty(z.shape if compute_grad_z else (0,)),
-                x.new_empty((), dtype=acc))
+    _register_fakes("purified_ops")
 
     @torch.library.register_fake("purified_ops::purify_forward_out")
     def _purify_forward_out_fake(x, z, strength, eps, y, coeff, chol):
