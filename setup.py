@@ -29,6 +29,8 @@ import torch
 from setuptools import setup
 from torch.utils import cpp_extension
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
 # at::vec::Vectorized picks its implementation from CPU_CAPABILITY_* defines; without them it
 # is a scalar emulation several times slower. The flags are those torch compiles its own kernels
 # of each capability with, so a kernel runs wherever torch chooses that capability.
