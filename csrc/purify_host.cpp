@@ -195,13 +195,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(const a
           at::empty({}, acc)};
 }
 
-int64_t chunks_per_group(const RowGrid& grid) {
-  // Enough work items for any thread count we meet (>= 64 in all), each with enough rows
-  // (>= 8) to amortize its K x D partial; a group's partials are summed in a fixed order.
-  constexpr int64_t kTargetItems = 64, kMinRows = 8;
-  if (grid.groups <= 0 || grid.group_size <= 0) return 1;
-  const int64_t want = (kTargetItems + grid.groups - 1) / grid.groups;
-  return std::max<int64_t>(1, std::min(want, grid.group_size / kMinRows));
-}
-
 }  // namespace purified_ops

@@ -49,8 +49,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(const a
                                                                          bool compute_grad_z,
                                                                          EmptyFn empty = empty_like_device);
 
-// How the rows of one z row are split into work items for a deterministic reduction of dz.
-// Depends on the shapes alone, never on the thread count, so results are bitwise stable.
-int64_t chunks_per_group(const RowGrid& grid);
-
 }  // namespace purified_ops

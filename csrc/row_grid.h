@@ -58,4 +58,26 @@ PURIFY_HD RowOffsets decode_offsets(const DimList& dims, int64_t linear) {
   return o;
 }
 
+// A call's rows are split into work items: each z row (group) into `chunks` items of
+// consecutive rows within it, so that a z row shared by many x rows is spread over threads.
+// Item `item` serves z row `group`, rows [begin, end) of that group.
+struct ItemRows {
+  int64_t group, begin, end;
+};
+
+PURIFY_HD ItemRows item_rows(const RowGrid& grid, int64_t chunks, int64_t item) {
+  const int64_t c = item % chunks;
+  return {item / chunks, c * grid.group_size / chunks, (c + 1) * grid.group_size / chunks};
+}
+
+// Items per z row: enough for about `target_items` items in a call, each of at least
+// `min_rows` rows (an item's fixed cost, a factorization or a K x D partial, is amortized
+// over its rows). Shape-only, so results never depend on the machine.
+PURIFY_HD int64_t chunks_per_group(const RowGrid& grid, int64_t target_items, int64_t min_rows) {
+  if (grid.groups <= 0 || grid.group_size <= 1) return 1;
+  const int64_t want = (target_items + grid.groups - 1) / grid.groups;
+  const int64_t most = grid.group_size / min_rows;
+  return want < most ? (want > 1 ? want : 1) : (most > 1 ? most : 1);
+}
+
 }  // namespace purified_ops

@@ -241,14 +241,9 @@ inline void factor_gram(const T* const* dirs, int K, int64_t D, at::opmath_type<
   cholesky_inplace(chol, K, eps);
 }
 
-struct ItemRange {
-  int64_t group, row_begin, row_end;
-};
-
-inline ItemRange item_range(const RowGrid& grid, int64_t chunks, int64_t item) {
-  const int64_t c = item % chunks;
-  return {item / chunks, c * grid.group_size / chunks, (c + 1) * grid.group_size / chunks};
-}
+// Items per z row: enough for any thread count we meet (>= 64 items in all), each with enough
+// rows (>= 8) to amortize its K x D partial; a group's partials are summed in a fixed order.
+inline int64_t cpu_chunks(const RowGrid& grid) { return chunks_per_group(grid, 64, 8); }
 
 inline int64_t item_grain(const RowGrid& grid, int64_t chunks) {
   const int64_t rows = std::max<int64_t>(1, grid.group_size / chunks);
@@ -269,10 +264,10 @@ struct RowCursor {
       return true;
     }
     for (int64_t i = item + 1; i < end_item; ++i) {
-      const ItemRange r = item_range(grid, chunks, i);
-      if (r.row_begin < r.row_end) {
+      const ItemRows r = item_rows(grid, chunks, i);
+      if (r.begin < r.end) {
         *n_item = i;
-        *n_j = r.row_begin;
+        *n_j = r.begin;
         return true;
       }
     }
@@ -289,7 +284,7 @@ inline NextRow<T> next_row_streams(const RowGrid& grid, const RowCursor& cursor,
   NextRow<T> next{streams, 0};
   int64_t n_item, n_j;
   if (!cursor.next(item, j, row_end, &n_item, &n_j)) return next;
-  const int64_t n_group = item_range(grid, cursor.chunks, n_item).group;
+  const int64_t n_group = item_rows(grid, cursor.chunks, n_item).group;
   const RowOffsets go = decode_offsets(grid.group, n_group);
   const RowOffsets so = decode_offsets(grid.shared, n_j);
   streams[next.n++] = xp + go.x + so.x;
@@ -306,7 +301,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
   const RowGrid grid = make_row_grid(x, z, nullptr);
   const int K = grid.K;
   const int64_t D = grid.D;
-  const int64_t chunks = chunks_per_group(grid);
+  const int64_t chunks = cpu_chunks(grid);
   const T* xp = x.const_data_ptr<T>();
   const T* zp = z.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
@@ -322,12 +317,12 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
     const T* streams[kMaxFusedK + 2];
     const RowCursor cursor{grid, chunks, end};
     for (int64_t item = begin; item < end; ++item) {
-      const ItemRange r = item_range(grid, chunks, item);
+      const ItemRows r = item_rows(grid, chunks, item);
       const RowOffsets go = decode_offsets(grid.group, r.group);
       for (int k = 0; k < K; ++k) dirs[k] = zp + go.z + k * grid.z_dir_stride;
       factor_gram(dirs.data(), K, D, e, L.data());
-      if (r.row_begin == 0) std::copy(L.begin(), L.end(), lp + r.group * K * K);
-      for (int64_t j = r.row_begin; j < r.row_end; ++j) {
+      if (r.begin == 0) std::copy(L.begin(), L.end(), lp + r.group * K * K);
+      for (int64_t j = r.begin; j < r.end; ++j) {
         const RowOffsets so = decode_offsets(grid.shared, j);
         const T* xr = xp + go.x + so.x;
         const int64_t row = go.row + so.row;
@@ -337,7 +332,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
           cp[row * K + k] = c[k];
           w[k] = s * c[k];
         }
-        const auto next = next_row_streams<T>(grid, cursor, item, j, r.row_end, r.group, xp, nullptr, zp, streams);
+        const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, xp, nullptr, zp, streams);
         subtract_combination(xr, dirs.data(), w.data(), K, D, yp + row * D, next, stream);
       }
     }
@@ -428,7 +423,7 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   const RowGrid grid = make_row_grid(x, z, &g);
   const int K = grid.K;
   const int64_t D = grid.D;
-  const int64_t chunks = chunks_per_group(grid);
+  const int64_t chunks = cpu_chunks(grid);
   const int64_t items = grid.groups * chunks;
   const bool direct_dz = dz != nullptr && grid.group_size == 1;
   const T* gp = g.const_data_ptr<T>();
@@ -459,13 +454,13 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
     const T* streams[kMaxFusedK + 2];
     const RowCursor cursor{grid, chunks, end};
     for (int64_t item = begin; item < end; ++item) {
-      const ItemRange r = item_range(grid, chunks, item);
+      const ItemRows r = item_rows(grid, chunks, item);
       const RowOffsets go = decode_offsets(grid.group, r.group);
       for (int k = 0; k < K; ++k) dirs[k] = zp + go.z + k * grid.z_dir_stride;
       const acc_t* L = lp + r.group * K * K;
       acc_t* acc_dz = partial_dz ? dz_partp + item * K * D : nullptr;
       acc_t gp_sum = 0;
-      for (int64_t j = r.row_begin; j < r.row_end; ++j) {
+      for (int64_t j = r.begin; j < r.end; ++j) {
         const RowOffsets so = decode_offsets(grid.shared, j);
         const T* gr = gp + go.g + so.g;
         const T* xr = xp + go.x + so.x;
@@ -473,7 +468,7 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
         dots(gr, dirs.data(), K, D, u.data());
         cholesky_solve_inplace(L, K, u.data());
         T* dz_row = direct_dz ? dzp + r.group * K * D : nullptr;
-        const auto next = next_row_streams<T>(grid, cursor, item, j, r.row_end, r.group, xp, gp, zp, streams);
+        const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, xp, gp, zp, streams);
         gp_sum += backward_row<T>(gr, xr, dirs.data(), cp + row * K, u.data(), K, D, s,
                                   dxp + row * D, dz_row, D, acc_dz, next, stream);
       }

@@ -398,14 +398,6 @@ __device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool fact
   cholesky_solve_inplace<A>(Ls, ks, b);
 }
 
-struct ItemRows {
-  int64_t group, begin, end;
-};
-__device__ __forceinline__ ItemRows item_rows(const RowGrid& grid, int64_t chunks, int64_t item) {
-  const int64_t c = item % chunks;
-  return {item / chunks, c * grid.group_size / chunks, (c + 1) * grid.group_size / chunks};
-}
-
 // ---------------------------------------------------------------------------------------
 // Forward: y = x - s Z^T c, c = G^{-1} Z x; coeff = c; chol = L (written once per z row).
 template <typename T, int KB>

@@ -18,18 +18,12 @@ namespace cuda {
 // K <= kMaxCudaFusedK: the fused kernels; larger K: batched products around launch_factor_grams.
 inline bool uses_fused_kernels(int64_t K) { return K <= kMaxCudaFusedK; }
 
-// Work items per z row: shape-only (results never depend on the device). A z row shared by
-// many x rows is split so that a call has ~2048 items (enough teams to fill a GPU), each of at
-// least `min_rows` rows (the forward refactors G per item; the backward writes a K x D partial).
-inline int64_t cuda_chunks(const RowGrid& grid, int64_t min_rows) {
-  if (grid.group_size <= 1 || grid.groups <= 0) return 1;
-  constexpr int64_t kTargetItems = 2048;
-  const int64_t want = (kTargetItems + grid.groups - 1) / grid.groups;
-  return std::max<int64_t>(1, std::min(want, grid.group_size / min_rows));
-}
-inline int64_t forward_chunks(const RowGrid& grid) { return cuda_chunks(grid, 16); }
+// Work items per z row (row_grid.h): a call of ~2048 items has enough teams to fill a GPU;
+// an item has at least `min_rows` rows (the forward refactors G per item, the backward writes
+// a K x D partial).
+inline int64_t forward_chunks(const RowGrid& grid) { return chunks_per_group(grid, 2048, 16); }
 inline int64_t backward_chunks(const RowGrid& grid) {
-  return cuda_chunks(grid, std::max<int64_t>(16, 4 * grid.K));
+  return chunks_per_group(grid, 2048, std::max<int64_t>(16, 4 * grid.K));
 }
 
 // Elements per 16-byte vector.
