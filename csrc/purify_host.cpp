@@ -38,54 +38,56 @@ static bool is_supported_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
 
-void check_forward_args(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
-                        double eps, c10::DeviceType device_type) {
+// The raw ops' contract: the canonical form that purified_ops.purify produces after its own
+// checks (_validate.py, which owns the public API's checks and messages, for every backend).
+// These checks own what a direct caller of torch.ops.purified_ops.* gets: messages name the op
+// and the canonical form. Through the public API they never fire.
+static void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                         c10::DeviceType device_type) {
   TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()),
-                   "purify: x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_TYPE(z.scalar_type() == x.scalar_type(), "purify: z must have x's dtype ",
-                   x.scalar_type(), ", got ", z.scalar_type(), " (the Python API promotes)");
-  TORCH_CHECK_VALUE(x.dim() >= 1, "purify: x must be [..., D], got a 0-dim tensor");
-  TORCH_CHECK_VALUE(z.dim() == x.dim() + 1,
-                    "purify: z must be [..., K, D] with one dim more than x; got x ", x.sizes(),
-                    " and z ", z.sizes());
-  TORCH_CHECK_VALUE(z.size(-1) == x.size(-1), "purify: z's last dim must equal x's (D = ",
-                    x.size(-1), "); got x ", x.sizes(), " and z ", z.sizes());
-  TORCH_CHECK_VALUE(z.size(-2) >= 1, "purify: z must hold at least one direction (K >= 1); got z ",
-                    z.sizes());
+                   op, ": x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(z.scalar_type() == x.scalar_type(), op, ": z must have x's dtype ", x.scalar_type(),
+                   ", got ", z.scalar_type(), " (purified_ops.purify promotes)");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && z.dim() == x.dim() + 1 && z.size(-1) == x.size(-1) && z.size(-2) >= 1,
+                    op, ": x must be [..., D] and z [..., K, D] with one dim more, the same D and K >= 1; got x ",
+                    x.sizes(), " and z ", z.sizes(), " (purified_ops.purify also takes z [..., D])");
   for (const auto i : c10::irange(x.dim() - 1)) {
-    TORCH_CHECK_VALUE(z.size(i) == x.size(i) || z.size(i) == 1, "purify: z's leading dim ", i,
-                      " must equal x's or be 1; got x ", x.sizes(), " and z ", z.sizes());
+    TORCH_CHECK_VALUE(z.size(i) == x.size(i) || z.size(i) == 1, op, ": z's dim ", i, " (", z.size(i),
+                      ") must be x's (", x.size(i), ") or 1; got x ", x.sizes(), " and z ", z.sizes());
   }
   TORCH_CHECK_VALUE(x.device() == z.device() && x.device() == strength.device(),
-                    "purify: x, z and strength must be on one device; got ", x.device(), ", ",
-                    z.device(), " and ", strength.device());
-  TORCH_CHECK_VALUE(x.device().type() == device_type, "purify: this kernel serves ", device_type,
+                    op, ": x, z and strength must be on one device; got ", x.device(), ", ", z.device(), " and ",
+                    strength.device());
+  TORCH_CHECK_VALUE(x.device().type() == device_type, op, ": this kernel serves ", device_type,
                     " tensors, got ", x.device());
   TORCH_CHECK_VALUE(strength.dim() == 0 && strength.scalar_type() == accumulate_type(x.scalar_type()),
-                    "purify: strength must be a 0-dim ", accumulate_type(x.scalar_type()),
+                    op, ": strength must be a 0-dim ", accumulate_type(x.scalar_type()),
                     " tensor, got shape ", strength.sizes(), " and dtype ", strength.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "purify: eps must be finite and > 0, got ", eps);
+}
+
+void check_forward_args(const char* op, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                        double eps, c10::DeviceType device_type) {
+  check_inputs(op, x, z, strength, device_type);
   // A normal number of the arithmetic dtype: CUDA flushes a subnormal one to zero (and G of a
-  // zero z would be singular). The Python API checks the same range (_validate.check_eps_range).
+  // zero z would be singular).
   const auto acc = accumulate_type(x.scalar_type());
   const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
   const double big = acc == at::kDouble ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
-  TORCH_CHECK_VALUE(eps >= tiny && eps <= big, "purify: eps must be between ", tiny, " and ", big,
-                    " (the normal ", acc, " numbers, the arithmetic dtype of ", x.scalar_type(),
-                    " inputs), got ", eps);
+  TORCH_CHECK_VALUE(eps >= tiny && eps <= big, op, ": eps must be a normal ", acc, " number, in [", tiny, ", ",
+                    big, "], got ", eps);
 }
 
-void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
+void check_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
                          const at::Tensor& strength, const at::Tensor& coeff,
                          const at::Tensor& chol, c10::DeviceType device_type) {
-  check_forward_args(x, z, strength, 1.0, device_type);
+  check_inputs(op, x, z, strength, device_type);
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
                         grad_y.device() == x.device(),
-                    "purify_backward: grad_y must match x (", x.sizes(), ", ", x.scalar_type(),
+                    op, ": grad_y must match x (", x.sizes(), ", ", x.scalar_type(),
                     "); got ", grad_y.sizes(), ", ", grad_y.scalar_type(), " on ", grad_y.device());
   const auto acc = accumulate_type(x.scalar_type());
-  check_matches("purify_backward", "coeff", coeff, coeff_shape(x, z), acc, x.device());
-  check_matches("purify_backward", "chol", chol, chol_shape(z), acc, x.device());
+  check_matches(op, "coeff", coeff, coeff_shape(x, z), acc, x.device());
+  check_matches(op, "chol", chol, chol_shape(z), acc, x.device());
 }
 
 void check_forward_outputs(const at::Tensor& x, const at::Tensor& z, const at::Tensor& y,

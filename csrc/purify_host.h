@@ -11,13 +11,14 @@
 
 namespace purified_ops {
 
+// The accumulate type of an input dtype (accumulate_t in row_math.h, at compile time).
 at::ScalarType accumulate_type(at::ScalarType t);
 
-// Checks the arguments every implementation of purify_forward shares. `device_type` is the
-// backend's (CPU or CUDA).
-void check_forward_args(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+// The raw ops' argument checks, shared by every backend's implementation (purify_host.cpp
+// says what they own). `op` names the op in messages; `device_type` is the backend's.
+void check_forward_args(const char* op, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
                         double eps, c10::DeviceType device_type);
-void check_backward_args(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
+void check_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
                          const at::Tensor& strength, const at::Tensor& coeff,
                          const at::Tensor& chol, c10::DeviceType device_type);
 

@@ -13,8 +13,18 @@
 
 namespace purified_ops {
 
-// K up to this is fused with per-row register/stack storage (G is K x K).
-constexpr int kMaxFusedK = 16;
+// The accumulate type: float for float, half and bfloat16 inputs, double for double. The rule
+// of accumulate_type (purify_host.h, at run time) and of accumulate_dtype (reference.py).
+template <typename T>
+struct Accumulate {
+  using type = float;
+};
+template <>
+struct Accumulate<double> {
+  using type = double;
+};
+template <typename T>
+using accumulate_t = typename Accumulate<T>::type;
 
 template <typename T>
 PURIFY_HD T unit_roundoff();

@@ -73,13 +73,11 @@ class PurifyLayer(nn.Module):
         check_tensor("z", z)
         if self.detach_irrelevant:
             z = z.detach()
-        if x.dim() == 0:
-            raise ValueError("PurifyLayer: x must have at least one dim, got a 0-dim tensor")
         dim = self.dim + x.dim() if self.dim < 0 else self.dim
+        if dim == x.dim() - 1:  # features last: purify's checks cover the rest
+            return purify(x, z, strength=self.strength, eps=self.eps)
         if not 0 <= dim < x.dim():
             raise ValueError(f"PurifyLayer: dim={self.dim} is out of range for x of shape {tuple(x.shape)}")
-        if dim == x.dim() - 1:
-            return purify(x, z, strength=self.strength, eps=self.eps)
         # Features at `dim`: z holds x's dims before `dim`, then optionally K, then the features.
         if z.dim() not in (dim + 1, dim + 2):
             raise ValueError(

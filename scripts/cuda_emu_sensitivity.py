@@ -48,7 +48,7 @@ BUGS = [
      "if (col < D) *reinterpret_cast<Pack<T>*>(row + col) = p;",
      "if (col <= D) *reinterpret_cast<Pack<T>*>(row + col) = p;",
      "AddressSanitizer: a 16-byte store past the end of the output"),
-    ("K > 16 factor kernel misses the last matrix", "1", "csrc/cuda/purify_cholesky.cu",
+    ("K > 16 factor kernel misses the last matrix", "1", "csrc/cuda/purify_factor_grams.cu",
      "if (i < count) cholesky_inplace", "if (i + 1 < count) cholesky_inplace", "wrong y for K > 16"),
 ]
 

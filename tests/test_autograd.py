@@ -168,14 +168,20 @@ def test_grad_of_each_input_alone(device):
 
 def test_raw_op_rejects_bad_arguments():
     x, z, s = torch.randn(3, 8), torch.randn(3, 1, 8), torch.tensor(1.0)
-    with pytest.raises(ValueError, match="one dim more"):
+    # The raw ops own these checks (the public API's never reach them): messages name the op.
+    with pytest.raises(ValueError, match=r"purify_forward: .* one dim more"):
         torch.ops.purified_ops.purify_forward(x, z.squeeze(1), s, 1e-6)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(ValueError, match=r"purify_forward: z's dim 0 \(2\) must be x's \(3\) or 1"):
+        torch.ops.purified_ops.purify_forward(x, z[:2], s, 1e-6)
+    with pytest.raises(TypeError, match="purify_forward: z must have x's dtype"):
         torch.ops.purified_ops.purify_forward(x, z.double(), s, 1e-6)
-    with pytest.raises(ValueError, match="strength"):
+    with pytest.raises(ValueError, match="purify_forward: strength"):
         torch.ops.purified_ops.purify_forward(x, z, s.double(), 1e-6)
-    with pytest.raises(ValueError, match="eps"):
-        torch.ops.purified_ops.purify_forward(x, z, s, 0.0)
+    for eps in (0.0, -1.0, float("nan"), float("inf"), 1e-40):
+        with pytest.raises(ValueError, match="purify_forward: eps must be a normal Float number"):
+            torch.ops.purified_ops.purify_forward(x, z, s, eps)
     y, coeff, chol = torch.ops.purified_ops.purify_forward(x, z, s, 1e-6)
-    with pytest.raises(ValueError, match="coeff"):
+    with pytest.raises(ValueError, match="purify_backward: coeff"):
         torch.ops.purified_ops.purify_backward(y, x, z, s, coeff[:2], chol, True)
+    with pytest.raises(ValueError, match="purify_backward: grad_y must match x"):
+        torch.ops.purified_ops.purify_backward(y[:2], x, z, s, coeff, chol, True)

@@ -258,7 +258,8 @@ def test_eps_outside_the_normal_range_is_rejected_everywhere(dtype, eps):
         with pytest.raises(ValueError, match=f"eps must be between {tiny}"):
             call()
     s = torch.tensor(1.0, dtype=acc)
-    with pytest.raises(ValueError, match="eps must be between"):  # raw-op callers get the same rule
+    c10_name = {torch.float32: "Float", torch.float64: "Double"}[acc]
+    with pytest.raises(ValueError, match=fr"purify_forward: eps must be a normal {c10_name} number, in \[{tiny}"):
         torch.ops.purified_ops.purify_forward(x, z, s, eps)
 
 

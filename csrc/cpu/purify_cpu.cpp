@@ -7,7 +7,6 @@
 // dz of a z row shared by many x rows is summed in float32 (float64) per item and the item
 // partials in a fixed order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -37,7 +36,7 @@ using at::vec::Vectorized;
 // Loads and stores one block of T as accumulate-type vectors (two for 16-bit T).
 template <typename T>
 struct Block {
-  using acc_t = at::opmath_type<T>;
+  using acc_t = accumulate_t<T>;
   using AVec = Vectorized<acc_t>;
   static constexpr int64_t kSize = Vectorized<T>::size();
   static constexpr int kSub = static_cast<int>(kSize / AVec::size());
@@ -135,6 +134,10 @@ inline void fence_streaming_stores() {
 // The next row's input streams, prefetched a cache line at a time during the current row's
 // second pass: that pass reads only what the first pass brought into L1/L2, so without this
 // the memory system would idle while it runs.
+// Directions of the next z row prefetched (every K is served; beyond this many the rest come
+// in on demand): with x and grad_y, at most this + 2 streams.
+constexpr int kMaxPrefetchedDirections = 16;
+
 template <typename T>
 struct NextRow {
   static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
@@ -157,7 +160,7 @@ inline acc_t sum_lanes(const Vectorized<acc_t>& v) {
 
 // out[k] = <v, dirs[k]> for k < NB, in one pass over v (two accumulator chains for latency).
 template <typename T, int NB>
-inline void dots_block(const T* v, const T* const* dirs, int64_t D, at::opmath_type<T>* out) {
+inline void dots_block(const T* v, const T* const* dirs, int64_t D, accumulate_t<T>* out) {
   using B = Block<T>;
   using AVec = typename B::AVec;
   AVec acc0[NB][B::kSub], acc1[NB][B::kSub];
@@ -188,16 +191,16 @@ inline void dots_block(const T* v, const T* const* dirs, int64_t D, at::opmath_t
   for (int k = 0; k < NB; ++k) {
     AVec total = acc0[k][0] + acc1[k][0];
     for (int s = 1; s < B::kSub; ++s) total = total + acc0[k][s] + acc1[k][s];
-    at::opmath_type<T> r = sum_lanes(total);
+    accumulate_t<T> r = sum_lanes(total);
     for (int64_t t = d; t < D; ++t)
-      r += static_cast<at::opmath_type<T>>(v[t]) * static_cast<at::opmath_type<T>>(dirs[k][t]);
+      r += static_cast<accumulate_t<T>>(v[t]) * static_cast<accumulate_t<T>>(dirs[k][t]);
     out[k] = r;
   }
 }
 
 // out[k] = <v, dirs[k]> for k < n, directions taken four at a time.
 template <typename T>
-inline void dots(const T* v, const T* const* dirs, int n, int64_t D, at::opmath_type<T>* out) {
+inline void dots(const T* v, const T* const* dirs, int n, int64_t D, accumulate_t<T>* out) {
   int k = 0;
   for (; k + 4 <= n; k += 4) dots_block<T, 4>(v, dirs + k, D, out + k);
   for (; k + 2 <= n; k += 2) dots_block<T, 2>(v, dirs + k, D, out + k);
@@ -206,11 +209,11 @@ inline void dots(const T* v, const T* const* dirs, int n, int64_t D, at::opmath_
 
 // y = x - sum_k w[k] dirs[k]
 template <typename T>
-inline void subtract_combination(const T* x, const T* const* dirs, const at::opmath_type<T>* w,
+inline void subtract_combination(const T* x, const T* const* dirs, const accumulate_t<T>* w,
                                  int K, int64_t D, T* y, const NextRow<T>& next, bool stream) {
   using B = Block<T>;
   using AVec = typename B::AVec;
-  using acc_t = at::opmath_type<T>;
+  using acc_t = accumulate_t<T>;
   int64_t d = 0;
   AVec a[B::kSub], zz[B::kSub];
   for (; d + B::kSize <= D; d += B::kSize) {
@@ -232,8 +235,8 @@ inline void subtract_combination(const T* x, const T* const* dirs, const at::opm
 
 // The K x K Cholesky factor of Z Z^T + eps I, into `chol` (row-major, upper part zero).
 template <typename T>
-inline void factor_gram(const T* const* dirs, int K, int64_t D, at::opmath_type<T> eps,
-                        at::opmath_type<T>* chol) {
+inline void factor_gram(const T* const* dirs, int K, int64_t D, accumulate_t<T> eps,
+                        accumulate_t<T>* chol) {
   for (int a = 0; a < K; ++a) {
     dots(dirs[a], dirs, a + 1, D, chol + a * K);
     chol[a * K + a] += eps;
@@ -276,10 +279,10 @@ struct RowCursor {
 };
 
 // Fills `streams` with the next row's x (and grad_y when g is given) and, when its z row
-// differs from the current one, its K directions (at most kMaxFusedK of them).
+// differs from the current one, its K directions (at most kMaxPrefetchedDirections of them).
 template <typename T>
 inline NextRow<T> next_row_streams(const RowGrid& grid, const RowCursor& cursor, int64_t item, int64_t j,
-                                   int64_t row_end, int64_t group, const T* xp, const T* gp, const T* zp,
+                                   int64_t row_end, int64_t group, const T* x_data, const T* g_data, const T* z_data,
                                    const T** streams) {
   NextRow<T> next{streams, 0};
   int64_t n_item, n_j;
@@ -287,53 +290,53 @@ inline NextRow<T> next_row_streams(const RowGrid& grid, const RowCursor& cursor,
   const int64_t n_group = item_rows(grid, cursor.chunks, n_item).group;
   const RowOffsets go = decode_offsets(grid.group, n_group);
   const RowOffsets so = decode_offsets(grid.shared, n_j);
-  streams[next.n++] = xp + go.x + so.x;
-  if (gp != nullptr) streams[next.n++] = gp + go.g + so.g;
+  streams[next.n++] = x_data + go.x + so.x;
+  if (g_data != nullptr) streams[next.n++] = g_data + go.g + so.g;
   if (n_group != group)
-    for (int k = 0; k < std::min(grid.K, kMaxFusedK); ++k) streams[next.n++] = zp + go.z + k * grid.z_dir_stride;
+    for (int k = 0; k < std::min(grid.K, kMaxPrefetchedDirections); ++k) streams[next.n++] = z_data + go.z + k * grid.z_dir_stride;
   return next;
 }
 
 template <typename T>
 void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, double eps,
                     at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
-  using acc_t = at::opmath_type<T>;
+  using acc_t = accumulate_t<T>;
   const RowGrid grid = make_row_grid(x, z, nullptr);
   const int K = grid.K;
   const int64_t D = grid.D;
   const int64_t chunks = cpu_chunks(grid);
-  const T* xp = x.const_data_ptr<T>();
-  const T* zp = z.const_data_ptr<T>();
-  T* yp = y.mutable_data_ptr<T>();
-  acc_t* cp = coeff.mutable_data_ptr<acc_t>();
-  acc_t* lp = chol.mutable_data_ptr<acc_t>();
+  const T* x_data = x.const_data_ptr<T>();
+  const T* z_data = z.const_data_ptr<T>();
+  T* y_data = y.mutable_data_ptr<T>();
+  acc_t* coeff_data = coeff.mutable_data_ptr<acc_t>();
+  acc_t* chol_data = chol.mutable_data_ptr<acc_t>();
   const acc_t s = static_cast<acc_t>(strength);
   const acc_t e = static_cast<acc_t>(eps);
-  const bool stream = use_streaming_stores<T>(yp, D, y.numel() * static_cast<int64_t>(sizeof(T)));
+  const bool stream = use_streaming_stores<T>(y_data, D, y.numel() * static_cast<int64_t>(sizeof(T)));
 
   at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
     std::vector<const T*> dirs(K);
     std::vector<acc_t> L(static_cast<size_t>(K) * K), c(K), w(K);
-    const T* streams[kMaxFusedK + 2];
+    const T* streams[kMaxPrefetchedDirections + 2];
     const RowCursor cursor{grid, chunks, end};
     for (int64_t item = begin; item < end; ++item) {
       const ItemRows r = item_rows(grid, chunks, item);
       const RowOffsets go = decode_offsets(grid.group, r.group);
-      for (int k = 0; k < K; ++k) dirs[k] = zp + go.z + k * grid.z_dir_stride;
+      for (int k = 0; k < K; ++k) dirs[k] = z_data + go.z + k * grid.z_dir_stride;
       factor_gram(dirs.data(), K, D, e, L.data());
-      if (r.begin == 0) std::copy(L.begin(), L.end(), lp + r.group * K * K);
+      if (r.begin == 0) std::copy(L.begin(), L.end(), chol_data + r.group * K * K);
       for (int64_t j = r.begin; j < r.end; ++j) {
         const RowOffsets so = decode_offsets(grid.shared, j);
-        const T* xr = xp + go.x + so.x;
+        const T* xr = x_data + go.x + so.x;
         const int64_t row = go.row + so.row;
         dots(xr, dirs.data(), K, D, c.data());
         cholesky_solve_inplace(L.data(), K, c.data());
         for (int k = 0; k < K; ++k) {
-          cp[row * K + k] = c[k];
+          coeff_data[row * K + k] = c[k];
           w[k] = s * c[k];
         }
-        const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, xp, nullptr, zp, streams);
-        subtract_combination(xr, dirs.data(), w.data(), K, D, yp + row * D, next, stream);
+        const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, nullptr, z_data, streams);
+        subtract_combination(xr, dirs.data(), w.data(), K, D, y_data + row * D, next, stream);
       }
     }
     if (stream) fence_streaming_stores();
@@ -344,20 +347,20 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
 // c (g - q)^T + u (x - p)^T, either written scaled by -s (dz_out, a z row of its own) or
 // added to the float partial dz_acc (a z row shared by several x rows).
 template <typename T>
-inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* dirs,
-                                       const at::opmath_type<T>* c, const at::opmath_type<T>* u,
-                                       int K, int64_t D, at::opmath_type<T> s, T* dx,
-                                       T* dz_out, int64_t dz_dir_stride,
-                                       at::opmath_type<T>* dz_acc, const NextRow<T>& next,
-                                       bool stream) {
+inline accumulate_t<T> backward_row(const T* g, const T* x, const T* const* dirs,
+                                    const accumulate_t<T>* c, const accumulate_t<T>* u,
+                                    int K, int64_t D, accumulate_t<T> s, T* dx,
+                                    T* dz_out, int64_t dz_dir_stride,
+                                    accumulate_t<T>* dz_acc, const NextRow<T>& next,
+                                    bool stream) {
   using B = Block<T>;
   using AVec = typename B::AVec;
-  using acc_t = at::opmath_type<T>;
+  using acc_t = accumulate_t<T>;
   constexpr int S = B::kSub;
   const AVec neg_s(-s);
-  AVec gp_acc(0);
+  AVec gdotp_acc(0);
   int64_t d = 0;
-  AVec gg[S], xx[S], zz[S], p[S], q[S], gq[S], xp[S], out[S];
+  AVec gg[S], xx[S], zz[S], p[S], q[S], g_minus_q[S], x_minus_p[S], out[S];
   for (; d + B::kSize <= D; d += B::kSize) {
     next.prefetch(d);
     B::load(g + d, gg);
@@ -373,15 +376,15 @@ inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* d
     }
     for (int t = 0; t < S; ++t) {
       out[t] = at::vec::fmadd(neg_s, q[t], gg[t]);
-      gp_acc = at::vec::fmadd(gg[t], p[t], gp_acc);
-      gq[t] = gg[t] - q[t];
-      xp[t] = xx[t] - p[t];
+      gdotp_acc = at::vec::fmadd(gg[t], p[t], gdotp_acc);
+      g_minus_q[t] = gg[t] - q[t];
+      x_minus_p[t] = xx[t] - p[t];
     }
     B::store_to(dx + d, out, stream);
     if (dz_out != nullptr || dz_acc != nullptr) {
       for (int k = 0; k < K; ++k) {
         const AVec ck(c[k]), uk(u[k]);
-        for (int t = 0; t < S; ++t) out[t] = at::vec::fmadd(ck, gq[t], uk * xp[t]);
+        for (int t = 0; t < S; ++t) out[t] = at::vec::fmadd(ck, g_minus_q[t], uk * x_minus_p[t]);
         if (dz_out != nullptr) {
           for (int t = 0; t < S; ++t) out[t] = neg_s * out[t];
           B::store_to(dz_out + k * dz_dir_stride + d, out, stream);
@@ -395,7 +398,7 @@ inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* d
       }
     }
   }
-  acc_t gp = sum_lanes(gp_acc);
+  acc_t gdotp = sum_lanes(gdotp_acc);
   for (; d < D; ++d) {
     acc_t pv = 0, qv = 0;
     for (int k = 0; k < K; ++k) {
@@ -405,74 +408,74 @@ inline at::opmath_type<T> backward_row(const T* g, const T* x, const T* const* d
     }
     const acc_t gv = static_cast<acc_t>(g[d]), xv = static_cast<acc_t>(x[d]);
     dx[d] = static_cast<T>(gv - s * qv);
-    gp += gv * pv;
+    gdotp += gv * pv;
     for (int k = 0; k < K; ++k) {
       const acc_t term = c[k] * (gv - qv) + u[k] * (xv - pv);
       if (dz_out != nullptr) dz_out[k * dz_dir_stride + d] = static_cast<T>(-s * term);
       else if (dz_acc != nullptr) dz_acc[k * D + d] += term;
     }
   }
-  return gp;
+  return gdotp;
 }
 
 template <typename T>
 void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z,
                      double strength, const at::Tensor& coeff, const at::Tensor& chol,
                      at::Tensor& dx, at::Tensor* dz, at::Tensor& ds) {
-  using acc_t = at::opmath_type<T>;
+  using acc_t = accumulate_t<T>;
   const RowGrid grid = make_row_grid(x, z, &g);
   const int K = grid.K;
   const int64_t D = grid.D;
   const int64_t chunks = cpu_chunks(grid);
   const int64_t items = grid.groups * chunks;
   const bool direct_dz = dz != nullptr && grid.group_size == 1;
-  const T* gp = g.const_data_ptr<T>();
-  const T* xp = x.const_data_ptr<T>();
-  const T* zp = z.const_data_ptr<T>();
-  const acc_t* cp = coeff.const_data_ptr<acc_t>();
-  const acc_t* lp = chol.const_data_ptr<acc_t>();
-  T* dxp = dx.mutable_data_ptr<T>();
-  T* dzp = dz != nullptr ? dz->mutable_data_ptr<T>() : nullptr;
+  const T* g_data = g.const_data_ptr<T>();
+  const T* x_data = x.const_data_ptr<T>();
+  const T* z_data = z.const_data_ptr<T>();
+  const acc_t* coeff_data = coeff.const_data_ptr<acc_t>();
+  const acc_t* chol_data = chol.const_data_ptr<acc_t>();
+  T* dx_data = dx.mutable_data_ptr<T>();
+  T* dz_data = dz != nullptr ? dz->mutable_data_ptr<T>() : nullptr;
   const acc_t s = static_cast<acc_t>(strength);
 
   // Per-item partial sums: <g, p> always, and dz (K x D each) for z rows shared by rows.
-  std::vector<acc_t> gp_part(items);
+  std::vector<acc_t> gdotp_part(items);
   const bool partial_dz = dz != nullptr && !direct_dz;
   // dx and a directly written dz (as large as x, times K) share one decision.
-  const bool stream = use_streaming_stores<T>(dxp, D, dx.numel() * static_cast<int64_t>(sizeof(T))) &&
-                      (!direct_dz || reinterpret_cast<uintptr_t>(dzp) % sizeof(Vectorized<T>) == 0);
+  const bool stream = use_streaming_stores<T>(dx_data, D, dx.numel() * static_cast<int64_t>(sizeof(T))) &&
+                      (!direct_dz || reinterpret_cast<uintptr_t>(dz_data) % sizeof(Vectorized<T>) == 0);
   at::Tensor dz_part;
-  acc_t* dz_partp = nullptr;
+  acc_t* dz_part_data = nullptr;
   if (partial_dz) {
     dz_part = at::zeros({items, K, D}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    dz_partp = dz_part.mutable_data_ptr<acc_t>();
+    dz_part_data = dz_part.mutable_data_ptr<acc_t>();
   }
 
   at::parallel_for(0, items, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
     std::vector<const T*> dirs(K);
     std::vector<acc_t> u(K);
-    const T* streams[kMaxFusedK + 2];
+    const T* streams[kMaxPrefetchedDirections + 2];
     const RowCursor cursor{grid, chunks, end};
     for (int64_t item = begin; item < end; ++item) {
       const ItemRows r = item_rows(grid, chunks, item);
       const RowOffsets go = decode_offsets(grid.group, r.group);
-      for (int k = 0; k < K; ++k) dirs[k] = zp + go.z + k * grid.z_dir_stride;
-      const acc_t* L = lp + r.group * K * K;
-      acc_t* acc_dz = partial_dz ? dz_partp + item * K * D : nullptr;
-      acc_t gp_sum = 0;
+      for (int k = 0; k < K; ++k) dirs[k] = z_data + go.z + k * grid.z_dir_stride;
+      const acc_t* L = chol_data + r.group * K * K;
+      acc_t* acc_dz = partial_dz ? dz_part_data + item * K * D : nullptr;
+      acc_t gdotp_sum = 0;
       for (int64_t j = r.begin; j < r.end; ++j) {
         const RowOffsets so = decode_offsets(grid.shared, j);
-        const T* gr = gp + go.g + so.g;
-        const T* xr = xp + go.x + so.x;
+        const T* gr = g_data + go.g + so.g;
+        const T* xr = x_data + go.x + so.x;
         const int64_t row = go.row + so.row;
         dots(gr, dirs.data(), K, D, u.data());
         cholesky_solve_inplace(L, K, u.data());
-        T* dz_row = direct_dz ? dzp + r.group * K * D : nullptr;
-        const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, xp, gp, zp, streams);
-        gp_sum += backward_row<T>(gr, xr, dirs.data(), cp + row * K, u.data(), K, D, s,
-                                  dxp + row * D, dz_row, D, acc_dz, next, stream);
+        T* dz_row = direct_dz ? dz_data + r.group * K * D : nullptr;
+        const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, g_data, z_data, streams);
+        gdotp_sum += backward_row<T>(gr, xr, dirs.data(), coeff_data + row * K, u.data(), K, D, s,
+                                     dx_data + row * D, dz_row, D, acc_dz, next, stream);
       }
-      gp_part[item] = gp_sum;
+      gdotp_part[item] = gdotp_sum;
     }
     if (stream) fence_streaming_stores();
   });
@@ -489,30 +492,28 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
         const int64_t hi = std::min<int64_t>(lo + kCols, static_cast<int64_t>(K) * D);
         std::fill(sum.begin(), sum.end(), acc_t(0));
         for (int64_t c = 0; c < chunks; ++c) {
-          const acc_t* part = dz_partp + (m * chunks + c) * K * D;
+          const acc_t* part = dz_part_data + (m * chunks + c) * K * D;
           for (int64_t i = lo; i < hi; ++i) sum[i - lo] += part[i];
         }
-        T* out = dzp + m * K * D;
+        T* out = dz_data + m * K * D;
         for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<T>(-s * sum[i - lo]);
       }
     });
   }
 
-  acc_t gp_total = 0;
-  for (const acc_t v : gp_part) gp_total += v;
-  ds.fill_(-gp_total);
+  acc_t gdotp_total = 0;
+  for (const acc_t v : gdotp_part) gdotp_total += v;
+  ds.fill_(-gdotp_total);
 }
 
 at::Tensor cached_output(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor&) {
   return empty_cpu_output(sizes, dtype);
 }
 
-void purify_forward_out_cpu(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
-                               double eps, at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
-  check_forward_args(x_in, z_in, strength, eps, c10::DeviceType::CPU);
-  check_forward_outputs(x_in, z_in, y, coeff, chol);
-  const at::Tensor x = unit_last_stride(x_in);
-  const at::Tensor z = unit_last_stride(z_in);
+// The forward into given outputs, for checked arguments (x and z with unit last stride); the
+// functional and the _out op differ only in where the outputs come from.
+void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
+                  at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
   if (x.numel() == 0 && x.size(-1) != 0) {
     chol.zero_();  // no rows: nothing reads the factor, but it is defined
     return;
@@ -523,35 +524,51 @@ void purify_forward_out_cpu(const at::Tensor& x_in, const at::Tensor& z_in, cons
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cpu(const at::Tensor& x, const at::Tensor& z,
-                                                                 const at::Tensor& strength, double eps) {
-  check_forward_args(x, z, strength, eps, c10::DeviceType::CPU);
-  auto [y, coeff, chol] = allocate_forward_outputs(x, z, cached_output);
-  purify_forward_out_cpu(x, z, strength, eps, y, coeff, chol);
-  return {y, coeff, chol};
-}
-
-void purify_backward_out_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
-                                const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
-                                bool compute_grad_z, at::Tensor& dx, at::Tensor& dz, at::Tensor& ds) {
-  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CPU);
-  check_backward_outputs(x_in, z_in, compute_grad_z, dx, dz, ds);
-  const at::Tensor g = unit_last_stride(grad_y_in);
-  const at::Tensor x = unit_last_stride(x_in);
-  const at::Tensor z = unit_last_stride(z_in);
+void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                   const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx,
+                   at::Tensor& dz, at::Tensor& ds) {
   const double s = strength.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_backward_cpu", [&] {
     backward_kernel<scalar_t>(g, x, z, s, coeff, chol, dx, compute_grad_z ? &dz : nullptr, ds);
   });
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cpu(const at::Tensor& x_in, const at::Tensor& z_in,
+                                                                 const at::Tensor& strength, double eps) {
+  check_forward_args("purify_forward", x_in, z_in, strength, eps, c10::DeviceType::CPU);
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
+  auto [y, coeff, chol] = allocate_forward_outputs(x, z, cached_output);
+  forward_into(x, z, strength, eps, y, coeff, chol);
+  return {y, coeff, chol};
+}
+
+void purify_forward_out_cpu(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
+                            double eps, at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
+  check_forward_args("purify_forward_out", x_in, z_in, strength, eps, c10::DeviceType::CPU);
+  check_forward_outputs(x_in, z_in, y, coeff, chol);
+  forward_into(unit_last_stride(x_in), unit_last_stride(z_in), strength, eps, y, coeff, chol);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
     const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z) {
-  check_backward_args(grad_y, x, z, strength, coeff, chol, c10::DeviceType::CPU);
+  check_backward_args("purify_backward", grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CPU);
+  const at::Tensor g = unit_last_stride(grad_y_in);
+  const at::Tensor x = unit_last_stride(x_in);
+  const at::Tensor z = unit_last_stride(z_in);
   auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z, cached_output);
-  purify_backward_out_cpu(grad_y, x, z, strength, coeff, chol, compute_grad_z, dx, dz, ds);
+  backward_into(g, x, z, strength, coeff, chol, compute_grad_z, dx, dz, ds);
   return {dx, dz, ds};
+}
+
+void purify_backward_out_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+                             const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+                             bool compute_grad_z, at::Tensor& dx, at::Tensor& dz, at::Tensor& ds) {
+  check_backward_args("purify_backward_out", grad_y_in, x_in, z_in, strength, coeff, chol, c10::DeviceType::CPU);
+  check_backward_outputs(x_in, z_in, compute_grad_z, dx, dz, ds);
+  backward_into(unit_last_stride(grad_y_in), unit_last_stride(x_in), unit_last_stride(z_in), strength, coeff,
+                chol, compute_grad_z, dx, dz, ds);
 }
 
 }  // namespace

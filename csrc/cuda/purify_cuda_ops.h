@@ -43,8 +43,8 @@ inline int64_t leading_rows(const at::Tensor& x) {
   }()
 
 // K > kMaxCudaFusedK (uses_fused_kernels false): the same math through ATen ops (correct, not
-// fused; no host sync). The factor comes from row_math's Cholesky (launch_factor_grams), pivot
-// floor included.
+// fused; no host sync). The factor comes from row_math's Cholesky (launch_factor_grams), its
+// rule for dependent directions included.
 //
 // A z row shared by many x rows (size-1 leading dims of z) is never expanded per row: x's
 // leading dims are permuted group-first, so x is [G, T, D] (G the z rows, T the x rows each
@@ -204,7 +204,7 @@ void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z
   p.chunks = backward_chunks(p.grid);
   const int64_t items = p.grid.groups * p.chunks;
   const auto acc_opts = x.options().dtype(accumulate_type(x.scalar_type()));
-  at::Tensor gp_partial = at::empty({items}, acc_opts);
+  at::Tensor gdotp_partial = at::empty({items}, acc_opts);
   at::Tensor dz_partial;
   if (compute_grad_z && p.grid.group_size > 1) {
     dz_partial = at::empty({items * K * p.Dp}, acc_opts);
@@ -218,7 +218,7 @@ void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z
   p.chol = chol.const_data_ptr();
   p.dx = dx.mutable_data_ptr();
   p.dz = compute_grad_z ? dz.mutable_data_ptr() : nullptr;
-  p.gp_partial = gp_partial.mutable_data_ptr();
+  p.gdotp_partial = gdotp_partial.mutable_data_ptr();
   p.ds = ds.mutable_data_ptr();
   p.vec = vector_ok(p.grid, x.element_size(), {p.g, p.x, p.z, p.dx, p.dz}, true);
   Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), backward, p, Dev::stream()));
@@ -227,7 +227,7 @@ void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z
 template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_impl(const at::Tensor& x_in, const at::Tensor& z_in,
                                                                   const at::Tensor& strength, double eps) {
-  check_forward_args(x_in, z_in, strength, eps, Dev::kDeviceType);
+  check_forward_args("purify_forward", x_in, z_in, strength, eps, Dev::kDeviceType);
   const typename Dev::Guard guard(x_in.device());
   const at::Tensor x = unit_last_stride(x_in);
   const at::Tensor z = unit_last_stride(z_in);
@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_impl(const at::Ten
 template <typename Dev>
 void purify_forward_out_impl(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
                              double eps, at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
-  check_forward_args(x_in, z_in, strength, eps, Dev::kDeviceType);
+  check_forward_args("purify_forward_out", x_in, z_in, strength, eps, Dev::kDeviceType);
   check_forward_outputs(x_in, z_in, y, coeff, chol);
   const typename Dev::Guard guard(x_in.device());
   forward_into<Dev>(unit_last_stride(x_in), unit_last_stride(z_in), strength, eps, y, coeff, chol);
@@ -251,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_impl(
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
     const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
     bool compute_grad_z) {
-  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, Dev::kDeviceType);
+  check_backward_args("purify_backward", grad_y_in, x_in, z_in, strength, coeff, chol, Dev::kDeviceType);
   const typename Dev::Guard guard(x_in.device());
   const at::Tensor g = unit_last_stride(grad_y_in);
   const at::Tensor x = unit_last_stride(x_in);
@@ -266,7 +266,7 @@ template <typename Dev>
 void purify_backward_out_impl(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
                               const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
                               bool compute_grad_z, at::Tensor& dx, at::Tensor& dz, at::Tensor& ds) {
-  check_backward_args(grad_y_in, x_in, z_in, strength, coeff, chol, Dev::kDeviceType);
+  check_backward_args("purify_backward_out", grad_y_in, x_in, z_in, strength, coeff, chol, Dev::kDeviceType);
   check_backward_outputs(x_in, z_in, compute_grad_z, dx, dz, ds);
   const typename Dev::Guard guard(x_in.device());
   backward_into<Dev>(unit_last_stride(grad_y_in), unit_last_stride(x_in), unit_last_stride(z_in), strength, coeff,

@@ -40,15 +40,6 @@ namespace cuda {
 constexpr int kBlock = 256;
 constexpr unsigned kFull = 0xffffffffu;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 // 16 bytes of W elements of T, kept as four 32-bit words: two 16-bit values share a register
 // (as separate 16-bit values each would take a whole register, doubling the cached tile).
 template <typename T>
@@ -78,7 +69,7 @@ struct Bits<double> {
 
 // Element w of a pack in the accumulate type.
 template <typename T>
-__device__ __forceinline__ typename AccOf<T>::type pack_get(const Pack<T>& p, int w) {
+__device__ __forceinline__ accumulate_t<T> pack_get(const Pack<T>& p, int w) {
   if constexpr (sizeof(T) == 2) {
     const uint32_t word = p.u[w >> 1];
     if constexpr (std::is_same<T, __nv_bfloat16>::value) {
@@ -95,7 +86,7 @@ __device__ __forceinline__ typename AccOf<T>::type pack_get(const Pack<T>& p, in
 
 // Raw bits of one element of T, from the accumulate type (round to nearest even).
 template <typename T>
-__device__ __forceinline__ typename Bits<T>::type to_bits(typename AccOf<T>::type v) {
+__device__ __forceinline__ typename Bits<T>::type to_bits(accumulate_t<T> v) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(v));
   } else if constexpr (std::is_same<T, __half>::value) {
@@ -224,6 +215,59 @@ struct TeamSmem {
   __device__ static constexpr int wsum(int warps) { return warps * kStride + KB * KB + 2 * KB; }
 };
 
+// What both fused kernels derive from their launch: the team and its slice of shared memory,
+// the walk over work items (grid-stride, one item per team at a time) and the column tiling of
+// a row. A tile is team_size * V * W columns; thread tid's vector v of tile t starts at column
+// t * tile_cols + tid * W + v * team_size * W (coalesced across the team).
+template <typename T, int KB>
+struct TeamTiles {
+  using A = accumulate_t<T>;
+  static constexpr int V = vectors_per_thread(KB);
+  static constexpr int W = Pack<T>::W;
+  Team team;
+  A* sm;
+  int64_t D, tile_cols, teams_per_block;
+  int ntiles;
+  bool vec;
+
+  __device__ __forceinline__ TeamTiles(int team_size, int64_t row_length, bool vector_path)
+      : team(team_size), D(row_length), vec(vector_path) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    sm = reinterpret_cast<A*>(smem_raw) + team.id * TeamSmem<KB>::elems(team.warps);
+    tile_cols = static_cast<int64_t>(team_size) * V * W;
+    ntiles = D <= tile_cols ? 1 : static_cast<int>((D + tile_cols - 1) / tile_cols);
+    teams_per_block = kBlock / team_size;
+  }
+  __device__ __forceinline__ int64_t first_item() const { return blockIdx.x * teams_per_block + team.id; }
+  __device__ __forceinline__ int64_t item_stride() const {
+    return static_cast<int64_t>(gridDim.x) * teams_per_block;
+  }
+  // This thread's first column in tile t, and that of its vector v.
+  __device__ __forceinline__ int64_t col0(int t) const {
+    return t * tile_cols + static_cast<int64_t>(team.tid) * W;
+  }
+  __device__ __forceinline__ int64_t col(int64_t c0, int v) const { return c0 + v * team.size * W; }
+  // The tile at c0 of a row (x or grad_y) into vr and, when with_z, of the K directions at
+  // zbase into zr (the bucket's rows from K on are zero).
+  __device__ __forceinline__ void load(Pack<T> (&zr)[KB][V], Pack<T> (&vr)[V], const T* zbase,
+                                       int64_t z_dir_stride, int K, const T* row, int64_t c0,
+                                       bool with_z) const {
+    if (with_z) {
+#pragma unroll
+      for (int k = 0; k < KB; ++k)
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          if (k < K)
+            load_pack(zr[k][v], zbase + k * z_dir_stride, col(c0, v), D, vec);
+          else
+            zero_pack(zr[k][v]);
+        }
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) load_pack(vr[v], row, col(c0, v), D, vec);
+  }
+};
+
 // Butterfly reduce-scatter of N (a power of two <= 32) values over the warp: returns, on each
 // lane, the warp total of value index lane >> (5 - log2 N). Fixed order, no atomics.
 // Step with lane bit OFF while CNT values are left (template recursion keeps indices constant).
@@ -267,9 +311,9 @@ __device__ __forceinline__ A warp_sum(A v) {
 template <typename T, int KB, bool GRAM, int GI>
 __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
                                                  const Pack<T> (&vr)[vectors_per_thread(KB)],
-                                                 typename AccOf<T>::type* wacc, bool first_tile,
+                                                 accumulate_t<T>* wacc, bool first_tile,
                                                  int lane) {
-  using A = typename AccOf<T>::type;
+  using A = accumulate_t<T>;
   constexpr int V = vectors_per_thread(KB);
   constexpr int W = Pack<T>::W;
   constexpr int NT = GRAM ? KB * (KB + 1) / 2 : 0;
@@ -403,57 +447,39 @@ __device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool fact
 template <typename T, int KB>
 __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_constant__ ForwardParams p, int team_size,
                                                                 int64_t items) {
-  using A = typename AccOf<T>::type;
+  using A = accumulate_t<T>;
   using S = TeamSmem<KB>;
   constexpr int V = vectors_per_thread(KB);
   constexpr int W = Pack<T>::W;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Team team(team_size);
-  A* sm = reinterpret_cast<A*>(smem_raw) + team.id * S::elems(team.warps);
-
   const RowGrid& grid = p.grid;
   const int K = grid.K;
   const int64_t D = grid.D;
-  const T* __restrict__ xp = static_cast<const T*>(p.x);
-  const T* __restrict__ zp = static_cast<const T*>(p.z);
-  T* __restrict__ yp = static_cast<T*>(p.y);
-  A* __restrict__ cp = static_cast<A*>(p.coeff);
-  A* __restrict__ lp = static_cast<A*>(p.chol);
+  const TeamTiles<T, KB> tiles(team_size, D, p.vec);
+  const Team& team = tiles.team;
+  A* sm = tiles.sm;
+  const T* __restrict__ x_data = static_cast<const T*>(p.x);
+  const T* __restrict__ z_data = static_cast<const T*>(p.z);
+  T* __restrict__ y_data = static_cast<T*>(p.y);
+  A* __restrict__ coeff_data = static_cast<A*>(p.coeff);
+  A* __restrict__ chol_data = static_cast<A*>(p.chol);
   const A s = *static_cast<const A*>(p.strength);
   const A eps = static_cast<A>(p.eps);
-  const bool vec = p.vec;
-  const int64_t tile_cols = static_cast<int64_t>(team_size) * V * W;
-  const int ntiles = D <= tile_cols ? 1 : static_cast<int>((D + tile_cols - 1) / tile_cols);
-  const int64_t teams_per_block = kBlock / team_size;
+  const int ntiles = tiles.ntiles;
 
   Pack<T> zr[KB][V], xr[V];
-  for (int64_t item = blockIdx.x * teams_per_block + team.id; item < items;
-       item += static_cast<int64_t>(gridDim.x) * teams_per_block) {
+  for (int64_t item = tiles.first_item(); item < items; item += tiles.item_stride()) {
     const ItemRows r = item_rows(grid, p.chunks, item);
     const RowOffsets go = decode_offsets(grid.group, r.group);
-    const T* zbase = zp + go.z;
+    const T* zbase = z_data + go.z;
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
       const RowOffsets so = decode_offsets(grid.shared, j);
-      const T* xrow = xp + go.x + so.x;
+      const T* xrow = x_data + go.x + so.x;
       const int64_t row = go.row + so.row;
 
       // Pass 1: Gram (first row of the item) and Z x.
       for (int t = 0; t < ntiles; ++t) {
-        const int64_t col0 = t * tile_cols + static_cast<int64_t>(team.tid) * W;
-        if (first || ntiles > 1) {
-#pragma unroll
-          for (int k = 0; k < KB; ++k)
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              if (k < K)
-                load_pack(zr[k][v], zbase + k * grid.z_dir_stride, col0 + v * team_size * W, D, vec);
-              else
-                zero_pack(zr[k][v]);
-            }
-        }
-#pragma unroll
-        for (int v = 0; v < V; ++v) load_pack(xr[v], xrow, col0 + v * team_size * W, D, vec);
+        tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, tiles.col0(t), first || ntiles > 1);
         A* wacc = sm + S::wacc(team.warp);
         if (first)
           accumulate_group<T, KB, true, 0>(zr, xr, wacc, t == 0, team.lane);
@@ -463,13 +489,13 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
       team.sync();
       if (team.warp == 0) {
         A b[KB];
-        A* chol_out = (first && r.begin == 0) ? lp + r.group * K * K : nullptr;
+        A* chol_out = (first && r.begin == 0) ? chol_data + r.group * K * K : nullptr;
         team_solve<A, KB>(sm, team.warps, team.lane, first, eps, chol_out, K, b);
         if (team.lane == 0) {
 #pragma unroll
           for (int k = 0; k < KB; ++k) {
             sm[S::vec_c(team.warps) + k] = b[k];
-            if (k < K) cp[row * K + k] = b[k];
+            if (k < K) coeff_data[row * K + k] = b[k];
           }
         }
       }
@@ -479,22 +505,10 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
       for (int k = 0; k < KB; ++k) w[k] = s * sm[S::vec_c(team.warps) + k];
 
       // Pass 2, last tile first (it is in registers).
-      T* yrow = yp + row * D;
+      T* yrow = y_data + row * D;
       for (int t = ntiles - 1; t >= 0; --t) {
-        const int64_t col0 = t * tile_cols + static_cast<int64_t>(team.tid) * W;
-        if (t != ntiles - 1) {
-#pragma unroll
-          for (int k = 0; k < KB; ++k)
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              if (k < K)
-                load_pack(zr[k][v], zbase + k * grid.z_dir_stride, col0 + v * team_size * W, D, vec);
-              else
-                zero_pack(zr[k][v]);
-            }
-#pragma unroll
-          for (int v = 0; v < V; ++v) load_pack(xr[v], xrow, col0 + v * team_size * W, D, vec);
-        }
+        const int64_t col0 = tiles.col0(t);
+        if (t != ntiles - 1) tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, col0, true);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           Pack<T> out;
@@ -506,7 +520,7 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
             for (int k = 0; k < KB; ++k) acc = fma(-w[k], pack_get(zr[k][v], e), acc);
             pack_set_bits(out, e, to_bits<T>(acc));
           }
-          store_pack(out, yrow, col0 + v * team_size * W, D, vec);
+          store_pack(out, yrow, tiles.col(col0, v), D, tiles.vec);
         }
       }
       // Registers now hold tile 0: with one tile, Z stays valid for the item's next row.
@@ -517,79 +531,61 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
 // ---------------------------------------------------------------------------------------
 // Backward: u = G^{-1} Z g; p = Z^T c, q = Z^T u; dx = g - s q; dz = -s (c (g-q)^T + u (x-p)^T)
 // (written directly for a z row of its own, else summed per item into dz_partial);
-// gp_partial[item] = sum over the item's rows of <g, p>.
+// gdotp_partial[item] = sum over the item's rows of <g, p>.
 template <typename T, int KB>
 __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid_constant__ BackwardParams p, int team_size,
                                                                  int64_t items) {
-  using A = typename AccOf<T>::type;
+  using A = accumulate_t<T>;
   using S = TeamSmem<KB>;
   constexpr int V = vectors_per_thread(KB);
   constexpr int W = Pack<T>::W;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const Team team(team_size);
-  A* sm = reinterpret_cast<A*>(smem_raw) + team.id * S::elems(team.warps);
-
   const RowGrid& grid = p.grid;
   const int K = grid.K;
   const int64_t D = grid.D;
+  const TeamTiles<T, KB> tiles(team_size, D, p.vec);
+  const Team& team = tiles.team;
+  A* sm = tiles.sm;
   const int64_t Dp = p.Dp;
-  const T* __restrict__ gp = static_cast<const T*>(p.g);
-  const T* __restrict__ xp = static_cast<const T*>(p.x);
-  const T* __restrict__ zp = static_cast<const T*>(p.z);
-  const A* __restrict__ cp = static_cast<const A*>(p.coeff);
-  const A* __restrict__ lp = static_cast<const A*>(p.chol);
-  T* __restrict__ dxp = static_cast<T*>(p.dx);
-  T* __restrict__ dzp = static_cast<T*>(p.dz);
-  A* __restrict__ partp = static_cast<A*>(p.dz_partial);
-  A* __restrict__ gpp = static_cast<A*>(p.gp_partial);
+  const T* __restrict__ g_data = static_cast<const T*>(p.g);
+  const T* __restrict__ x_data = static_cast<const T*>(p.x);
+  const T* __restrict__ z_data = static_cast<const T*>(p.z);
+  const A* __restrict__ coeff_data = static_cast<const A*>(p.coeff);
+  const A* __restrict__ chol_data = static_cast<const A*>(p.chol);
+  T* __restrict__ dx_data = static_cast<T*>(p.dx);
+  T* __restrict__ dz_data = static_cast<T*>(p.dz);
+  A* __restrict__ dz_part_data = static_cast<A*>(p.dz_partial);
+  A* __restrict__ gdotp_data = static_cast<A*>(p.gdotp_partial);
   const A s = *static_cast<const A*>(p.strength);
-  const bool vec = p.vec;
-  const bool want_dz = dzp != nullptr;
+  const bool want_dz = dz_data != nullptr;
   const bool direct_dz = want_dz && grid.group_size == 1;
-  const int64_t tile_cols = static_cast<int64_t>(team_size) * V * W;
-  const int ntiles = D <= tile_cols ? 1 : static_cast<int>((D + tile_cols - 1) / tile_cols);
-  const int64_t teams_per_block = kBlock / team_size;
+  const int ntiles = tiles.ntiles;
 
   Pack<T> zr[KB][V], gr[V];
-  for (int64_t item = blockIdx.x * teams_per_block + team.id; item < items;
-       item += static_cast<int64_t>(gridDim.x) * teams_per_block) {
+  for (int64_t item = tiles.first_item(); item < items; item += tiles.item_stride()) {
     const ItemRows r = item_rows(grid, p.chunks, item);
     const RowOffsets go = decode_offsets(grid.group, r.group);
-    const T* zbase = zp + go.z;
+    const T* zbase = z_data + go.z;
     A* Ls = sm + S::chol(team.warps);
     const int ks = solve_size<KB>(K);
     if (team.warp == 0 && team.lane < ks) {
-      const A* L = lp + r.group * K * K;
+      const A* L = chol_data + r.group * K * K;
 #pragma unroll
       for (int q = 0; q < KB; ++q)
         if (q < ks)
           Ls[team.lane * ks + q] =
               (team.lane < K && q < K) ? L[team.lane * K + q] : (team.lane == q ? A(1) : A(0));
     }
-    A gp_acc = A(0);
+    A gdotp_acc = A(0);
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
       const RowOffsets so = decode_offsets(grid.shared, j);
-      const T* grow = gp + go.g + so.g;
-      const T* xrow = xp + go.x + so.x;
+      const T* grow = g_data + go.g + so.g;
+      const T* xrow = x_data + go.x + so.x;
       const int64_t row = go.row + so.row;
 
       // Pass 1: Z g.
       for (int t = 0; t < ntiles; ++t) {
-        const int64_t col0 = t * tile_cols + static_cast<int64_t>(team.tid) * W;
-        if (first || ntiles > 1) {
-#pragma unroll
-          for (int k = 0; k < KB; ++k)
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              if (k < K)
-                load_pack(zr[k][v], zbase + k * grid.z_dir_stride, col0 + v * team_size * W, D, vec);
-              else
-                zero_pack(zr[k][v]);
-            }
-        }
-#pragma unroll
-        for (int v = 0; v < V; ++v) load_pack(gr[v], grow, col0 + v * team_size * W, D, vec);
+        tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), first || ntiles > 1);
         accumulate_group<T, KB, false, 0>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane);
       }
       team.sync();  // also publishes Ls (written before the first row)
@@ -600,7 +596,7 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
 #pragma unroll
           for (int k = 0; k < KB; ++k) {
             sm[S::vec_u(team.warps) + k] = b[k];
-            sm[S::vec_c(team.warps) + k] = k < K ? cp[row * K + k] : A(0);
+            sm[S::vec_c(team.warps) + k] = k < K ? coeff_data[row * K + k] : A(0);
           }
         }
       }
@@ -613,28 +609,16 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
       }
 
       // Pass 2, last tile first.
-      T* dxrow = dxp + row * D;
+      T* dxrow = dx_data + row * D;
       for (int t = ntiles - 1; t >= 0; --t) {
-        const int64_t col0 = t * tile_cols + static_cast<int64_t>(team.tid) * W;
-        if (t != ntiles - 1) {
-#pragma unroll
-          for (int k = 0; k < KB; ++k)
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              if (k < K)
-                load_pack(zr[k][v], zbase + k * grid.z_dir_stride, col0 + v * team_size * W, D, vec);
-              else
-                zero_pack(zr[k][v]);
-            }
-#pragma unroll
-          for (int v = 0; v < V; ++v) load_pack(gr[v], grow, col0 + v * team_size * W, D, vec);
-        }
+        const int64_t col0 = tiles.col0(t);
+        if (t != ntiles - 1) tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, col0, true);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const int64_t col = col0 + v * team_size * W;
+          const int64_t col = tiles.col(col0, v);
           Pack<T> xv;
-          load_pack(xv, xrow, col, D, vec);
-          A gq[W], xq[W];
+          load_pack(xv, xrow, col, D, tiles.vec);
+          A g_minus_q[W], x_minus_p[W];
           Pack<T> out;
           zero_pack(out);
 #pragma unroll
@@ -648,11 +632,11 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
             }
             const A gv = pack_get(gr[v], e);
             pack_set_bits(out, e, to_bits<T>(fma(-s, qv, gv)));
-            gp_acc = fma(gv, pv, gp_acc);
-            gq[e] = gv - qv;
-            xq[e] = pack_get(xv, e) - pv;
+            gdotp_acc = fma(gv, pv, gdotp_acc);
+            g_minus_q[e] = gv - qv;
+            x_minus_p[e] = pack_get(xv, e) - pv;
           }
-          store_pack(out, dxrow, col, D, vec);
+          store_pack(out, dxrow, col, D, tiles.vec);
           if (want_dz && col < Dp) {
 #pragma unroll
             for (int k = 0; k < KB; ++k) {
@@ -661,19 +645,20 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
                 Pack<T> o;
                 zero_pack(o);
 #pragma unroll
-                for (int e = 0; e < W; ++e) pack_set_bits(o, e, to_bits<T>(-s * fma(c[k], gq[e], u[k] * xq[e])));
-                store_pack(o, dzp + (r.group * K + k) * D, col, D, vec);
+                for (int e = 0; e < W; ++e)
+                  pack_set_bits(o, e, to_bits<T>(-s * fma(c[k], g_minus_q[e], u[k] * x_minus_p[e])));
+                store_pack(o, dz_data + (r.group * K + k) * D, col, D, tiles.vec);
               } else {
                 APack<A, W>* dst =
-                    reinterpret_cast<APack<A, W>*>(partp + (item * K + k) * Dp + col);
+                    reinterpret_cast<APack<A, W>*>(dz_part_data + (item * K + k) * Dp + col);
                 APack<A, W> acc;
                 if (first) {
 #pragma unroll
-                  for (int e = 0; e < W; ++e) acc.v[e] = fma(c[k], gq[e], u[k] * xq[e]);
+                  for (int e = 0; e < W; ++e) acc.v[e] = fma(c[k], g_minus_q[e], u[k] * x_minus_p[e]);
                 } else {
                   acc = *dst;
 #pragma unroll
-                  for (int e = 0; e < W; ++e) acc.v[e] += fma(c[k], gq[e], u[k] * xq[e]);
+                  for (int e = 0; e < W; ++e) acc.v[e] += fma(c[k], g_minus_q[e], u[k] * x_minus_p[e]);
                 }
                 *dst = acc;
               }
@@ -683,24 +668,24 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
       }
     }
     // The item's <g, p>: warp butterfly, then warps in order.
-    const A wsum = warp_sum(gp_acc);
+    const A wsum = warp_sum(gdotp_acc);
     if (team.lane == 0) sm[S::wsum(team.warps) + team.warp] = wsum;
     team.sync();
     if (team.tid == 0) {
       A total = A(0);
       for (int w = 0; w < team.warps; ++w) total += sm[S::wsum(team.warps) + w];
-      gpp[item] = total;
+      gdotp_data[item] = total;
     }
     team.sync();  // wsum and Ls are rewritten by the next item
   }
 }
 
-// dz[m] = -s * sum over the z row's items (in order) of the partials; ds = -sum of gp_partial.
+// dz[m] = -s * sum over the z row's items (in order) of the partials; ds = -sum of gdotp_partial.
 // Blocks [0, dz_blocks) do dz, the last block does ds.
 template <typename T>
 __global__ void __launch_bounds__(kBlock) purify_backward_finalize(const __grid_constant__ BackwardParams p, int64_t items,
                                                                    int64_t dz_blocks) {
-  using A = typename AccOf<T>::type;
+  using A = accumulate_t<T>;
   const A s = *static_cast<const A*>(p.strength);
   if (blockIdx.x < dz_blocks) {
     const int64_t K = p.grid.K, D = p.grid.D, Dp = p.Dp, chunks = p.chunks;
@@ -719,9 +704,9 @@ __global__ void __launch_bounds__(kBlock) purify_backward_finalize(const __grid_
     return;
   }
   __shared__ A red[kBlock];
-  const A* __restrict__ gpp = static_cast<const A*>(p.gp_partial);
+  const A* __restrict__ gdotp_part = static_cast<const A*>(p.gdotp_partial);
   A t = A(0);
-  for (int64_t i = threadIdx.x; i < items; i += kBlock) t += gpp[i];
+  for (int64_t i = threadIdx.x; i < items; i += kBlock) t += gdotp_part[i];
   red[threadIdx.x] = t;
   __syncthreads();
 #pragma unroll
@@ -765,7 +750,7 @@ constexpr bool smem_fits_without_opt_in() {
 
 template <typename T, int KB>
 cudaError_t launch_forward_kb(const ForwardParams& p, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
+  using A = accumulate_t<T>;
   static_assert(smem_fits_without_opt_in<A, KB>(), "dynamic shared memory above 48 KB needs an opt-in");
   const int team = team_size_for<T, KB>(p.grid.D);
   const int tpb = kBlock / team;
@@ -777,7 +762,7 @@ cudaError_t launch_forward_kb(const ForwardParams& p, cudaStream_t stream) {
 
 template <typename T, int KB>
 cudaError_t launch_backward_kb(const BackwardParams& p, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
+  using A = accumulate_t<T>;
   static_assert(smem_fits_without_opt_in<A, KB>(), "dynamic shared memory above 48 KB needs an opt-in");
   const int team = team_size_for<T, KB>(p.grid.D);
   const int tpb = kBlock / team;

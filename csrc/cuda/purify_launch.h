@@ -37,7 +37,7 @@ struct BackwardParams {
   void* dx = nullptr;            // T, contiguous [rows, D]
   void* dz = nullptr;            // T, contiguous [groups, K, D], or null (not wanted)
   void* dz_partial = nullptr;    // acc_t [items, K, Dp] when a z row serves several x rows
-  void* gp_partial = nullptr;    // acc_t [items]: per item sum of <g, p>
+  void* gdotp_partial = nullptr; // acc_t [items]: per item sum of <g, p>
   void* ds = nullptr;            // acc_t, 0-dim
   RowGrid grid;
   int64_t chunks = 1;

@@ -1,6 +1,6 @@
-// Factors many K x K Gram matrices in place with row_math's cholesky_inplace, pivot floor
-// included, one thread per matrix: the factorization of the K > kMaxCudaFusedK path, so that
-// path keeps repeated or dependent directions finite like every other.
+// Factors many K x K Gram matrices in place with row_math's cholesky_inplace (its rule for
+// dependent directions included), one thread per matrix: the factorization of the
+// K > kMaxCudaFusedK path, so that path treats dependent directions like every other.
 #include <cuda_runtime.h>
 
 #include <cstdint>
