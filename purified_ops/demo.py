@@ -58,8 +58,8 @@ from torch import nn
 
 from ._extras import require_extra
 from .layer import PurifyLayer
-from .learning import (ClassSubspaceBank, LowRankProbe, MarginalLogits, PurifiedNet, SplitLogits,
-                       evaluate, fit, seed_everything)
+from .learning import (ClassSubspaceBank, InputPurifiedNet, LowRankProbe, MarginalLogits, PurifiedNet,
+                       SplitLogits, UnpurifiedNet, evaluate, fit, seed_everything)
 
 ARMS = ("plain", "multitask", "purified")
 # The grating regime's arms: "shared" is the texture's subspace arm (K directions shared by all
@@ -239,7 +239,7 @@ def _irrelevant_logits(dim: int, nuisance: str) -> nn.Module:
 def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
               detach_irrelevant: bool = True, variant: str = "subspace", k: int = SUBSPACE_K,
               nuisance: str = "texture", bank_k: int = BANK_K, hard: bool = True,
-              bank_top: int = BANK_TOP) -> PurifiedNet:
+              bank_top: int = BANK_TOP) -> UnpurifiedNet | PurifiedNet | InputPurifiedNet:
     """The arms; the main encoder and task head get the same initial weights in all of them.
 
     ``variant`` picks the texture's purified arm: ``"subspace"`` purifies the input pixels against
@@ -255,9 +255,7 @@ def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
     main, task_head = encoder(hidden, dim), nn.Linear(dim, 10)
     if arm in ("plain", "multitask") or arm in ORACLE_ARMS:
         # The network alone; multitask puts the irrelevant head on its features.
-        irrelevant_head = _irrelevant_logits(dim, nuisance)
-        return PurifiedNet(nn.Identity(), nn.Identity(), task_head, irrelevant_head, backbone=main,
-                           purify=False)
+        return UnpurifiedNet(main, task_head, _irrelevant_logits(dim, nuisance))
     arms = ARMS if nuisance == "texture" else GRATING_ARMS
     if arm not in arms or arm not in PURIFIED_ARMS:
         raise ValueError(f"unknown arm {arm!r}; expected one of {arms}")
@@ -265,20 +263,18 @@ def build_arm(arm: str, seed: int, *, hidden: int = 128, dim: int = 32,
         # input -> PurifyLayer(input, z) -> main encoder -> task head; z [B, bank_k, 64] is the
         # predicted class's subspace, the bank learned only from orientation and frequency labels.
         bank = ClassSubspaceBank(64, math.prod(GRATING_CLASSES), bank_k, hard=hard, top=bank_top)
-        return PurifiedNet(nn.Identity(), bank, nn.Sequential(main, task_head), MarginalLogits(GRATING_CLASSES),
-                           purify=True, detach_irrelevant=detach_irrelevant)
+        return InputPurifiedNet(main, bank, task_head, MarginalLogits(GRATING_CLASSES),
+                                detach_irrelevant=detach_irrelevant)
     if arm == "shared" or variant == "subspace":
         # input -> PurifyLayer(input, P) -> main encoder -> task head; P [k, 64] is shared by all
         # samples and learned (with the probe MLP) only from the irrelevant labels.
         probe = LowRankProbe(64, k)
         irrelevant_head = nn.Sequential(nn.Linear(k, dim), nn.ReLU(), _irrelevant_logits(dim, nuisance))
-        return PurifiedNet(nn.Identity(), probe, nn.Sequential(main, task_head), irrelevant_head,
-                           purify=True, detach_irrelevant=detach_irrelevant)
+        return InputPurifiedNet(main, probe, task_head, irrelevant_head, detach_irrelevant=detach_irrelevant)
     if variant == "per_sample":
         irrelevant_head = nn.Linear(dim, N_TEXTURES)
         irrelevant = encoder(hidden, dim)
-        return PurifiedNet(main, irrelevant, task_head, irrelevant_head, purify=True,
-                           detach_irrelevant=detach_irrelevant)
+        return PurifiedNet(main, irrelevant, task_head, irrelevant_head, detach_irrelevant=detach_irrelevant)
     raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
 
 

@@ -11,14 +11,18 @@ task head sees only the rest::
 
     loss = CE(task logits, y) + irrelevant_weight * CE(irrelevant logits, y_irrelevant)
 
-The optional ``backbone`` is shared by both branches (``h = backbone(input)``); without it both
-encoders read the input. With ``backbone=my_encoder``, ``main_encoder=nn.Identity()`` and a small
-``irrelevant_encoder`` the irrelevant branch is a head on the main features.
+That is :class:`PurifiedNet`. Its optional ``backbone`` is shared by both branches
+(``h = backbone(input)``); without it both encoders read the input. With
+``backbone=my_encoder``, ``main_encoder=nn.Identity()`` and a small ``irrelevant_encoder`` the
+irrelevant branch is a head on the main features. :class:`InputPurifiedNet` purifies the input
+instead, before the whole network (``input -> PurifyLayer(input, z) -> network -> task_head``),
+and :class:`UnpurifiedNet` is the baseline: a network with a task head and an irrelevant head on
+its features, nothing purified.
 
 Training is joint (one loss, all parameters) or two-stage (:func:`fit` with
 ``schedule="two_stage"``: the irrelevant branch, plus the backbone if any, first learns the
-irrelevant labels alone; then ``irrelevant_encoder`` and ``irrelevant_head`` are frozen and the
-rest learns the task through the purification).
+irrelevant labels alone; then the irrelevant branch is frozen and the rest learns the task
+through the purification).
 
 Only the public API of :mod:`purified_ops` is used here.
 """
@@ -37,8 +41,8 @@ from torch import nn
 from .layer import PurifyLayer
 
 __all__ = [
-    "PurifiedNet", "PurifiedOutput", "PerDirectionHeads", "LowRankProbe", "ClassSubspaceBank",
-    "SplitLogits", "MarginalLogits", "purified_loss",
+    "PurifiedNet", "InputPurifiedNet", "UnpurifiedNet", "PurifiedOutput",
+    "PerDirectionHeads", "LowRankProbe", "ClassSubspaceBank", "SplitLogits", "MarginalLogits", "purified_loss",
     "freeze_irrelevant", "balancing_tables", "balancing_weights",
     "fit", "evaluate", "seed_everything", "choose_device",
 ]
@@ -46,13 +50,14 @@ __all__ = [
 
 @dataclass
 class PurifiedOutput:
-    """What :class:`PurifiedNet` returns."""
+    """What the recipe's networks (:class:`PurifiedNet`, :class:`InputPurifiedNet`,
+    :class:`UnpurifiedNet`) return."""
 
     task_logits: torch.Tensor          # [B, num_classes]
     irrelevant_logits: object          # a tensor, or a list of tensors (one per irrelevant label type)
-    features: torch.Tensor             # x, main features before purification
-    irrelevant_features: torch.Tensor  # z, [B, D] or [B, K, D]
-    purified: torch.Tensor             # the features the task head saw
+    features: torch.Tensor             # x, what the purify layer takes: main features, or the input
+    irrelevant_features: torch.Tensor  # z, [B, D] or [B, K, D]; unpurified: the features the irrelevant head read
+    purified: torch.Tensor             # x purified (unpurified: x itself)
 
 
 class PerDirectionHeads(nn.Module):
@@ -76,7 +81,7 @@ class LowRankProbe(nn.Module):
     """K learned directions shared by all samples: subspace purification (INLP/LEACE-like).
 
     Holds ``P`` (``[K, D]``). ``forward(h)`` returns ``(P[None], h @ P.T)``: the directions the
-    :class:`PurifiedNet` purifies against (one set, broadcast to every sample, never materialized
+    network purifies against (one set, broadcast to every sample, never materialized
     per sample) and the sample's K coordinates along them, which the irrelevant head reads.
     Trained on the irrelevant labels, ``P`` must span a subspace from which the irrelevant label
     can be predicted; purification then removes that whole subspace from the features.
@@ -108,8 +113,8 @@ class ClassSubspaceBank(nn.Module):
     that tells that class apart: for an additive nuisance whose classes live in their own
     subspaces (a grating of given orientation and frequency at any phase spans two dimensions),
     the bank learns them from labels alone. ``forward(h)`` returns ``(z, logits)``: ``z``
-    (``[B, K, D]``) is the predicted class's subspace, the one :class:`PurifiedNet` purifies
-    each sample against, and ``logits`` (``[B, C]``) go to the irrelevant head.
+    (``[B, K, D]``) is the predicted class's subspace, the one the network purifies each
+    sample against, and ``logits`` (``[B, C]``) go to the irrelevant head.
 
     Args:
         dim: D, the dimension of the features that are purified.
@@ -226,8 +231,64 @@ class MarginalLogits(nn.Module):
                 for t in range(len(self.shape))]
 
 
-class PurifiedNet(nn.Module):
-    """Main encoder, task-irrelevant encoder and heads, with a :class:`PurifyLayer` between.
+class _RecipeNet(nn.Module):
+    """What :func:`fit`, :func:`evaluate` and :func:`freeze_irrelevant` use of the recipe's networks.
+
+    ``forward(inputs)`` returns a :class:`PurifiedOutput`; ``irrelevant_modules()`` is the
+    irrelevant branch (frozen in the second stage); ``backbone`` is what both branches share
+    (None when nothing is), which the first stage trains with the irrelevant branch.
+    """
+
+    def irrelevant_parameters(self):
+        """The irrelevant branch's parameters (:meth:`irrelevant_modules`)."""
+        for module in self.irrelevant_modules():
+            yield from module.parameters()
+
+
+def _irrelevant_features(encoded, x: torch.Tensor, owner: str):
+    """``(z, r)`` from what an irrelevant encoder returned (``z``, or the pair), ``z`` checked
+    against the features ``x`` it purifies: ``[..., D]`` or ``[..., K, D]`` with x's D."""
+    z, r = encoded if isinstance(encoded, tuple) else (encoded, encoded)
+    if z.dim() not in (x.dim(), x.dim() + 1) or z.shape[-1] != x.shape[-1]:
+        raise ValueError(f"{owner}: irrelevant features z {tuple(z.shape)} must be [..., D] or "
+                         f"[..., K, D] with the purified features' D; they are {tuple(x.shape)}")
+    return z, r
+
+
+class UnpurifiedNet(_RecipeNet):
+    """A network with a task head and an irrelevant head on its features; nothing is purified.
+
+    The baselines: trained on the task loss alone it is the plain network; with the irrelevant
+    loss too, multitask learning. ``network`` is shared by both heads (it is the ``backbone``
+    :func:`fit`'s first stage trains with the irrelevant head).
+
+    Args:
+        network: ``input -> x``, the features both heads read.
+        task_head: ``x`` -> task logits.
+        irrelevant_head: ``x`` -> irrelevant logits (a tensor, or a list for several label types).
+    """
+
+    def __init__(self, network: nn.Module, task_head: nn.Module, irrelevant_head: nn.Module):
+        super().__init__()
+        self.network = network
+        self.task_head = task_head
+        self.irrelevant_head = irrelevant_head
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.network
+
+    def irrelevant_modules(self):
+        return (self.irrelevant_head,)
+
+    def forward(self, inputs: torch.Tensor) -> PurifiedOutput:
+        x = self.network(inputs)
+        return PurifiedOutput(self.task_head(x), self.irrelevant_head(x), x, x, x)
+
+
+class PurifiedNet(_RecipeNet):
+    """Purification of features: main encoder, task-irrelevant encoder and heads, with a
+    :class:`PurifyLayer` between the main encoder and the task head.
 
     Args:
         main_encoder: ``h -> x``, features ``[B, D]`` (or any ``[B, ..., D]`` the task head takes).
@@ -239,13 +300,12 @@ class PurifiedNet(nn.Module):
         irrelevant_head: ``z`` (or ``r``) -> irrelevant logits (a tensor, or a list for several label types,
             e.g. :class:`PerDirectionHeads`).
         backbone: optional module shared by both branches; ``h = backbone(input)``, else the input.
-        purify: False skips the purification (the task head sees ``x``): the baselines.
         strength, learnable_strength, eps, detach_irrelevant: passed to :class:`PurifyLayer`.
             ``detach_irrelevant=True`` keeps the task loss out of the irrelevant branch.
     """
 
     def __init__(self, main_encoder: nn.Module, irrelevant_encoder: nn.Module, task_head: nn.Module,
-                 irrelevant_head: nn.Module, *, backbone: nn.Module | None = None, purify: bool = True,
+                 irrelevant_head: nn.Module, *, backbone: nn.Module | None = None,
                  strength: float = 1.0, learnable_strength: bool = False, eps: float = 1e-6,
                  detach_irrelevant: bool = False):
         super().__init__()
@@ -254,25 +314,59 @@ class PurifiedNet(nn.Module):
         self.irrelevant_encoder = irrelevant_encoder
         self.task_head = task_head
         self.irrelevant_head = irrelevant_head
-        self.purify = bool(purify)
         self.purifier = PurifyLayer(strength, learnable_strength=learnable_strength, eps=eps,
                                     detach_irrelevant=detach_irrelevant)
 
-    def irrelevant_parameters(self):
-        """The irrelevant branch: ``irrelevant_encoder`` and ``irrelevant_head``."""
-        yield from self.irrelevant_encoder.parameters()
-        yield from self.irrelevant_head.parameters()
+    def irrelevant_modules(self):
+        return (self.irrelevant_encoder, self.irrelevant_head)
 
     def forward(self, inputs: torch.Tensor) -> PurifiedOutput:
         h = self.backbone(inputs) if self.backbone is not None else inputs
         x = self.main_encoder(h)
-        z = self.irrelevant_encoder(h)
-        z, r = z if isinstance(z, tuple) else (z, z)
-        if z.dim() not in (x.dim(), x.dim() + 1) or z.shape[-1] != x.shape[-1]:
-            raise ValueError(f"PurifiedNet: irrelevant features z {tuple(z.shape)} must be [..., D] or "
-                             f"[..., K, D] with the main features' D; x is {tuple(x.shape)}")
-        purified = self.purifier(x, z) if self.purify else x
+        z, r = _irrelevant_features(self.irrelevant_encoder(h), x, "PurifiedNet")
+        purified = self.purifier(x, z)
         return PurifiedOutput(self.task_head(purified), self.irrelevant_head(r), x, z, purified)
+
+
+class InputPurifiedNet(_RecipeNet):
+    """Purification of the input: a :class:`PurifyLayer` before the whole network.
+
+    ``input -> PurifyLayer(input, z) -> network -> task_head``, with ``z`` from the
+    task-irrelevant encoder on the input (e.g. :class:`LowRankProbe` or
+    :class:`ClassSubspaceBank`, whose second output goes to the irrelevant head). The output's
+    ``features`` are the input, ``purified`` the purified input.
+
+    Args:
+        network: purified input -> features ``x``.
+        irrelevant_encoder: ``input -> z`` or ``(z, r)``, as in :class:`PurifiedNet`, with the
+            input's D.
+        task_head: ``x`` -> task logits.
+        irrelevant_head: ``z`` (or ``r``) -> irrelevant logits.
+        strength, learnable_strength, eps, detach_irrelevant: passed to :class:`PurifyLayer`.
+    """
+
+    def __init__(self, network: nn.Module, irrelevant_encoder: nn.Module, task_head: nn.Module,
+                 irrelevant_head: nn.Module, *, strength: float = 1.0, learnable_strength: bool = False,
+                 eps: float = 1e-6, detach_irrelevant: bool = False):
+        super().__init__()
+        self.irrelevant_encoder = irrelevant_encoder
+        self.network = network
+        self.task_head = task_head
+        self.irrelevant_head = irrelevant_head
+        self.purifier = PurifyLayer(strength, learnable_strength=learnable_strength, eps=eps,
+                                    detach_irrelevant=detach_irrelevant)
+
+    @property
+    def backbone(self) -> None:
+        return None                 # the irrelevant encoder reads the input itself
+
+    def irrelevant_modules(self):
+        return (self.irrelevant_encoder, self.irrelevant_head)
+
+    def forward(self, inputs: torch.Tensor) -> PurifiedOutput:
+        z, r = _irrelevant_features(self.irrelevant_encoder(inputs), inputs, "InputPurifiedNet")
+        purified = self.purifier(inputs, z)
+        return PurifiedOutput(self.task_head(self.network(purified)), self.irrelevant_head(r), inputs, z, purified)
 
 
 def _irrelevant_label_list(irrelevant_labels):
@@ -316,13 +410,13 @@ def purified_loss(out: PurifiedOutput, target: torch.Tensor, irrelevant_target=N
     return loss, {"task": float(task.detach()), "irrelevant": float(irr.detach())}
 
 
-def freeze_irrelevant(model: PurifiedNet, frozen: bool = True) -> None:
-    """Freezes (or unfreezes) the irrelevant encoder and head: no grads, eval mode."""
+def freeze_irrelevant(model: PurifiedNet | InputPurifiedNet | UnpurifiedNet, frozen: bool = True) -> None:
+    """Freezes (or unfreezes) the irrelevant branch (encoder and head): no grads, eval mode."""
     for p in model.irrelevant_parameters():
         p.requires_grad_(not frozen)
         if frozen:
             p.grad = None
-    for m in (model.irrelevant_encoder, model.irrelevant_head):
+    for m in model.irrelevant_modules():
         m.train(not frozen)
 
 

@@ -1,12 +1,15 @@
 """Checks of the fused CUDA kernels: layouts the kernels special-case (tiles, vector vs scalar
 paths, broadcast z, K buckets), offsets and misalignment, determinism, and, on a GPU only,
 > 2^31 elements, a second device, CUDA-graph capture and streams. The general tests
-(tests/test_*.py with the `device` fixture) also run on CUDA.
+(tests/test_*.py with the `device` fixture) also run on CUDA: what they cover there (zero
+directions, NaN rows, empty tensors, determinism, autograd) is not repeated here.
 
 Tests taking `target` run through two backends with the same code: the real CUDA ops (a GPU and
 the CUDA build) and the emulated ones (the same kernel sources and host code run on the CPU
 with CUDA's thread, barrier and shuffle semantics: purified_ops.ops.emulated_cuda_ops(), built
-with PURIFIED_OPS_CUDA_EMU=1). Tests without it need a GPU."""
+with PURIFIED_OPS_CUDA_EMU=1). The general tests do not run on the emulated backend, so the
+checks they make on real CUDA run here on it alone (`EMULATED_ONLY`). Tests without `target`
+need a GPU."""
 import zlib
 from dataclasses import dataclass
 
@@ -16,11 +19,11 @@ import torch
 import purified_ops
 from purified_ops import ops as ops_layer
 from purified_ops import reference
+from purified_ops.testing import DTYPES, TOLERANCE, rel_err, unit_roundoff
 
 HAVE_GPU = "cuda" in purified_ops.available_backends()
 needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the CUDA build of purified_ops")
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 OPS = torch.ops.purified_ops if hasattr(torch.ops, "purified_ops") else None
 
 
@@ -38,6 +41,7 @@ class Target:
 
 @pytest.fixture(params=["cuda", "emulated"])
 def target(request):
+    """The backend a test runs on: each of them, or the emulated one alone (EMULATED_ONLY)."""
     if request.param == "cuda":
         if not HAVE_GPU:
             pytest.skip("needs a GPU and the CUDA build of purified_ops")
@@ -56,9 +60,8 @@ def target(request):
         module.set_schedule("forward")
 
 
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+# For a check the general tests already make on real CUDA through the `device` fixture.
+EMULATED_ONLY = pytest.mark.parametrize("target", ["emulated"], indirect=True)
 
 
 def ref_all(x, z, s, eps, g):
@@ -86,11 +89,10 @@ def tolerance(z, eps, dtype):
     zd = z.detach().double().cpu()
     K = z.shape[-2]
     if zd.numel() == 0:
-        return TOL[dtype]
+        return TOLERANCE[dtype]
     gram = zd @ zd.transpose(-1, -2) + eps * torch.eye(K, dtype=torch.float64)
     cond = torch.linalg.cond(gram.reshape(-1, K, K)).max().item()
-    u = torch.finfo(reference.accumulate_dtype(dtype)).eps
-    return TOL[dtype] + 4 * K * u * cond
+    return TOLERANCE[dtype] + 4 * K * unit_roundoff(dtype) * cond
 
 
 def check_against_reference(x, z, s=0.8, eps=1e-4, seed=0, ops=None):
@@ -125,10 +127,7 @@ def directions(shape, dtype, device, D):
     return z.to(device, dtype)
 
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
 @pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 8, 11, 16])
 @pytest.mark.parametrize("D", [1, 5, 7, 64, 1000, 1024, 4100])
 def test_shapes_k_buckets_and_tiles(target, dtype, K, D):
@@ -164,7 +163,7 @@ def test_broadcast_patterns_interleaved(target):
         check_against_reference(x, z, ops=target.ops)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
 def test_offset_and_misaligned_inputs(target, dtype):
     torch.manual_seed(2)
     base_x = torch.randn(64, 1 + 512).to(target.device, dtype)
@@ -179,7 +178,7 @@ def test_offset_and_misaligned_inputs(target, dtype):
     check_against_reference(xt, zt, ops=target.ops)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
 @pytest.mark.parametrize("shared", [False, True])
 def test_vector_path_equals_scalar_path(target, dtype, shared):
     # The same values read 16 bytes at a time (aligned) and element by element (storage offset 1
@@ -211,31 +210,7 @@ def test_inputs_are_not_written_and_outputs_fully_written(target):
         assert torch.isfinite(t).all()
 
 
-@needs_gpu
-def test_zero_direction_is_identity_and_dependent_directions_finite():
-    x = torch.randn(16, 1000, device="cuda")
-    z = torch.zeros(16, 3, 1000, device="cuda")
-    y = purified_ops.purify(x, z)
-    assert torch.equal(y, x)
-    d = torch.randn(16, 1, 1000, device="cuda") * 100
-    z = torch.cat([d, d, 2 * d, d], dim=1)  # repeated and dependent directions
-    x.requires_grad_(True)
-    zz = z.clone().requires_grad_(True)
-    y = purified_ops.purify(x, zz, eps=1e-6)
-    y.sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all() and torch.isfinite(zz.grad).all()
-
-
-@needs_gpu
-def test_nan_row_stays_in_its_row():
-    x = torch.randn(8, 300, device="cuda")
-    z = torch.randn(8, 2, 300, device="cuda")
-    x[3, 17] = float("nan")
-    y = purified_ops.purify(x, z)
-    assert torch.isnan(y[3]).any()
-    assert torch.isfinite(torch.cat([y[:3], y[4:]])).all()
-
-
+@EMULATED_ONLY
 def test_empty_tensors(target):
     for xs, zs in [((0, 16), (0, 2, 16)), ((4, 0), (4, 2, 0)), ((3, 0, 8), (3, 1, 1, 8)), ((0, 16), (0, 20, 16)),
                    ((4, 0), (4, 20, 0))]:
@@ -303,18 +278,17 @@ def test_large_k_shared_z_is_not_expanded_per_row():
     assert torch.equal(run_ops(x, z, 1.0, 1e-6, g)[4], out[4])  # dz, reduced in a fixed order
 
 
+@EMULATED_ONLY
 def test_bitwise_deterministic(target):
     torch.manual_seed(4)
-    rows = 200 if target.emulated else 4000
     for x, z in [(torch.randn(257, 3000).to(target.device, torch.bfloat16),
                   torch.randn(257, 4, 3000).to(target.device, torch.bfloat16)),
-                 (torch.randn(2, rows, 700, device=target.device), torch.randn(2, 1, 16, 700, device=target.device))]:
+                 (torch.randn(2, 200, 700, device=target.device), torch.randn(2, 1, 16, 700, device=target.device))]:
         g = torch.randn_like(x)
         first = run_ops(x, z, 0.7, 1e-5, g, ops=target.ops)
-        for _ in range(1 if target.emulated else 3):
-            again = run_ops(x, z, 0.7, 1e-5, g, ops=target.ops)
-            for a, b in zip(first, again):
-                assert torch.equal(a, b)
+        again = run_ops(x, z, 0.7, 1e-5, g, ops=target.ops)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
 
 
 EMULATED_LAYOUTS = [  # (x shape, z shape): own z rows; z shared by several work items; K > 16
@@ -426,22 +400,6 @@ def test_second_device():
 
 
 @needs_gpu
-def test_autograd_through_purify_on_cuda():
-    torch.manual_seed(8)
-    x = torch.randn(6, 50, 256, device="cuda", requires_grad=True)
-    z = torch.randn(6, 1, 4, 256, device="cuda", requires_grad=True)
-    s = torch.tensor(0.7, device="cuda", requires_grad=True)
-    y = purified_ops.purify(x, z, strength=s, backend="cuda")
-    y.square().sum().backward()
-    xr, zr, sr = (t.detach().double().cpu().requires_grad_(True) for t in (x, z, s))
-    yr = reference.purify(xr, zr, strength=sr, eps=1e-6)
-    yr.square().sum().backward()
-    assert rel_err(y.detach().cpu(), yr.detach()) <= 1e-5
-    for a, b in ((x, xr), (z, zr), (s, sr)):
-        assert rel_err(a.grad.cpu(), b.grad) <= 1e-4
-
-
-@needs_gpu
 def test_bf16_past_2_pow_31_elements():
     need = (2**31 + 2**20) * 2 * 2 + (1 << 30)  # x and y in bf16, plus slack
     free, _ = torch.cuda.mem_get_info()
@@ -457,6 +415,6 @@ def test_bf16_past_2_pow_31_elements():
     # check rows on both sides of the 2^31 element boundary against the reference
     idx = torch.tensor([0, 2**31 // D - 1, 2**31 // D, 2**31 // D + 1, rows - 1], device="cuda")
     ref = reference.purify(x[idx].double().cpu(), z.double().cpu()[0], eps=1e-6)
-    assert rel_err(y[idx].cpu(), ref) <= TOL[torch.bfloat16]
+    assert rel_err(y[idx].cpu(), ref) <= TOLERANCE[torch.bfloat16]
     del y, coeff
     torch.cuda.empty_cache()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from purified_ops.learning import (LowRankProbe, PerDirectionHeads, PurifiedNet, evaluate, fit,
-                                   freeze_irrelevant, purified_loss)
+from purified_ops.learning import (InputPurifiedNet, LowRankProbe, PerDirectionHeads, PurifiedNet, UnpurifiedNet,
+                                   evaluate, fit, freeze_irrelevant, purified_loss)
 
 B, IN, D = 12, 10, 6
 
@@ -37,10 +37,37 @@ def test_shapes_and_purification():
     # strength 1: the purified features are orthogonal to each sample's irrelevant direction
     dots = (out.purified * out.irrelevant_features).sum(-1)
     assert dots.abs().max() < 1e-4 * out.features.norm(dim=-1).max() * out.irrelevant_features.norm(dim=-1).max()
-    # purify=False hands the features through unchanged
-    plain = make_net(purify=False)
-    o2 = plain(x)
-    assert torch.equal(o2.purified, o2.features)
+
+
+def make_unpurified_net():
+    torch.manual_seed(0)
+    return UnpurifiedNet(mlp(), nn.Linear(D, 3), nn.Linear(D, 4))
+
+
+def test_unpurified_net_heads_read_the_network_features():
+    net = make_unpurified_net()
+    x, _, _ = make_data()
+    out = net(x)
+    h = net.network(x)
+    for t in (out.features, out.irrelevant_features, out.purified):
+        assert torch.equal(t, h)                                 # nothing purified
+    assert torch.equal(out.task_logits, net.task_head(h))
+    assert torch.equal(out.irrelevant_logits, net.irrelevant_head(h))
+
+
+def test_unpurified_net_two_stage_trains_the_network_with_the_irrelevant_head_first():
+    net = make_unpurified_net()
+    before = {name: [p.detach().clone() for p in getattr(net, name).parameters()]
+              for name in ("network", "task_head", "irrelevant_head")}
+    fit(net, make_data(n=32), epochs=0, stage1_epochs=2, batch_size=8, schedule="two_stage", seed=0,
+        progress=False, lr=1e-2)
+
+    def moved(name):
+        return any(not torch.equal(a, p.detach()) for a, p in zip(before[name], getattr(net, name).parameters()))
+
+    assert moved("network") and moved("irrelevant_head") and not moved("task_head")
+    assert not any(p.requires_grad for p in net.irrelevant_head.parameters())   # frozen for stage 2
+    assert all(p.requires_grad for p in net.network.parameters())
 
 
 def test_k_directions_and_per_direction_heads():
@@ -179,7 +206,12 @@ def make_subspace_net(K=3, backbone=False, detach_input=False, **kw):
     if backbone:
         return PurifiedNet(nn.Identity(), LowRankProbe(D, K, detach_input=detach_input), nn.Linear(D, 3), head,
                            backbone=mlp(), **kw)
-    return PurifiedNet(nn.Identity(), LowRankProbe(IN, K), mlp(out=3), head, **kw)
+    return InputPurifiedNet(mlp(), LowRankProbe(IN, K), nn.Linear(D, 3), head, **kw)
+
+
+def _task_parameters(net):
+    """The task branch after the purify layer: the network and the task head."""
+    return [*net.network.parameters(), *net.task_head.parameters()]
 
 
 def test_low_rank_probe_shapes_and_shared_subspace():
@@ -207,7 +239,7 @@ def test_low_rank_probe_gradient_flow(detach):
     net = make_subspace_net(detach_irrelevant=detach)
     x, y, t = make_data()
     F.cross_entropy(net(x).task_logits, y).backward()
-    assert all(g is not None and g.abs().sum() > 0 for g in _grads(net.task_head))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in _task_parameters(net))
     P = net.irrelevant_encoder.directions
     if detach:
         assert P.grad is None                                   # the task loss never moves the subspace
@@ -217,7 +249,7 @@ def test_low_rank_probe_gradient_flow(detach):
     net.zero_grad(set_to_none=True)
     F.cross_entropy(net(x).irrelevant_logits, t).backward()
     assert P.grad is not None and P.grad.abs().sum() > 0       # the irrelevant loss shapes it
-    assert all(g is None for g in _grads(net.task_head))
+    assert all(p.grad is None for p in _task_parameters(net))
 
 
 @pytest.mark.parametrize("detach_input", [False, True])
@@ -239,13 +271,13 @@ def test_two_stage_freezes_low_rank_probe():
     net = make_subspace_net(detach_irrelevant=True)
     data = make_data(n=32)
     P0 = net.irrelevant_encoder.directions.detach().clone()
-    task0 = [p.detach().clone() for p in net.task_head.parameters()]
+    task0 = [p.detach().clone() for p in _task_parameters(net)]
     import purified_ops.learning as learning
     real_freeze, snap = learning.freeze_irrelevant, {}
 
     def spy(model, frozen=True):
         snap["P"] = model.irrelevant_encoder.directions.detach().clone()
-        snap["task"] = [p.detach().clone() for p in model.task_head.parameters()]
+        snap["task"] = [p.detach().clone() for p in _task_parameters(model)]
         real_freeze(model, frozen)
 
     learning.freeze_irrelevant = spy
@@ -258,7 +290,7 @@ def test_two_stage_freezes_low_rank_probe():
     assert all(torch.equal(a, b) for a, b in zip(task0, snap["task"]))      # and nothing else
     assert torch.equal(net.irrelevant_encoder.directions.detach(), snap["P"])  # stage 2 kept P
     assert not net.irrelevant_encoder.directions.requires_grad
-    assert any(not torch.equal(a, p.detach()) for a, p in zip(snap["task"], net.task_head.parameters()))
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(snap["task"], _task_parameters(net)))
 
 
 def test_demo_arms_share_the_main_network():
@@ -268,11 +300,12 @@ def test_demo_arms_share_the_main_network():
     plain = build_arm("plain", 3)
     sub = build_arm("purified", 3)
     per = build_arm("purified", 3, variant="per_sample")
-    main_sub, head_sub = sub.task_head[0], sub.task_head[1]
-    for a, b in zip(list(plain.backbone.parameters()) + list(plain.task_head.parameters()),
-                    list(main_sub.parameters()) + list(head_sub.parameters())):
+    assert isinstance(plain, UnpurifiedNet) and isinstance(sub, InputPurifiedNet) and isinstance(per, PurifiedNet)
+    for a, b in zip(list(plain.network.parameters()) + list(plain.task_head.parameters()),
+                    list(sub.network.parameters()) + list(sub.task_head.parameters())):
         assert torch.equal(a, b)                                 # same initial weights
-    for a, b in zip(plain.backbone.parameters(), per.main_encoder.parameters()):
+    for a, b in zip(list(plain.network.parameters()) + list(plain.task_head.parameters()),
+                    list(per.main_encoder.parameters()) + list(per.task_head.parameters())):
         assert torch.equal(a, b)
     x = torch.rand(5, 64)
     out = sub(x)
@@ -507,8 +540,8 @@ def test_demo_per_sample_arm_shapes_and_determinism():
     from purified_ops.demo import BANK_K, build_arm, run_one
 
     plain, arm = build_arm("plain", 3, nuisance="grating"), build_arm("per_sample", 3, nuisance="grating")
-    for a, b in zip(list(plain.backbone.parameters()) + list(plain.task_head.parameters()),
-                    list(arm.task_head[0].parameters()) + list(arm.task_head[1].parameters())):
+    for a, b in zip(list(plain.network.parameters()) + list(plain.task_head.parameters()),
+                    list(arm.network.parameters()) + list(arm.task_head.parameters())):
         assert torch.equal(a, b)                                 # same initial main network
     x = torch.rand(5, 64)
     out = arm(x)

@@ -137,7 +137,8 @@ def test_any_strides_equal_contiguous(device, layout):
 
 
 @pytest.mark.parametrize("shapes", [((0, 8), (0, 2, 8)), ((0, 8), (1, 8)), ((4, 0), (4, 3, 0)),
-                                    ((2, 0, 5), (2, 1, 5)), ((3, 4, 0), (1, 4, 2, 0))])
+                                    ((2, 0, 5), (2, 1, 5)), ((3, 4, 0), (1, 4, 2, 0)),
+                                    ((0, 16), (0, 20, 16)), ((4, 0), (4, 20, 0))])  # K > 16 too
 def test_empty(device, shapes):
     xs, zs = shapes
     x = torch.randn(xs, device=device, requires_grad=True)
