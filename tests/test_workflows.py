@@ -182,7 +182,7 @@ def _float32_forward(backend):
 
 
 # Dependent directions below float32's resolution (|z|^2 >> eps): K < D of low rank, K > D, and
-# K = 16 (the largest fused K) in D = 15. A pivot at noise level used to turn the dependent
+# K = 16 (the largest fused K) in D = 15. A pivot kept at noise level would turn the dependent
 # direction's coefficient into noise / floor: errors up to 27 |x| in these rows. (K = 16 in
 # D = 15 and K = 20 in D = 16 over 512 rows: at 2048 rows one row of each, of span condition
 # 1e5, is 1.5 and 1.9 |x| off.)
