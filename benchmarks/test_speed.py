@@ -24,7 +24,7 @@ def test_purify(benchmark, provider, size, K, mode, device):
     if provider == "purified_ops_kernel" and not bench.has_kernel_only(device):
         pytest.skip(f"{provider} is not built for {device}")
     case = bench.Case(device, "float32", size[0], size[1], K, mode)
-    run = bench.prepare_runs(provider, case, bench._make_inputs(case, 1, requires_grad=mode != "forward"))[0]
+    run = bench.prepare_runs(provider, case, bench.make_inputs(case, 1, requires_grad=mode != "forward"))[0]
     if device == "cuda":
         inner = run
 

@@ -141,7 +141,7 @@ class Measurement:
         return ts[min(len(ts) - 1, max(0, round(q * (len(ts) - 1))))]
 
 
-def _make_inputs(case: Case, copies: int, requires_grad: bool, seed: int = 0):
+def make_inputs(case: Case, copies: int, requires_grad: bool, seed: int = 0):
     """`copies` sets of (x [N, D], z [N, K, D], g [N, D]), drawn on the case's device."""
     gen = torch.Generator(device=case.device).manual_seed(seed)
     dt = DTYPES[case.dtype]
@@ -311,7 +311,7 @@ def measure_case(case: Case, providers: Iterable[str] = PROVIDERS, reps: int = 3
     error) is left out of this case with a log line; its message goes to `failures`."""
     names = [p for p in providers if p != "purified_ops_kernel" or has_kernel_only(case.device)] + [COPY]
     copies = rotation_copies(case, l2_bytes(case.device))
-    sets = _make_inputs(case, copies, requires_grad=case.mode != "forward")
+    sets = make_inputs(case, copies, requires_grad=case.mode != "forward")
     runs: dict[str, list[Callable[[], None]]] = {}
     for p in names:
         try:

@@ -28,7 +28,7 @@ def test_eager_formula_is_the_math():
 
 def test_every_step_computes_gradients():
     case = bench.Case("cpu", "float32", 4, 16, 2, "full")
-    x, z, g = bench._make_inputs(case, 1, requires_grad=True)[0]
+    x, z, g = bench.make_inputs(case, 1, requires_grad=True)[0]
     for provider in ("purified_ops", "purified_ops_kernel", "eager", bench.COPY):
         bench._step(provider, "full", x, z, g)()
 
