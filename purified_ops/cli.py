@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the formula with dynamic shapes (one graph for many sizes)")
     bench.set_defaults(run=_bench)
 
-    from . import demo as _demo  # light: torch and numpy only; sklearn etc. load when it runs
+    from .recipe import demo as _demo  # light: torch and numpy only; sklearn etc. load when it runs
     demo = sub.add_parser("demo", help="PurifiedLearning vs. plain vs. multitask on digits with a "
                                        "texture nuisance (offline, scikit-learn's digits)")
     _demo.add_arguments(demo)

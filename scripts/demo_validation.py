@@ -2,7 +2,7 @@
 
 For each seed (default 100-107, disjoint from the demo's 0-4) and training-set size, every variant
 below and the plain network are trained exactly as in the demo and scored on
-``purified_ops.demo.load_validation``: 300 pool images outside that training set, with the
+``purified_ops.recipe.demo.load_validation``: 300 pool images outside that training set, with the
 nuisance drawn uniformly (the target distribution). Prints, per regime, each variant minus plain
 paired over seeds with its standard error; docs/demo.md keeps the tables.
 
@@ -14,9 +14,9 @@ import argparse
 import numpy as np
 import torch
 
-from purified_ops import demo
+from purified_ops.recipe import demo
 
-# name -> keyword arguments of purified_ops.demo.run_one for the purified arm
+# name -> keyword arguments of purified_ops.recipe.demo.run_one for the purified arm
 VARIANTS = {
     "base": {},                                              # subspace, K = 16, joint (the earlier choice)
     "balanced": {"balance_irrelevant": True},                # + irrelevant loss balanced against the digit

@@ -1,4 +1,4 @@
-"""The PurifiedLearning recipe (purified_ops.learning) and a tiny run of the demo pipeline."""
+"""The PurifiedLearning recipe (purified_ops.recipe.learning) and a tiny run of the demo pipeline."""
 import json
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from purified_ops.learning import (InputPurifiedNet, LowRankProbe, PerDirectionHeads, PurifiedNet, UnpurifiedNet,
+from purified_ops.recipe.learning import (InputPurifiedNet, LowRankProbe, PerDirectionHeads, PurifiedNet, UnpurifiedNet,
                                    evaluate, fit, freeze_irrelevant, purified_loss)
 
 B, IN, D = 12, 10, 6
@@ -156,7 +156,7 @@ def test_two_stage_freezes_irrelevant_branch():
     data = make_data(n=32)
     # capture after stage 1 by wrapping freeze: snapshot the branch when stage 2 begins
     snapshots = {}
-    import purified_ops.learning as learning
+    import purified_ops.recipe.learning as learning
     real_freeze = learning.freeze_irrelevant
 
     def spy(model, frozen=True):
@@ -272,7 +272,7 @@ def test_two_stage_freezes_low_rank_probe():
     data = make_data(n=32)
     P0 = net.irrelevant_encoder.directions.detach().clone()
     task0 = [p.detach().clone() for p in _task_parameters(net)]
-    import purified_ops.learning as learning
+    import purified_ops.recipe.learning as learning
     real_freeze, snap = learning.freeze_irrelevant, {}
 
     def spy(model, frozen=True):
@@ -295,7 +295,7 @@ def test_two_stage_freezes_low_rank_probe():
 
 def test_demo_arms_share_the_main_network():
     pytest.importorskip("sklearn")
-    from purified_ops.demo import SUBSPACE_K, build_arm
+    from purified_ops.recipe.demo import SUBSPACE_K, build_arm
 
     plain = build_arm("plain", 3)
     sub = build_arm("purified", 3)
@@ -316,7 +316,7 @@ def test_demo_arms_share_the_main_network():
 
 def test_demo_validation_split_is_disjoint():
     pytest.importorskip("sklearn")
-    from purified_ops.demo import VALIDATION_SIZE, _split, load_validation
+    from purified_ops.recipe.demo import VALIDATION_SIZE, _split, load_validation
 
     xv, yv, tv = load_validation(100, 7)
     assert xv.shape == (VALIDATION_SIZE, 64)
@@ -331,7 +331,7 @@ def test_demo_validation_split_is_disjoint():
 
 def test_demo_data_is_honest():
     pytest.importorskip("sklearn")
-    from purified_ops.demo import TEST_SIZE, load_data
+    from purified_ops.recipe.demo import TEST_SIZE, load_data
 
     (x, y, tex), (xt, yt, text) = load_data(200, 0, "correlated", rho=1.0)
     assert x.shape == (200, 64) and xt.shape == (TEST_SIZE, 64)
@@ -371,7 +371,7 @@ def test_demo_cli_tiny(tmp_path, capsys):
 
 
 def test_balancing_tables_make_labels_independent():
-    from purified_ops.learning import balancing_tables, balancing_weights
+    from purified_ops.recipe.learning import balancing_tables, balancing_weights
 
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
     t = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 1, 0])            # correlated with y
@@ -423,7 +423,7 @@ def test_fit_balance_irrelevant_changes_training_deterministically():
 
 
 def test_class_subspace_bank_shapes_and_selection():
-    from purified_ops.learning import ClassSubspaceBank
+    from purified_ops.recipe.learning import ClassSubspaceBank
 
     torch.manual_seed(0)
     bank = ClassSubspaceBank(D, 5, 2)
@@ -447,7 +447,7 @@ def test_class_subspace_bank_shapes_and_selection():
 
 
 def test_class_subspace_bank_moments_find_each_class_subspace():
-    from purified_ops.learning import ClassSubspaceBank
+    from purified_ops.recipe.learning import ClassSubspaceBank
 
     g = torch.Generator().manual_seed(1)
     dim, classes, n = 16, 3, 600
@@ -472,7 +472,7 @@ def test_class_subspace_bank_moments_find_each_class_subspace():
 
 
 def test_marginal_and_split_logits():
-    from purified_ops.learning import MarginalLogits, SplitLogits
+    from purified_ops.recipe.learning import MarginalLogits, SplitLogits
 
     torch.manual_seed(0)
     joint = torch.randn(B, 8 * 3)
@@ -492,7 +492,7 @@ def test_marginal_and_split_logits():
 
 def test_grating_data_labels_and_regimes():
     pytest.importorskip("sklearn")
-    from purified_ops.demo import GRATING_ORIENTATIONS, GRATING_FREQUENCIES, TEST_SIZE, load_data, load_validation
+    from purified_ops.recipe.demo import GRATING_ORIENTATIONS, GRATING_FREQUENCIES, TEST_SIZE, load_data, load_validation
 
     (x, y, lab), (xt, yt, labt) = load_data(200, 0, "correlated", rho=1.0, nuisance="grating")
     assert x.shape == (200, 64) and lab.shape == (200, 2) and labt.shape == (TEST_SIZE, 2)
@@ -515,7 +515,7 @@ def test_grating_data_labels_and_regimes():
 
 def test_grating_oracle_subspaces_contain_each_grating():
     from purified_ops import PurifyLayer
-    from purified_ops.demo import add_grating, grating_basis, grating_span
+    from purified_ops.recipe.demo import add_grating, grating_basis, grating_span
 
     rng = np.random.default_rng(0)
     digits = rng.integers(0, 10, 300)
@@ -537,7 +537,7 @@ def test_grating_oracle_subspaces_contain_each_grating():
 
 def test_demo_per_sample_arm_shapes_and_determinism():
     pytest.importorskip("sklearn")
-    from purified_ops.demo import BANK_K, build_arm, run_one
+    from purified_ops.recipe.demo import BANK_K, build_arm, run_one
 
     plain, arm = build_arm("plain", 3, nuisance="grating"), build_arm("per_sample", 3, nuisance="grating")
     for a, b in zip(list(plain.network.parameters()) + list(plain.task_head.parameters()),

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer import PurifyLayer
+from ..layer import PurifyLayer
 
 __all__ = [
     "PurifiedNet", "InputPurifiedNet", "UnpurifiedNet", "PurifiedOutput",

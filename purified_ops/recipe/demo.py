@@ -21,7 +21,7 @@ training set, same batches, optimizer, learning rate and number of steps):
 - ``multitask``: the same network with an irrelevant head on its features, trained on task loss
   plus irrelevant loss, no purification;
 - ``purified``: PurifiedLearning with subspace purification of the input (``--variant
-  subspace``, the default): a :class:`~purified_ops.learning.LowRankProbe` learns K = 16
+  subspace``, the default): a :class:`~purified_ops.recipe.learning.LowRankProbe` learns K = 16
   directions of pixel space from which a small MLP must predict the texture label; a
   ``PurifyLayer`` removes that subspace (one set of directions shared by all samples) from every
   image before the same main encoder and task head. Two stages: the probe learns the texture
@@ -35,7 +35,7 @@ training set, same batches, optimizer, learning rate and number of steps):
 ``--nuisance grating`` swaps the texture for a sinusoidal grating (8 orientations x 3 frequencies,
 random phase; the labels are orientation and frequency; correlated: orientation = ``digit mod 8``),
 whose subspace changes from image to image. Its arms: plain, multitask, ``shared`` (the subspace
-arm above), ``per_sample`` (a :class:`~purified_ops.learning.ClassSubspaceBank`: two directions per
+arm above), ``per_sample`` (a :class:`~purified_ops.recipe.learning.ClassSubspaceBank`: two directions per
 orientation-frequency class learned from the labels; each image is purified against its most
 probable classes' subspaces), and two oracle reference rows that know the true gratings.
 
@@ -56,8 +56,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._extras import require_extra
-from .layer import PurifyLayer
+from .._extras import require_extra
+from ..layer import PurifyLayer
 from .learning import (ClassSubspaceBank, InputPurifiedNet, LowRankProbe, MarginalLogits, PurifiedNet,
                        SplitLogits, UnpurifiedNet, evaluate, fit, seed_everything)
 
