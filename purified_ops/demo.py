@@ -483,11 +483,15 @@ def run_jobs(jobs, options: dict, *, workers: int = 1, threads: int = 1, on_done
     accs = [None] * len(jobs)
     workers = max(1, min(int(workers), len(jobs)))
     if workers == 1:
+        previous = torch.get_num_threads()
         torch.set_num_threads(threads)
-        for i, (regime, n, seed, arm) in enumerate(jobs):
-            accs[i] = run_one(arm, regime, n, seed, **options)
-            if on_done is not None:
-                on_done(jobs[i])
+        try:
+            for i, (regime, n, seed, arm) in enumerate(jobs):
+                accs[i] = run_one(arm, regime, n, seed, **options)
+                if on_done is not None:
+                    on_done(jobs[i])
+        finally:
+            torch.set_num_threads(previous)
         return accs
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
