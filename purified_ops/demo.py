@@ -584,7 +584,7 @@ def report(args, out: dict) -> str:
                         f"per_sample - shared = {s['diff']:+.4f} (SE {s['se']:.4f}); the goal (>= "
                         f"{GRATING_GOAL:.2f} and > 2 SE over plain, > 2 SE over shared, {args.seeds} seeds) is "
                         f"{'MET' if v['goal_met'] else 'NOT met'}")
-        text.append(f"wall time: {out['wall_s']:.1f} s")
+        text.append(f"wall time: {out['wall_s']:.1f} s (--jobs {out['jobs']})")
         return "\n".join(text)
     text = [format_table(results, sizes)]
     for regime in regimes:
@@ -594,7 +594,7 @@ def report(args, out: dict) -> str:
         text.append(f"[{regime}] n={args.default_size}: purified - plain = {c['diff']:+.4f} "
                     f"(SE {c['se']:.4f}, paired SE {c['se_paired']:.4f}); PurifiedLearning {verdict} "
                     f"the plain network by more than 2 SE over {args.seeds} seeds")
-    text.append(f"wall time: {out['wall_s']:.1f} s")
+    text.append(f"wall time: {out['wall_s']:.1f} s (--jobs {out['jobs']})")
     return "\n".join(text)
 
 
@@ -626,7 +626,7 @@ def main(args) -> int:
             "goal_met_by_regime": {r: grating_verdict(out["results"][r][args.default_size])["goal_met"]
                                    for r in out["regimes"]},
             "by_regime": {r: {str(n): out["results"][r][n] for n in out["sizes"]} for r in out["regimes"]},
-            "wall_s": out["wall_s"], "plot": args.plot or None,
+            "wall_s": out["wall_s"], "jobs": out["jobs"], "plot": args.plot or None,
         }
         print(json.dumps(obj), flush=True)
     elif args.json:
@@ -639,7 +639,7 @@ def main(args) -> int:
             "baseline_acc": row["plain"], "purified_acc": row["purified"],
             "multitask_acc": row["multitask"], **compare(row["plain"], row["purified"]),
             "by_regime": {r: {str(n): out["results"][r][n] for n in out["sizes"]} for r in out["regimes"]},
-            "wall_s": out["wall_s"], "plot": args.plot or None,
+            "wall_s": out["wall_s"], "jobs": out["jobs"], "plot": args.plot or None,
         }
         print(json.dumps(obj), flush=True)
     return 0
