@@ -422,6 +422,43 @@ def test_fit_balance_irrelevant_changes_training_deterministically():
         fit(make_net(), (x, y), epochs=1, progress=False, balance_irrelevant=True)
 
 
+def test_fit_looks_balancing_weights_up_once_for_tensor_data(monkeypatch):
+    from purified_ops import learning
+
+    x, y, t = make_data(n=40, seed=3)
+    t = torch.where(torch.arange(40) < 30, y % 4, t)
+    calls = []
+    real = learning.balancing_weights
+    monkeypatch.setattr(learning, "balancing_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    net = make_net(detach_irrelevant=True)
+    fit(net, (x, y, t), epochs=1, batch_size=8, seed=0, progress=False, balance_irrelevant=True)
+    assert len(calls) == 1                                     # every sample's weight at once, not per batch
+    # the same batches as an iterable: weights looked up per batch; the training is bit for bit the same
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    batches = [(x[i], y[i], t[i]) for i in order.split(8)]
+    net_iter = make_net(detach_irrelevant=True)
+    fit(net_iter, batches, epochs=1, batch_size=8, seed=0, progress=False, balance_irrelevant=True)
+    assert len(calls) == 1 + len(batches)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net_iter.parameters()))
+    calls.clear()                                              # two stages: stage 2 has no irrelevant loss
+    fit(make_net(), (x, y, t), epochs=1, batch_size=8, seed=0, progress=False, balance_irrelevant=True,
+        schedule="two_stage")
+    assert len(calls) == 1
+
+
+def test_demo_parallel_runs_equal_sequential_ones():
+    pytest.importorskip("sklearn")
+    from purified_ops.demo import GRATING_ARMS, run_jobs
+
+    jobs = [(r, 20, s, a) for r in ("correlated", "independent") for s in range(2) for a in GRATING_ARMS]
+    options = dict(steps=5, batch_size=8, lr=1e-3, irrelevant_weight=1.0, rho=0.9, nuisance="grating",
+                   schedule="two_stage", balance_irrelevant=True)
+    done = []
+    parallel = run_jobs(jobs, options, workers=2, on_done=done.append)
+    assert parallel == run_jobs(jobs, options, workers=1)        # bit for bit, in job order
+    assert sorted(done) == sorted(jobs)                          # each run reported as it finished
+
+
 def test_class_subspace_bank_shapes_and_selection():
     from purified_ops.recipe.learning import ClassSubspaceBank
 

@@ -446,44 +446,110 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default="purified_demo.png",
                    help="PNG of the learning curves (default purified_demo.png; '' for none)")
     p.add_argument("--table", default=None, help="also write the table to this text file")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel, each in its own process (default: on the CPU, the available "
+                        "CPUs divided by --threads; else 1); the results do not depend on it")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells, else the CPU count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs, options: dict, *, workers: int = 1, threads: int = 1, on_done=None) -> list:
+    """``run_one(arm, regime, n, seed, **options)`` for each ``(regime, n, seed, arm)`` of ``jobs``.
+
+    Returns the accuracies in the order of ``jobs``. Every run seeds itself, so a run's result
+    does not depend on which process runs it or when: ``workers > 1`` runs them in that many
+    spawned processes (each with ``threads`` torch threads) and gives the same list as one
+    process. ``on_done(job)`` is called as each run finishes, in the order they finish.
+    """
+    jobs = list(jobs)
+    accs = [None] * len(jobs)
+    workers = max(1, min(int(workers), len(jobs)))
+    if workers == 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for i, (regime, n, seed, arm) in enumerate(jobs):
+                accs[i] = run_one(arm, regime, n, seed, **options)
+                if on_done is not None:
+                    on_done(jobs[i])
+        finally:
+            torch.set_num_threads(previous)
+        return accs
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn, not fork: a forked child of a process whose OpenMP pool has started can hang
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        index = {pool.submit(run_one, arm, regime, n, seed, **options): i
+                 for i, (regime, n, seed, arm) in enumerate(jobs)}
+        for future in as_completed(index):
+            i = index[future]
+            accs[i] = future.result()
+            if on_done is not None:
+                on_done(jobs[i])
+    return accs
+
+
 def run(args) -> dict:
-    torch.set_num_threads(max(1, args.threads))
+    threads = max(1, args.threads)
     regimes = list(REGIMES) if args.regime == "both" else [args.regime]
     sizes = sorted(set(args.sizes) | {args.default_size})
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
     if args.k < 1 or args.bank_k < 1 or not 1 <= args.bank_top <= math.prod(GRATING_CLASSES):
         raise SystemExit(f"--k and --bank-k must be >= 1, --bank-top in [1, {math.prod(GRATING_CLASSES)}]")
+    if args.jobs is not None and args.jobs < 1:
+        raise SystemExit("--jobs must be >= 1")
+    workers = args.jobs if args.jobs is not None else default_jobs(args.device, threads)
     arms = demo_arms(args.nuisance)
     jobs = [(r, n, s, a) for r in regimes for n in sizes for s in range(args.seeds) for a in arms]
-    results = {r: {n: {a: [] for a in arms} for n in sizes} for r in regimes}
+    options = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                   irrelevant_weight=args.irrelevant_weight, rho=args.rho, device=args.device,
+                   schedule=args.schedule, detach_irrelevant=not args.no_detach,
+                   variant=args.variant, k=args.k, balance_irrelevant=not args.no_balance,
+                   nuisance=args.nuisance, bank_k=args.bank_k, hard=not args.soft,
+                   bank_init=args.bank_init, bank_top=args.bank_top)
     start = time.perf_counter()
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(jobs), desc=f"demo runs ({args.nuisance})", unit="run", file=sys.stderr)
-    for regime, n, seed, arm in jobs:
-        acc = run_one(arm, regime, n, seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      irrelevant_weight=args.irrelevant_weight, rho=args.rho, device=args.device,
-                      schedule=args.schedule, detach_irrelevant=not args.no_detach,
-                      variant=args.variant, k=args.k, balance_irrelevant=not args.no_balance,
-                      nuisance=args.nuisance, bank_k=args.bank_k, hard=not args.soft,
-                      bank_init=args.bank_init, bank_top=args.bank_top)
-        results[regime][n][arm].append(acc)
-        if bar is not None:
-            bar.set_postfix(regime=regime, n=n)
-            bar.update()
+
+    def advance(job):
+        bar.set_postfix(regime=job[0], n=job[1])
+        bar.update()
+
+    accs = run_jobs(jobs, options, workers=workers, threads=threads, on_done=None if bar is None else advance)
     if bar is not None:
         bar.close()
         sys.stderr.flush()
     wall = time.perf_counter() - start
-    return {"regimes": regimes, "sizes": sizes, "results": results, "wall_s": wall}
+    results = {r: {n: {a: [] for a in arms} for n in sizes} for r in regimes}
+    for (regime, n, _, arm), acc in zip(jobs, accs):      # job order: seeds in order in each list
+        results[regime][n][arm].append(acc)
+    return {"regimes": regimes, "sizes": sizes, "results": results, "wall_s": wall, "jobs": workers}
+
+
+def default_jobs(device: str, threads: int = 1) -> int:
+    """Worker processes by default: one per available CPU (``threads`` each) on the CPU, else one."""
+    if device != "cpu":
+        return 1
+    return max(1, available_cpus() // max(1, threads))
 
 
 def demo_arms(nuisance: str):
@@ -514,7 +580,7 @@ def report(args, out: dict) -> str:
                         f"per_sample - shared = {s['diff']:+.4f} (SE {s['se']:.4f}); the goal (>= "
                         f"{GRATING_GOAL:.2f} and > 2 SE over plain, > 2 SE over shared, {args.seeds} seeds) is "
                         f"{'MET' if v['goal_met'] else 'NOT met'}")
-        text.append(f"wall time: {out['wall_s']:.1f} s")
+        text.append(f"wall time: {out['wall_s']:.1f} s (--jobs {out['jobs']})")
         return "\n".join(text)
     text = [format_table(results, sizes)]
     for regime in regimes:
@@ -524,7 +590,7 @@ def report(args, out: dict) -> str:
         text.append(f"[{regime}] n={args.default_size}: purified - plain = {c['diff']:+.4f} "
                     f"(SE {c['se']:.4f}, paired SE {c['se_paired']:.4f}); PurifiedLearning {verdict} "
                     f"the plain network by more than 2 SE over {args.seeds} seeds")
-    text.append(f"wall time: {out['wall_s']:.1f} s")
+    text.append(f"wall time: {out['wall_s']:.1f} s (--jobs {out['jobs']})")
     return "\n".join(text)
 
 
@@ -556,7 +622,7 @@ def main(args) -> int:
             "goal_met_by_regime": {r: grating_verdict(out["results"][r][args.default_size])["goal_met"]
                                    for r in out["regimes"]},
             "by_regime": {r: {str(n): out["results"][r][n] for n in out["sizes"]} for r in out["regimes"]},
-            "wall_s": out["wall_s"], "plot": args.plot or None,
+            "wall_s": out["wall_s"], "jobs": out["jobs"], "plot": args.plot or None,
         }
         print(json.dumps(obj), flush=True)
     elif args.json:
@@ -569,7 +635,7 @@ def main(args) -> int:
             "baseline_acc": row["plain"], "purified_acc": row["purified"],
             "multitask_acc": row["multitask"], **compare(row["plain"], row["purified"]),
             "by_regime": {r: {str(n): out["results"][r][n] for n in out["sizes"]} for r in out["regimes"]},
-            "wall_s": out["wall_s"], "plot": args.plot or None,
+            "wall_s": out["wall_s"], "jobs": out["jobs"], "plot": args.plot or None,
         }
         print(json.dumps(obj), flush=True)
     return 0

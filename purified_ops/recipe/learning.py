@@ -469,8 +469,9 @@ def choose_device(device=None) -> torch.device:
     return torch.device(device)
 
 
-def _batches(data, batch_size: int, shuffle: bool, generator: torch.Generator | None):
-    """Triples (inputs, task labels, irrelevant labels or None) from tensors or an iterable."""
+def _batches(data, batch_size: int, shuffle: bool, generator: torch.Generator | None, sample_weight=None):
+    """Quadruples (inputs, task labels, irrelevant labels or None, the batch's rows of
+    ``sample_weight`` or None) from tensors or an iterable (``sample_weight`` only for tensors)."""
     if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], torch.Tensor):
         inputs, target = data[0], data[1]
         irr = data[2] if len(data) == 3 else None
@@ -478,10 +479,13 @@ def _batches(data, batch_size: int, shuffle: bool, generator: torch.Generator | 
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
-            yield inputs[idx], target[idx], (irr[idx] if irr is not None else None)
+            yield (inputs[idx], target[idx], (irr[idx] if irr is not None else None),
+                   (sample_weight[idx] if sample_weight is not None else None))
     else:
+        if sample_weight is not None:
+            raise ValueError("_batches: per-sample weights need the data as tensors")
         for batch in data:
-            yield batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
+            yield batch[0], batch[1], (batch[2] if len(batch) > 2 else None), None
 
 
 def _to(t, device):
@@ -493,18 +497,25 @@ def _to(t, device):
 
 
 def _train_epochs(model, data, params, epochs, *, lr, weight_decay, batch_size, device, generator,
-                  task_weight, irrelevant_weight, progress, desc, balance_tables=None):
+                  task_weight, irrelevant_weight, progress, desc, balance_tables=None, balance_weights=None):
+    # balance_weights: the per-sample weights of tensor data, looked up once; balance_tables
+    # serve an iterable's batches. Without an irrelevant loss there is nothing to weight.
+    weighted = balance_tables is not None and irrelevant_weight != 0
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
     history = []
     bar = _progress(range(epochs), progress, desc)
     for _ in bar:
         total, parts_sum, n = 0.0, {"task": 0.0, "irrelevant": 0.0}, 0
-        for inputs, target, irr in _batches(data, batch_size, True, generator):
+        for inputs, target, irr, sample_weight in _batches(data, batch_size, True, generator,
+                                                           balance_weights if weighted else None):
             inputs, target, irr = inputs.to(device), target.to(device), _to(irr, device)
             out = model(inputs)
-            sample_weight = None
-            if balance_tables is not None and irr is not None:
+            if not weighted or irr is None:
+                sample_weight = None
+            elif sample_weight is not None:
+                sample_weight = sample_weight.to(device)
+            else:
                 sample_weight = balancing_weights(target, irr, balance_tables)
             loss, parts = purified_loss(out, target, irr, irrelevant_weight=irrelevant_weight,
                                         task_weight=task_weight, irrelevant_sample_weight=sample_weight)
@@ -557,16 +568,20 @@ def fit(model: PurifiedNet, data, *, epochs: int = 100, lr: float = 1e-3, weight
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
     device = choose_device(device)
     model.to(device).train()
-    tables = None
+    tables = weights = None
     if balance_irrelevant:
         labelled = [(b[1], b[2]) for b in _batches(data, 1 << 30, False, None) if b[2] is not None]
         if not labelled:
             raise ValueError("fit: balance_irrelevant=True needs irrelevant labels in the data")
         irr = [torch.cat(ts) for ts in zip(*(_irrelevant_label_list(t) for _, t in labelled))]
+        tables = balancing_tables(torch.cat([y for y, _ in labelled]), irr)
+        if isinstance(data, (tuple, list)) and len(data) == 3 and isinstance(data[0], torch.Tensor):
+            # tensors: every sample's weight looked up once; the batches take their rows
+            weights = balancing_weights(data[1], data[2], tables)
         # counted once, moved to the device once: the training loop only looks weights up
-        tables = [t.to(device) for t in balancing_tables(torch.cat([y for y, _ in labelled]), irr)]
+        tables = [t.to(device) for t in tables]
     common = dict(lr=lr, weight_decay=weight_decay, batch_size=batch_size, device=device,
-                  generator=generator, progress=progress, balance_tables=tables)
+                  generator=generator, progress=progress, balance_tables=tables, balance_weights=weights)
     if schedule == "joint":
         return {"joint": _train_epochs(model, data, model.parameters(), epochs, task_weight=1.0,
                                        irrelevant_weight=irrelevant_weight, desc="train", **common)}
@@ -590,7 +605,7 @@ def evaluate(model: PurifiedNet, data, *, batch_size: int = 1024, device=None) -
     was_training = model.training
     model.to(device).eval()
     correct, irr_correct, n = 0, None, 0
-    for inputs, target, irr in _batches(data, batch_size, False, None):
+    for inputs, target, irr, _ in _batches(data, batch_size, False, None):
         inputs, target = inputs.to(device), target.to(device)
         out = model(inputs)
         correct += int((out.task_logits.argmax(-1) == target).sum())
