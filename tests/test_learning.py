@@ -423,7 +423,7 @@ def test_fit_balance_irrelevant_changes_training_deterministically():
 
 
 def test_fit_looks_balancing_weights_up_once_for_tensor_data(monkeypatch):
-    from purified_ops import learning
+    from purified_ops.recipe import learning
 
     x, y, t = make_data(n=40, seed=3)
     t = torch.where(torch.arange(40) < 30, y % 4, t)
@@ -448,7 +448,7 @@ def test_fit_looks_balancing_weights_up_once_for_tensor_data(monkeypatch):
 
 def test_demo_parallel_runs_equal_sequential_ones():
     pytest.importorskip("sklearn")
-    from purified_ops.demo import GRATING_ARMS, run_jobs
+    from purified_ops.recipe.demo import GRATING_ARMS, run_jobs
 
     jobs = [(r, 20, s, a) for r in ("correlated", "independent") for s in range(2) for a in GRATING_ARMS]
     options = dict(steps=5, batch_size=8, lr=1e-3, irrelevant_weight=1.0, rho=0.9, nuisance="grating",

@@ -59,7 +59,7 @@ from torch import nn
 from .._extras import require_extra
 from ..layer import PurifyLayer
 from .learning import (ClassSubspaceBank, InputPurifiedNet, LowRankProbe, MarginalLogits, PurifiedNet,
-                       SplitLogits, UnpurifiedNet, evaluate, fit, seed_everything)
+                       SplitLogits, UnpurifiedNet, evaluate, fit)
 
 ARMS = ("plain", "multitask", "purified")
 # The grating regime's arms: "shared" is the texture's subspace arm (K directions shared by all

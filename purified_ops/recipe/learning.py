@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -369,6 +369,10 @@ class InputPurifiedNet(_RecipeNet):
         return PurifiedOutput(self.task_head(self.network(purified)), self.irrelevant_head(r), inputs, z, purified)
 
 
+# The networks fit, evaluate and freeze_irrelevant take.
+RecipeNet = PurifiedNet | InputPurifiedNet | UnpurifiedNet
+
+
 def _irrelevant_label_list(irrelevant_labels):
     """One label tensor per type: [B] is one type, [B, T] is T types, a list is as given."""
     if isinstance(irrelevant_labels, torch.Tensor):
@@ -410,7 +414,7 @@ def purified_loss(out: PurifiedOutput, target: torch.Tensor, irrelevant_target=N
     return loss, {"task": float(task.detach()), "irrelevant": float(irr.detach())}
 
 
-def freeze_irrelevant(model: PurifiedNet | InputPurifiedNet | UnpurifiedNet, frozen: bool = True) -> None:
+def freeze_irrelevant(model: RecipeNet, frozen: bool = True) -> None:
     """Freezes (or unfreezes) the irrelevant branch (encoder and head): no grads, eval mode."""
     for p in model.irrelevant_parameters():
         p.requires_grad_(not frozen)
@@ -540,7 +544,7 @@ def _progress(iterable, progress, desc):
     return tqdm(iterable, desc=desc, leave=False)
 
 
-def fit(model: PurifiedNet, data, *, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 0.0,
+def fit(model: RecipeNet, data, *, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 0.0,
         batch_size: int = 64, irrelevant_weight: float = 1.0, schedule: str = "joint",
         stage1_epochs: int | None = None, device=None, seed: int | None = None,
         progress: bool = True, balance_irrelevant: bool = False) -> dict:
@@ -599,7 +603,7 @@ def fit(model: PurifiedNet, data, *, epochs: int = 100, lr: float = 1e-3, weight
 
 
 @torch.no_grad()
-def evaluate(model: PurifiedNet, data, *, batch_size: int = 1024, device=None) -> dict:
+def evaluate(model: RecipeNet, data, *, batch_size: int = 1024, device=None) -> dict:
     """Task accuracy (and irrelevant accuracy per label type, when labels are given) on ``data``."""
     device = choose_device(device)
     was_training = model.training
