@@ -151,17 +151,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor
   return {dx, dz, ds};
 }
 
-// The forward into given outputs; x and z have unit last stride, the device guard is held.
+// The fused forward into given outputs (K <= kMaxCudaFusedK); x and z have unit last stride,
+// the device guard is held.
 template <typename Dev>
-void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
-                  at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
-  if (!uses_fused_kernels(z.size(-2))) {
-    auto [y_u, coeff_u, chol_u] = forward_unfused<Dev>(x, z, strength, eps);
-    y.copy_(y_u);
-    coeff.copy_(coeff_u);
-    chol.copy_(chol_u);
-    return;
-  }
+void fused_forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
+                        at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
   if (leading_rows(x) == 0) {
     chol.zero_();  // no rows: nothing reads the factor, but it is defined
     return;
@@ -180,18 +174,11 @@ void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& st
   Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), forward, p, Dev::stream()));
 }
 
-// The backward into given outputs (dz unused unless compute_grad_z); same preconditions.
+// The fused backward into given outputs (dz unused unless compute_grad_z); same preconditions.
 template <typename Dev>
-void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
-                   const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx,
-                   at::Tensor& dz, at::Tensor& ds) {
-  if (!uses_fused_kernels(z.size(-2))) {
-    auto [dx_u, dz_u, ds_u] = backward_unfused<Dev>(g, x, z, strength, coeff, chol, compute_grad_z);
-    dx.copy_(dx_u);
-    if (compute_grad_z) dz.copy_(dz_u);
-    ds.copy_(ds_u);
-    return;
-  }
+void fused_backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                         const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx,
+                         at::Tensor& dz, at::Tensor& ds) {
   if (leading_rows(x) == 0) {
     if (compute_grad_z) dz.zero_();
     ds.zero_();
@@ -224,53 +211,81 @@ void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z
   Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), backward, p, Dev::stream()));
 }
 
+using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The one place K picks the path: the fused kernels up to kMaxCudaFusedK, the ATen products
+// beyond. Writes into `out` where given (the _out ops), else into new outputs; returns them.
+// x and z have unit last stride and the device guard is held.
 template <typename Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_impl(const at::Tensor& x_in, const at::Tensor& z_in,
-                                                                  const at::Tensor& strength, double eps) {
-  check_forward_args("purify_forward", x_in, z_in, strength, eps, Dev::kDeviceType);
-  const typename Dev::Guard guard(x_in.device());
-  const at::Tensor x = unit_last_stride(x_in);
-  const at::Tensor z = unit_last_stride(z_in);
-  if (!uses_fused_kernels(z.size(-2))) return forward_unfused<Dev>(x, z, strength, eps);
-  auto [y, coeff, chol] = allocate_forward_outputs(x, z);
-  forward_into<Dev>(x, z, strength, eps, y, coeff, chol);
-  return {y, coeff, chol};
+Outputs run_forward(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
+                    Outputs* out) {
+  if (!uses_fused_kernels(z.size(-2))) {
+    Outputs r = forward_unfused<Dev>(x, z, strength, eps);
+    if (out == nullptr) return r;
+    std::get<0>(*out).copy_(std::get<0>(r));
+    std::get<1>(*out).copy_(std::get<1>(r));
+    std::get<2>(*out).copy_(std::get<2>(r));
+    return *out;
+  }
+  Outputs o = out != nullptr ? *out : allocate_forward_outputs(x, z);
+  fused_forward_into<Dev>(x, z, strength, eps, std::get<0>(o), std::get<1>(o), std::get<2>(o));
+  return o;
 }
 
 template <typename Dev>
-void purify_forward_out_impl(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
+Outputs run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+                     const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, Outputs* out) {
+  if (!uses_fused_kernels(z.size(-2))) {
+    Outputs r = backward_unfused<Dev>(g, x, z, strength, coeff, chol, compute_grad_z);
+    if (out == nullptr) return r;
+    std::get<0>(*out).copy_(std::get<0>(r));
+    if (compute_grad_z) std::get<1>(*out).copy_(std::get<1>(r));
+    std::get<2>(*out).copy_(std::get<2>(r));
+    return *out;
+  }
+  Outputs o = out != nullptr ? *out : allocate_backward_outputs(x, z, compute_grad_z);
+  fused_backward_into<Dev>(g, x, z, strength, coeff, chol, compute_grad_z, std::get<0>(o), std::get<1>(o),
+                           std::get<2>(o));
+  return o;
+}
+
+template <typename Dev>
+Outputs purify_forward_impl(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps) {
+  check_forward_args("purify_forward", x, z, strength, eps, Dev::kDeviceType);
+  const typename Dev::Guard guard(x.device());
+  return run_forward<Dev>(unit_last_stride(x), unit_last_stride(z), strength, eps, nullptr);
+}
+
+template <typename Dev>
+void purify_forward_out_impl(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
                              double eps, at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
-  check_forward_args("purify_forward_out", x_in, z_in, strength, eps, Dev::kDeviceType);
-  check_forward_outputs(x_in, z_in, y, coeff, chol);
-  const typename Dev::Guard guard(x_in.device());
-  forward_into<Dev>(unit_last_stride(x_in), unit_last_stride(z_in), strength, eps, y, coeff, chol);
+  check_forward_args("purify_forward_out", x, z, strength, eps, Dev::kDeviceType);
+  check_forward_outputs(x, z, y, coeff, chol);
+  const typename Dev::Guard guard(x.device());
+  Outputs out{y, coeff, chol};
+  run_forward<Dev>(unit_last_stride(x), unit_last_stride(z), strength, eps, &out);
 }
 
 template <typename Dev>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_backward_impl(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
-    const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
-    bool compute_grad_z) {
-  check_backward_args("purify_backward", grad_y_in, x_in, z_in, strength, coeff, chol, Dev::kDeviceType);
-  const typename Dev::Guard guard(x_in.device());
-  const at::Tensor g = unit_last_stride(grad_y_in);
-  const at::Tensor x = unit_last_stride(x_in);
-  const at::Tensor z = unit_last_stride(z_in);
-  if (!uses_fused_kernels(z.size(-2))) return backward_unfused<Dev>(g, x, z, strength, coeff, chol, compute_grad_z);
-  auto [dx, dz, ds] = allocate_backward_outputs(x, z, compute_grad_z);
-  backward_into<Dev>(g, x, z, strength, coeff, chol, compute_grad_z, dx, dz, ds);
-  return {dx, dz, ds};
+Outputs purify_backward_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
+                             const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
+                             bool compute_grad_z) {
+  check_backward_args("purify_backward", grad_y, x, z, strength, coeff, chol, Dev::kDeviceType);
+  const typename Dev::Guard guard(x.device());
+  return run_backward<Dev>(unit_last_stride(grad_y), unit_last_stride(x), unit_last_stride(z), strength, coeff,
+                           chol, compute_grad_z, nullptr);
 }
 
 template <typename Dev>
-void purify_backward_out_impl(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& z_in,
+void purify_backward_out_impl(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
                               const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
                               bool compute_grad_z, at::Tensor& dx, at::Tensor& dz, at::Tensor& ds) {
-  check_backward_args("purify_backward_out", grad_y_in, x_in, z_in, strength, coeff, chol, Dev::kDeviceType);
-  check_backward_outputs(x_in, z_in, compute_grad_z, dx, dz, ds);
-  const typename Dev::Guard guard(x_in.device());
-  backward_into<Dev>(unit_last_stride(grad_y_in), unit_last_stride(x_in), unit_last_stride(z_in), strength, coeff,
-                chol, compute_grad_z, dx, dz, ds);
+  check_backward_args("purify_backward_out", grad_y, x, z, strength, coeff, chol, Dev::kDeviceType);
+  check_backward_outputs(x, z, compute_grad_z, dx, dz, ds);
+  const typename Dev::Guard guard(x.device());
+  Outputs out{dx, dz, ds};
+  run_backward<Dev>(unit_last_stride(grad_y), unit_last_stride(x), unit_last_stride(z), strength, coeff, chol,
+                    compute_grad_z, &out);
 }
 
 }  // namespace cuda
