@@ -129,6 +129,9 @@ def _ddp_worker(rank, world, port, out):
         _train(model, [(x[rank * share:(rank + 1) * share], t[rank * share:(rank + 1) * share]) for x, t in _batches()])
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, out)
+        # Both ranks leave together: a rank that tears gloo down while its peer is still busy
+        # can abort the peer ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
