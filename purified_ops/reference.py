@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-__all__ = ["purify", "purify_backward", "purify_jvp", "regularized_cholesky", "cholesky_solve", "accumulate_dtype",
+__all__ = ["purify", "purify_forward", "purify_backward", "purify_jvp", "regularized_cholesky", "cholesky_solve", "accumulate_dtype",
            "as_directions"]
 
 
@@ -69,11 +69,25 @@ def regularized_cholesky(gram: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def cholesky_solve(chol: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``(L L^T)^{-1} rhs`` for ``rhs [..., K]``; ``chol``'s batch dims broadcast against rhs's."""
-    b = rhs.unsqueeze(-1)
-    chol = chol.expand(*b.shape[:-2], *chol.shape[-2:])
-    w = torch.linalg.solve_triangular(chol, b, upper=False)
-    return torch.linalg.solve_triangular(chol.transpose(-1, -2), w, upper=True).squeeze(-1)
+    """``(L L^T)^{-1} rhs`` for ``rhs [..., K]``; ``chol``'s batch dims broadcast against rhs's.
+
+    Forward then back substitution, one direction at a time as ``cholesky_solve_inplace``
+    (csrc/row_math.h) does, in elementwise ops and sums only: ONNX has no triangular solve, and
+    this is also what the op's decomposition for export runs (:func:`purify_forward`)."""
+    k = rhs.shape[-1]
+    w: list[torch.Tensor] = []
+    for i in range(k):
+        v = rhs[..., i]
+        if i:
+            v = v - (chol[..., i, :i] * torch.stack(w, -1)).sum(-1)
+        w.append(v / chol[..., i, i])
+    b: list[torch.Tensor] = [w[-1]] * k
+    for i in reversed(range(k)):
+        v = w[i]
+        if i < k - 1:
+            v = v - (chol[..., i + 1:, i] * torch.stack(b[i + 1:], -1)).sum(-1)
+        b[i] = v / chol[..., i, i]
+    return torch.stack(b, -1)
 
 
 def _factor_and_solve(xa, za, eps):
@@ -92,6 +106,21 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def purify_forward(x: torch.Tensor, z: torch.Tensor, strength, eps: float):
+    """The registered op ``purified_ops::purify_forward`` in standard PyTorch ops: ``(y, coeff,
+    chol)`` with the op's shapes and dtypes, for its canonical arguments (x and z of one dtype,
+    z ``[..., K, D]``; strength a float or a 0-dim tensor). Its decomposition for export
+    (:func:`purified_ops.export_decompositions`, ONNX): no linear-algebra ops."""
+    acc = accumulate_dtype(x.dtype)
+    with _no_autocast(x.device):
+        xa, za = x.to(acc), z.to(acc)
+        s = strength.to(acc) if isinstance(strength, torch.Tensor) else strength
+        chol, c = _factor_and_solve(xa, za, eps)
+        # s c first, as the kernels do: a non-finite strength then gives their Inf/NaN pattern
+        y = (xa - ((s * c).unsqueeze(-2) @ za).squeeze(-2)).to(x.dtype)
+        return y, c, chol
+
+
 def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6) -> torch.Tensor:
     """``x - strength * proj_{span Z}(x)`` per row, computed in float32 (float64 for float64).
 
@@ -99,13 +128,7 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6)
     x's or 1. Returns a tensor of x's shape in the promoted dtype of x and z.
     """
     out_dtype = torch.promote_types(x.dtype, z.dtype)
-    acc = accumulate_dtype(out_dtype)
-    with _no_autocast(x.device):
-        xa, za = x.to(acc), as_directions(x, z).to(acc)
-        s = strength.to(acc) if isinstance(strength, torch.Tensor) else strength
-        _, c = _factor_and_solve(xa, za, eps)
-        # s c first, as the kernels do: a non-finite strength then gives their Inf/NaN pattern
-        return (xa - ((s * c).unsqueeze(-2) @ za).squeeze(-2)).to(out_dtype)
+    return purify_forward(x.to(out_dtype), as_directions(x, z).to(out_dtype), strength, eps)[0]
 
 
 def purify_jvp(x, z, strength, eps, x_t, z_t, strength_t):
