@@ -22,7 +22,7 @@ class PurifyArgs:
 
     x: torch.Tensor          # promoted dtype
     z: torch.Tensor          # promoted dtype, [..., K, D]
-    strength: torch.Tensor   # 0-dim, accumulate dtype, on x's device
+    strength: torch.Tensor   # 0-dim, accumulate dtype, on x's device (a view of a strength tensor)
     eps: float
 
 
@@ -61,16 +61,41 @@ def check_eps_range(eps, acc: torch.dtype) -> None:
                          f"numbers, the arithmetic dtype of {dtypes} inputs), got {eps}")
 
 
-def check_strength(strength) -> None:
+def _brief(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def check_strength(strength):
+    """strength as a float (a SymFloat stays symbolic) or a one-element floating tensor: 0-dim,
+    or ``[1]`` (the shape FSDP needs of a learnable strength); a number must be finite."""
     if isinstance(strength, torch.Tensor):
-        if strength.dim() != 0:
-            raise ValueError(f"purify: strength must be a float or a 0-dim tensor, got shape {tuple(strength.shape)}")
+        if strength.dim() != 0 and tuple(strength.shape) != (1,):
+            raise ValueError("purify: strength must be a float, a 0-dim tensor or a one-element 1-D tensor, "
+                             f"got shape {tuple(strength.shape)}")
         if not strength.is_floating_point():
             raise TypeError(f"purify: a strength tensor must be floating point, got {strength.dtype}")
-    elif isinstance(strength, bool) or not isinstance(strength, _REALS):
+        return strength
+    if isinstance(strength, bool) or not isinstance(strength, _REALS):
         raise TypeError(f"purify: strength must be a float or a 0-dim tensor, got {type(strength).__name__}")
-    elif not -math.inf < strength < math.inf:  # inf times a zero projection would be NaN
+    if isinstance(strength, numbers.Real):
+        try:
+            strength = float(strength)  # also Fraction, numpy scalars and ints beyond float's range
+        except (OverflowError, ValueError, TypeError):
+            raise ValueError(f"purify: strength must be a finite float, got {_brief(strength)}, which is not one") from None
+    if not -math.inf < strength < math.inf:  # inf times a zero projection would be NaN
         raise ValueError(f"purify: strength must be finite, got {strength}")
+    return strength
+
+
+def check_strength_range(strength, acc: torch.dtype) -> None:
+    """A number strength must be finite in the arithmetic dtype (a tensor's value is not read:
+    that would synchronize with the device)."""
+    info = torch.finfo(acc)
+    if not isinstance(strength, torch.Tensor) and not -info.max <= strength <= info.max:
+        dtypes = "float64" if acc == torch.float64 else "float16, bfloat16 and float32"
+        raise ValueError(f"purify: strength must be at most {info.max:.6g} in magnitude (finite in {acc}, the "
+                         f"arithmetic dtype of {dtypes} inputs), got {strength}")
 
 
 def check_shapes(x: torch.Tensor, z: torch.Tensor) -> None:
@@ -106,8 +131,10 @@ def check_purify_args(x, z, strength, eps) -> PurifyArgs:
         raise ValueError(f"purify: x and z must be on one device, got {x.device} and {z.device}")
     check_shapes(x, z)
     eps = check_eps(eps)
-    check_strength(strength)
-    check_eps_range(eps, accumulate_dtype(torch.promote_types(x.dtype, z.dtype)))
+    strength = check_strength(strength)
+    acc = accumulate_dtype(torch.promote_types(x.dtype, z.dtype))
+    check_eps_range(eps, acc)
+    check_strength_range(strength, acc)
     if isinstance(strength, torch.Tensor) and strength.device != x.device and strength.device.type != "cpu":
         raise ValueError(f"purify: strength must be on x's device ({x.device}) or a CPU scalar, "
                          f"got {strength.device}")
@@ -120,7 +147,7 @@ def canonical_args(x, z, strength, eps) -> PurifyArgs:
     dtype = x.dtype if x.dtype == z.dtype else torch.promote_types(x.dtype, z.dtype)
     acc = accumulate_dtype(dtype)
     if isinstance(strength, torch.Tensor):
-        s = strength.to(device=x.device, dtype=acc)
+        s = strength.to(device=x.device, dtype=acc).reshape(())
     else:
         s = strength_tensor(strength, acc, x.device)
     z = as_directions(x, z)

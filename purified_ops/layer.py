@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validate import check_eps, check_strength, check_tensor
+from ._validate import check_eps, check_strength, check_strength_range, check_tensor
 from .ops import purify
 
 __all__ = ["PurifyLayer"]
@@ -25,12 +25,16 @@ class PurifyLayer(nn.Module):
 
     Args:
         strength: :math:`s`, the share of the projection removed (default 1).
-        learnable_strength: make :math:`s` a parameter trained with the model.
+        learnable_strength: make :math:`s` a parameter trained with the model, of shape ``[1]``
+            (FSDP shards no 0-dim parameter; a state dict holding a 0-dim one still loads).
         eps: :math:`\varepsilon > 0`, regularizes the Gram matrix (zero or dependent directions
             stay finite).
         detach_irrelevant: stop the gradient to ``z``, so the task loss does not shape the
             task-irrelevant branch.
         dim: the feature dim of ``x``. ``-1`` for ``[..., D]`` features; ``1`` for NCHW maps.
+
+    The state dict holds ``eps`` and a fixed strength too (float64 tensors), so a saved layer
+    loads back to what was saved.
 
     Shape:
         - x: :math:`(*, D)` for ``dim=-1``; for another ``dim``, any shape with the features
@@ -54,7 +58,7 @@ class PurifyLayer(nn.Module):
     def __init__(self, strength: float = 1.0, *, learnable_strength: bool = False, eps: float = 1e-6,
                  detach_irrelevant: bool = False, dim: int = -1):
         super().__init__()
-        check_strength(strength)
+        strength = check_strength(strength)
         if isinstance(strength, torch.Tensor) and strength.device.type == "meta":
             raise ValueError("PurifyLayer: strength must hold a value, got a meta tensor")
         self.eps = check_eps(eps)
@@ -64,9 +68,40 @@ class PurifyLayer(nn.Module):
         self.detach_irrelevant = bool(detach_irrelevant)
         self.dim = dim
         if self.learnable_strength:
-            self.strength = nn.Parameter(torch.as_tensor(strength, dtype=torch.float32).detach().clone())
+            if not isinstance(strength, torch.Tensor):
+                check_strength_range(strength, self.STRENGTH_DTYPE)
+            value = torch.as_tensor(strength, dtype=self.STRENGTH_DTYPE).detach().clone().reshape(1)
+            self.strength = nn.Parameter(value)
         else:
             self.strength = float(strength)
+
+    # A learnable strength is a float32 parameter, whatever the dtype of the features.
+    STRENGTH_DTYPE = torch.float32
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # eps and a fixed strength as float64 tensors: state dicts stay all-tensor (safetensors,
+        # DCP), and, not being buffers, they keep their value through model.to(dtype).
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "eps"] = torch.tensor(self.eps, dtype=torch.float64)
+        if not self.learnable_strength:
+            destination[prefix + "strength"] = torch.tensor(self.strength, dtype=torch.float64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        eps_key, strength_key = prefix + "eps", prefix + "strength"
+        if eps_key in state_dict:
+            self.eps = check_eps(float(state_dict[eps_key]))
+        if strength_key in state_dict and not self.learnable_strength:
+            self.strength = float(check_strength(state_dict[strength_key]))
+        elif self.learnable_strength and strength_key in state_dict and state_dict[strength_key].dim() == 0:
+            # A learnable strength saved as a 0-dim parameter (before it became [1], for FSDP),
+            # or a fixed one, loads into the [1] parameter.
+            state_dict[strength_key] = state_dict[strength_key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in (eps_key, strength_key):  # read above; state dicts saved without them keep the constructor's
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x)
@@ -92,7 +127,7 @@ class PurifyLayer(nn.Module):
     def __prepare_scriptable__(self):
         # torch.jit.script calls this first: say what works instead of a compiler error deep in
         # the checks.
-        raise RuntimeError("PurifyLayer does not support torch.jit.script: its checks and its autograd.Function "
+        raise RuntimeError("PurifyLayer does not support torch.jit.script: its checks and the op's derivative "
                            "are Python. torch.jit.trace, torch.compile and torch.export support it.")
 
     def extra_repr(self) -> str:
