@@ -1,6 +1,6 @@
 // The op schemas of purified_ops and the build-info binding of purified_ops._C. Implementations
 // live in cpu/ (one module per CPU capability, see cpu/module.cpp) and cuda/ (TORCH_LIBRARY_IMPL),
-// fake kernels and autograd in purified_ops/ops.py.
+// fake kernels in purified_ops/ops.py, purify_forward's autograd and batching rule in _derivatives.py.
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -24,13 +24,13 @@ TORCH_LIBRARY(purified_ops, m) {
   m.def(purified_ops::kBackwardOutSchema);
 }
 
-// Autograd kernel of the functional ops: they record no gradient formula of their own
-// (gradients come from PurifyFunction, which calls them with grad mode off). A raw call with an
-// input that requires grad gets an output whose backward raises "derivative for
-// purified_ops::purify_forward is not implemented" instead of leaving x.grad silently None.
-// Raising at the call instead would break tracers that run the Function's forward with grad on.
+// purify_forward's Autograd kernel and batching rule are registered from Python
+// (purified_ops/_derivatives.py): its derivative reuses the op's own outputs and,
+// for double backward, the closed form in PyTorch ops. purify_backward has no derivative of its
+// own (a double backward recomputes through those ops instead): a raw call with an input that
+// requires grad gets an output whose backward raises "derivative for
+// purified_ops::purify_backward is not implemented" instead of leaving x.grad silently None.
 TORCH_LIBRARY_IMPL(purified_ops, Autograd, m) {
-  m.impl("purify_forward", torch::autograd::autogradNotImplementedFallback());
   m.impl("purify_backward", torch::autograd::autogradNotImplementedFallback());
 }
 

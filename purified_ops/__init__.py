@@ -4,9 +4,10 @@
 task-irrelevant directions, with fused CPU and CUDA kernels registered as PyTorch ops.
 """
 from .layer import PurifyLayer
-from .ops import PurifyFunction, available_backends, build_info, cpu_cache_bytes, empty_cpu_cache, purify
+from .ops import (PurifyFunction, available_backends, build_info, cpu_cache_bytes, empty_cpu_cache, export_decompositions,
+                  purify)
 
 __version__ = "0.1.0"
 
 __all__ = ["PurifyFunction", "PurifyLayer", "available_backends", "build_info", "cpu_cache_bytes", "empty_cpu_cache",
-           "purify", "__version__"]
+           "export_decompositions", "purify", "__version__"]

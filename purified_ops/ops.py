@@ -1,17 +1,18 @@
-"""The registered ops: loading the extension, their fake kernels, the autograd wiring
-(:class:`PurifyFunction`) and the functional entry point :func:`purify`."""
+"""The registered ops: loading the extension, their fake kernels and derivatives (registered on
+the ops, :mod:`purified_ops._derivatives`), the checked op call :class:`PurifyFunction`, the
+functional entry point :func:`purify` and the decomposition table for export."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
-from torch.autograd import forward_ad as _fwad
 
-from . import _extension, reference
-from ._validate import canonical_args, check_purify_args
+from . import _derivatives, _extension, reference
+from ._validate import check_purify_args
 
 __all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "empty_cpu_cache", "cpu_cache_bytes",
-           "BACKENDS", "emulated_cuda_ops"]
+           "export_decompositions", "BACKENDS", "emulated_cuda_ops"]
 
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
@@ -68,7 +69,7 @@ def emulated_cuda_module():
         except ImportError:
             _EMULATED_CUDA.append(None)
         else:
-            _register_fakes("purified_ops_cuda_emu")
+            _register_python_kernels("purified_ops_cuda_emu")
     return _EMULATED_CUDA[0]
 
 
@@ -111,8 +112,13 @@ def _register_fakes(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::purify_backward")(_purify_backward_fake)
 
 
+def _register_python_kernels(namespace: str) -> None:
+    _register_fakes(namespace)
+    _derivatives.register(namespace)
+
+
 if _C is not None:
-    _register_fakes("purified_ops")
+    _register_python_kernels("purified_ops")
 
     @torch.library.register_fake("purified_ops::purify_forward_out")
     def _purify_forward_out_fake(x, z, strength, eps, y, coeff, chol):
@@ -124,114 +130,42 @@ if _C is not None:
         return None
 
 
-def _run_forward(x, z, strength, eps):
-    """Validates, promotes and runs the registered forward op: (args, y, coeff, chol)."""
-    args = check_purify_args(x, z, strength, eps)
+def export_decompositions() -> dict:
+    """torch.export's default decomposition table plus the decomposition of
+    ``purified_ops::purify_forward`` into standard ops (:func:`purified_ops.reference.purify_forward`:
+    no linear-algebra op, no purified_ops op), for programs bound to runtimes without this package:
+    ``exported.run_decompositions(purified_ops.export_decompositions())`` gives core ATen."""
     if _C is None:
-        raise RuntimeError(f"purified_ops: {_extension.load_failure_message(_LOAD_ERROR)}; "
-                           "or use purify(..., backend='reference')")
-    y, coeff, chol = torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)
-    return args, y, coeff, chol
+        raise RuntimeError(f"purified_ops: {_extension.load_failure_message(_LOAD_ERROR)}")
+    table = torch.export.default_decompositions()
+    table[torch.ops.purified_ops.purify_forward.default] = reference.purify_forward
+    return table
 
 
-def _transforms_active() -> bool:
-    """Whether a torch.func transform or a forward-mode AD level is active: then the op must be
-    seen through :class:`PurifyFunction` (which has their rules), even with nothing requiring grad."""
-    return _fwad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+def _exporting_to_onnx() -> bool:
+    """Whether torch.onnx.export is tracing (ONNX has no purified_ops domain: the export gets
+    the op's decomposition into standard ops). Never imports torch.onnx itself."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
 
 
-class _PurifyAutograd(torch.autograd.Function):
-    """The autograd wiring, less the forward-mode rule: what torch.compile traces, since Dynamo
-    does not trace a Function that defines ``jvp``. :class:`PurifyFunction` adds the rule."""
+class PurifyFunction:
+    """The checked call of the registered op, with all of its outputs:
+    ``y, coeff, chol = PurifyFunction.apply(x, z, strength, eps)``.
 
-    @staticmethod
-    def forward(x, z, strength, eps):
-        _, y, coeff, chol = _run_forward(x, z, strength, eps)
-        return y, coeff, chol
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, z, strength, eps = inputs
-        _, coeff, chol = output
-        ctx.mark_non_differentiable(coeff, chol)
-        ctx.set_materialize_grads(False)
-        # The original inputs: the backward re-promotes them (cheap, and no promoted copy is kept
-        # alive between forward and backward), and a double backward differentiates through them.
-        s_t = strength if isinstance(strength, torch.Tensor) else None
-        ctx.save_for_backward(x, z, s_t, coeff, chol)
-        ctx.save_for_forward(x, z, s_t)
-        ctx.eps, ctx.strength = eps, None if s_t is not None else strength
-
-    @staticmethod
-    def backward(ctx, grad_y, _grad_coeff, _grad_chol):
-        x_in, z_in, s_in, coeff, chol = ctx.saved_tensors
-        need_x, need_z, need_s, _ = ctx.needs_input_grad
-        if grad_y is None:
-            return None, None, None, None
-        strength = s_in if s_in is not None else ctx.strength
-        args = canonical_args(x_in, z_in, strength, ctx.eps)  # checked in the forward
-        if torch.is_grad_enabled() or _transforms_active():
-            # Recorded (double backward) or seen by a transform: the closed form in PyTorch ops.
-            dx, dz, ds = reference.purify_backward(grad_y, x_in, reference.as_directions(x_in, z_in),
-                                                   strength, args.eps)
-        else:
-            dx, dz, ds = torch.ops.purified_ops.purify_backward(
-                grad_y.to(args.x.dtype), args.x, args.z, args.strength, coeff, chol, need_z)
-        return (dx.to(x_in.dtype) if need_x else None,
-                dz.reshape(z_in.shape).to(z_in.dtype) if need_z else None,
-                ds.to(device=s_in.device, dtype=s_in.dtype) if need_s else None,
-                None)
-
-    @staticmethod
-    def vmap(info, in_dims, x, z, strength, eps):
-        """One call of the op for the whole batch: the vmapped dim becomes a leading dim of x and
-        z (z's is 1 when z is not batched: shared, never expanded)."""
-        x_bdim, z_bdim, s_bdim, _ = in_dims
-        size = info.batch_size
-        x_dim = x.dim() - (x_bdim is not None)
-        z_dim = z.dim() - (z_bdim is not None)
-        x = x.movedim(x_bdim, 0) if x_bdim is not None else x.unsqueeze(0)
-        z = z.movedim(z_bdim, 0) if z_bdim is not None else z.unsqueeze(0)
-        if z_dim == x_dim:  # one direction: [B, ..., D] -> [B, ..., 1, D]
-            z = z.unsqueeze(-2)
-        if x_bdim is None and z_bdim is not None:
-            x = x.expand(size, *x.shape[1:])  # a view: y has the batch dim, x is read once per z
-        if s_bdim is None:
-            y, coeff, chol = PurifyFunction.apply(x, z, strength, eps)
-        else:
-            # A batched strength scales the removed projection per batch entry; coeff and chol do
-            # not depend on it.
-            y1, coeff, chol = PurifyFunction.apply(x, z, 1.0, eps)
-            s = strength.movedim(s_bdim, 0).reshape(size, *([1] * x_dim))
-            acc = reference.accumulate_dtype(y1.dtype)
-            y = (x.to(acc) - s.to(acc) * (x.to(acc) - y1.to(acc))).to(y1.dtype)
-        # Outputs of an unbatched input keep its size-1 dim: not vmapped.
-        coeff, coeff_dim = (coeff, 0) if x_bdim is not None or z_bdim is not None else (coeff.squeeze(0), None)
-        chol, chol_dim = (chol, 0) if z_bdim is not None else (chol.squeeze(0), None)
-        return (y, coeff, chol), (0, coeff_dim, chol_dim)
-
-
-class PurifyFunction(_PurifyAutograd):
-    """Autograd wiring of the compiled ops: ``y, coeff, chol = PurifyFunction.apply(x, z, strength, eps)``.
-
-    Validates its arguments, promotes dtypes, and runs ``purified_ops::purify_forward``, which
-    also returns the per-row coefficients ``coeff`` and the Cholesky factors ``chol`` that the
-    backward reuses (outputs, not differentiable: torch.func needs a Function to return what its
-    backward saves). The backward runs ``purified_ops::purify_backward``. When the backward itself
-    is recorded (``create_graph=True``, double backward) or seen by a torch.func transform, it
-    uses the closed-form formulas of :func:`purified_ops.reference.purify_backward`, which
-    autograd differentiates. Forward-mode AD (``jvp``: ``torch.func.jvp``, ``jacfwd``,
-    ``torch.autograd.forward_ad``) uses :func:`purified_ops.reference.purify_jvp`; ``vmap``
-    runs the op once for the whole batch. :func:`purify` is the usual entry point.
+    Validates its arguments, promotes dtypes and runs ``purified_ops::purify_forward``, which
+    returns, besides ``y``, the per-row coefficients ``coeff`` and the Cholesky factors ``chol``
+    that its backward reuses (not differentiable). The op is differentiable wherever it runs
+    (its Autograd kernel, :class:`_PurifyAutograd`). :func:`purify` is the usual entry point.
     """
 
     @staticmethod
-    def jvp(ctx, x_t, z_t, strength_t, _eps_t):
-        x, z, s_t = ctx.saved_tensors
-        strength = s_t if s_t is not None else ctx.strength
-        y_t = reference.purify_jvp(x, reference.as_directions(x, z), strength, ctx.eps,
-                                   x_t, None if z_t is None else reference.as_directions(x, z_t), strength_t)
-        return y_t, None, None
+    def apply(x, z, strength, eps):
+        args = check_purify_args(x, z, strength, eps)
+        if _C is None:
+            raise RuntimeError(f"purified_ops: {_extension.load_failure_message(_LOAD_ERROR)}; "
+                               "or use purify(..., backend='reference')")
+        return torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -285,13 +219,8 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6,
         raise TypeError(f"purify: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(backend, str):
         raise ValueError(f"purify: backend must be one of {BACKENDS}, got {backend!r}")
-    if _resolve_backend(backend, x.device) == "compiled":
-        if torch.compiler.is_compiling():
-            return _PurifyAutograd.apply(x, z, strength, eps)[0]  # traced: no cost to branch on
-        if _transforms_active() or (torch.is_grad_enabled() and (
-                x.requires_grad or getattr(z, "requires_grad", False) or getattr(strength, "requires_grad", False))):
-            return PurifyFunction.apply(x, z, strength, eps)[0]
-        return _run_forward(x, z, strength, eps)[1]  # nothing to record: the op alone
+    compiled = _resolve_backend(backend, x.device) == "compiled"
     args = check_purify_args(x, z, strength, eps)
-    s = strength if isinstance(strength, torch.Tensor) else args.strength
-    return reference.purify(args.x, args.z, strength=s, eps=args.eps)
+    if compiled and not _exporting_to_onnx():
+        return torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)[0]
+    return reference.purify_forward(args.x, args.z, args.strength, args.eps)[0]

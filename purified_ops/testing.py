@@ -128,8 +128,8 @@ class Backend:
     """Raw forward and backward ops with the schemas of ``purified_ops::purify_forward(x, z,
     strength, eps) -> (y, coeff, chol)`` and ``purified_ops::purify_backward(grad_y, x, z, strength,
     coeff, chol, compute_grad_z) -> (dx, dz, ds)``, and the device their tensors live on.
-    ``public``: the public autograd path (``PurifyFunction``, ``purify(backend=name)``) runs these
-    ops, and is checked with them."""
+    ``public``: the public entry points (``PurifyFunction``, ``purify(backend=name)``) run these
+    ops, and are checked with them."""
 
     name: str
     device: str
@@ -290,7 +290,7 @@ def _entry_points(backend: Backend, x, z, s, g):
     y, coeff, chol = backend.forward(x, z3, s, EPS)
     dx, dz, ds = backend.backward(g, x, z3, s, coeff, chol, True)
     yield "raw ops", (y, dx, dz, ds)
-    if backend.public:  # purify runs PurifyFunction for inputs that need gradients
+    if backend.public:  # purify: the checks, the promotion and the op
         xr, zr, sr = (t.detach().requires_grad_() for t in (x, z, s))
         out = purify(xr, zr, strength=sr, eps=EPS, backend=backend.name)
         yield "purify", (out.detach(), *torch.autograd.grad(out, (xr, zr, sr), g))
@@ -360,7 +360,9 @@ def _dependent_case(backend: Backend, dtype):
 
 
 class _RawOpsFunction(torch.autograd.Function):
-    """First-order autograd over one backend's raw ops (canonical arguments), for gradcheck."""
+    """First-order autograd over one backend's forward and backward callables (canonical
+    arguments), for gradcheck: checks the backend's backward, which a test double's forward would
+    not reach through the registered op's own derivative."""
 
     @staticmethod
     def forward(ctx, x, z, strength, eps, backend):
@@ -483,7 +485,7 @@ NOTES = [
     "(for dstrength = -sum g.p over all N x D products: |out - ref| / sum |g.p|, the sum's own scale, "
     "since a cancelling sum has no float32 evaluation within 1e-5 of itself), worst over y, dx, dz, dstrength, "
     "the layouts (rows, a z shared by rows, a transposed x, x and z at a storage offset) and the entry "
-    "points (raw ops; for the public backends also purify, which runs PurifyFunction); "
+    "points (raw ops; for the public backends also purify); "
     "tolerance: docs/DESIGN.md's bound for the dtype (float64 1e-10, float32 1e-5, float16 3e-3, bfloat16 2e-2)",
     "|z|^2~eps: K >= D directions span R^D; z is scaled by 1e-3 so that G = Z Z^T + eps I is well conditioned "
     "and docs/DESIGN.md's bounds apply",

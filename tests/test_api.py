@@ -36,9 +36,15 @@ BAD_INPUTS = [
     (lambda: torch.randn(3, 8), lambda: None, {}, TypeError, "z must be a torch.Tensor, got NoneType"),
     (lambda: torch.tensor(1.0), lambda: torch.tensor(1.0), {}, ValueError, "0-dim"),
     (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8, device="meta"), {}, ValueError, "one device, got cpu and meta"),
-    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": torch.ones(2)}, ValueError, r"0-dim tensor, got shape \(2,\)"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": torch.ones(2)}, ValueError, r"one-element 1-D tensor, got shape \(2,\)"),
     (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": "1"}, TypeError, "strength must be a float"),
     (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": torch.tensor(1)}, TypeError, "floating point"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": 1e300}, ValueError,
+     r"strength must be at most 3.40282e\+38 in magnitude \(finite in torch.float32.*got 1e\+300"),
+    (lambda: torch.randn(3, 8, dtype=torch.bfloat16), lambda: torch.randn(3, 8, dtype=torch.bfloat16),
+     {"strength": -1e39}, ValueError, "strength must be at most"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": 10 ** 400}, ValueError,
+     r"strength must be a finite float, got 1000.*\(401 characters\)"),
 ]
 
 
@@ -50,6 +56,23 @@ def test_bad_input_raises_documented_error(entry, case):
         pytest.skip("the layer checks strength when constructed (test_layer_rejects_bad_arguments)")
     with pytest.raises(error, match=message):
         ENTRY_POINTS[entry](make_x(), make_z(), **kwargs)
+
+
+def test_strength_is_any_real_number_finite_in_the_arithmetic_dtype():
+    from fractions import Fraction
+
+    x, z = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 2, 8, dtype=torch.float64)
+    for backend in ("auto", "reference"):
+        torch.testing.assert_close(purify(x, z, strength=Fraction(1, 2), backend=backend), purify(x, z, strength=0.5))
+        # float64 arithmetic holds 1e300: accepted there, finite where the projection is small.
+        y = purify(x, z * 1e-160, strength=1e300, eps=1e-3, backend=backend)
+        assert torch.isfinite(y).all()
+    with pytest.raises(ValueError, match="strength must be at most 3.40282e"):
+        PurifyLayer(1e300, learnable_strength=True)
+    layer = PurifyLayer(1e300)  # a fixed strength is checked against the inputs' dtype, per call
+    with pytest.raises(ValueError, match="strength must be at most"):
+        layer(x.float(), z.float())
+    assert torch.isfinite(layer(x, z * 1e-160)).all()
 
 
 def test_unknown_backend():
@@ -111,7 +134,7 @@ def test_layer_learnable_strength_gets_gradient(device):
     assert layer.strength.grad is not None and layer.strength.grad.abs() > 0
     s = torch.tensor(0.5, requires_grad=True, device=device)
     reference.purify(x, z, strength=s).square().sum().backward()
-    torch.testing.assert_close(layer.strength.grad, s.grad)
+    torch.testing.assert_close(layer.strength.grad, s.grad.reshape(1))
 
 
 def test_layer_detach_irrelevant_stops_gradient_to_z(device):
@@ -127,11 +150,11 @@ def test_layer_repr_state_and_copy():
     layer = PurifyLayer(0.25, learnable_strength=True, eps=1e-5, detach_irrelevant=True, dim=1)
     assert repr(layer) == ("PurifyLayer(strength=0.25, learnable_strength=True, eps=1e-05, "
                            "detach_irrelevant=True, dim=1)")
-    assert list(layer.state_dict()) == ["strength"]
+    assert list(layer.state_dict()) == ["strength", "eps"]
     clone = copy.deepcopy(layer)
     assert clone.strength.item() == 0.25 and clone.strength is not layer.strength
     plain = PurifyLayer()
-    assert list(plain.state_dict()) == [] and "strength=1.0" in repr(plain)
+    assert list(plain.state_dict()) == ["eps", "strength"] and "strength=1.0" in repr(plain)
 
 
 def test_layer_docstring_example():

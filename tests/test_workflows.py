@@ -282,12 +282,19 @@ def test_reference_under_cpu_bf16_autocast_computes_in_float32():
     assert rel_err(fused, truth) <= TOLERANCE[torch.float32]
 
 
-def test_raw_op_with_inputs_requiring_grad_raises_on_backward():
-    x, z, s = torch.randn(3, 8, requires_grad=True), torch.randn(3, 1, 8), torch.tensor(1.0)
-    y, _, _ = torch.ops.purified_ops.purify_forward(x, z, s, 1e-6)
-    with pytest.raises(RuntimeError, match="derivative for purified_ops::purify_forward is not implemented"):
-        y.sum().backward()
-    assert x.grad is None
+def test_the_raw_op_is_differentiable_and_its_backward_op_says_it_is_not():
+    x, z, s = torch.randn(3, 8, requires_grad=True), torch.randn(3, 1, 8, requires_grad=True), torch.tensor(0.5)
+    y, coeff, chol = torch.ops.purified_ops.purify_forward(x, z, s, 1e-6)
+    assert not coeff.requires_grad and not chol.requires_grad
+    gx, gz = torch.autograd.grad(y.square().sum(), (x, z))
+    xr, zr = x.detach().requires_grad_(), z.detach().requires_grad_()
+    ex, ez = torch.autograd.grad(reference.purify(xr, zr, strength=0.5).square().sum(), (xr, zr))
+    torch.testing.assert_close(gx, ex)
+    torch.testing.assert_close(gz, ez)
+    # purify_backward has no derivative of its own: a double backward recomputes instead.
+    dx, _, _ = torch.ops.purified_ops.purify_backward(y, x, z, s, coeff, chol, True)
+    with pytest.raises(RuntimeError, match="derivative for purified_ops::purify_backward is not implemented"):
+        dx.sum().backward()
 
 
 def test_infinite_strength_is_rejected_on_every_backend():
