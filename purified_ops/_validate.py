@@ -1,7 +1,8 @@
 """Argument checks of the public entry points, run before any kernel.
 
 Errors follow docs/DESIGN.md: ValueError for shapes, broadcasting, eps, backend names and devices;
-TypeError for non-tensors and non-floating dtypes. Messages name the offending shapes or values.
+TypeError for non-tensors, sparse and nested tensors and non-floating dtypes. Messages name the
+offending shapes or values.
 """
 from __future__ import annotations
 
@@ -26,11 +27,19 @@ class PurifyArgs:
     eps: float
 
 
+def check_dense(name: str, t: torch.Tensor) -> None:
+    """A dense tensor: not sparse, not nested. A nested tensor of the default layout reports
+    torch.strided but has no sizes, so it is asked directly."""
+    if t.is_nested:
+        raise TypeError(f"purify: {name} must be a dense (strided) tensor, got a nested tensor (layout {t.layout})")
+    if t.layout != torch.strided:
+        raise TypeError(f"purify: {name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"purify: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.layout != torch.strided:
-        raise TypeError(f"purify: {name} must be a dense (strided) tensor, got layout {t.layout}")
+    check_dense(name, t)
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"purify: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
@@ -131,6 +140,8 @@ def check_purify_args(x, z, strength, eps) -> PurifyArgs:
         raise ValueError(f"purify: x and z must be on one device, got {x.device} and {z.device}")
     check_shapes(x, z)
     eps = check_eps(eps)
+    if isinstance(strength, torch.Tensor):
+        check_dense("strength", strength)
     strength = check_strength(strength)
     acc = accumulate_dtype(torch.promote_types(x.dtype, z.dtype))
     check_eps_range(eps, acc)

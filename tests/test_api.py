@@ -16,6 +16,13 @@ ENTRY_POINTS = {
     "layer": lambda x, z, strength=1.0, eps=1e-6: PurifyLayer(strength, eps=eps)(x, z),
 }
 
+def nested(*rows, layout=torch.strided):
+    """A nested tensor; the default layout reports torch.strided but has no sizes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the nested tensor API is in prototype stage"
+        return torch.nested.nested_tensor([torch.randn(n, 8) for n in rows], layout=layout)
+
+
 BAD_INPUTS = [
     # (x, z, kwargs, error class, message fragment)
     (lambda: torch.randn(3, 8), lambda: torch.randn(3, 7), {}, ValueError, r"last dim must equal x's \(D = 8\)"),
@@ -45,6 +52,15 @@ BAD_INPUTS = [
      {"strength": -1e39}, ValueError, "strength must be at most"),
     (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": 10 ** 400}, ValueError,
      r"strength must be a finite float, got 1000.*\(401 characters\)"),
+    (lambda: nested(3, 2), lambda: torch.randn(3, 8), {}, TypeError,
+     r"x must be a dense \(strided\) tensor, got a nested tensor \(layout torch.strided\)"),
+    (lambda: torch.randn(3, 8), lambda: nested(3, 2), {}, TypeError, "z must be a dense .* got a nested tensor"),
+    (lambda: nested(3, 2, layout=torch.jagged), lambda: torch.randn(3, 8), {}, TypeError,
+     r"x must be a dense .* nested tensor \(layout torch.jagged\)"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": nested(1)}, TypeError,
+     "strength must be a dense .* got a nested tensor"),
+    (lambda: torch.randn(3, 8), lambda: torch.randn(3, 8), {"strength": torch.tensor(1.0).to_sparse()}, TypeError,
+     "strength must be a dense .* got layout torch.sparse_coo"),
 ]
 
 
