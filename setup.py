@@ -14,7 +14,7 @@ copy compiled for AVX-512 could serve a DEFAULT kernel and die with SIGILL on an
 Environment:
   PURIFIED_OPS_CUDA=0|1          force the CUDA extension off or on (default: automatic)
   TORCH_CUDA_ARCH_LIST           CUDA archs (default "8.0;9.0")
-  PURIFIED_OPS_CPU_CAPABILITY    DEFAULT, AVX2 or AVX512: the highest capability compiled
+  PURIFIED_OPS_CPU_CAPABILITY    default, avx2 or avx512 (any case): the highest capability compiled
                                  (default: all of them on x86-64, DEFAULT elsewhere)
   PURIFIED_OPS_PTXAS_VERBOSE=1   print ptxas' register and spill report for every kernel
   PURIFIED_OPS_CUDA_EMU=1|asan   build only the CUDA kernels emulated on the CPU (a test backend,
@@ -22,6 +22,7 @@ Environment:
                                  purified_ops._cuda_emu_asan under -fsanitize=address,undefined
 """
 import glob
+import importlib.util
 import os
 import platform
 
@@ -30,6 +31,19 @@ from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_settings():
+    """purified_ops/_settings.py, the one parser of the package's environment variables, loaded by
+    its path (importing the package would need the extension this builds)."""
+    spec = importlib.util.spec_from_file_location("purified_ops_settings",
+                                                  os.path.join(ROOT, "purified_ops", "_settings.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SETTINGS = _load_settings()
 
 # at::vec::Vectorized picks its implementation from CPU_CAPABILITY_* defines; without them it
 # is a scalar emulation several times slower. The flags are those torch compiles its own kernels
@@ -41,15 +55,22 @@ CPU_CAPABILITY_FLAGS = {
                "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
 }
 CPU_CAPABILITIES = tuple(CPU_CAPABILITY_FLAGS)  # from lowest to highest
+assert CPU_CAPABILITIES == SETTINGS.CPU_CAPABILITIES
+
+
+def setting(parse):
+    """A setting parsed from the environment; an invalid one stops the build with the reason."""
+    try:
+        return parse(os.environ)
+    except SETTINGS.SettingError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def cpu_capabilities():
     """The capabilities to compile CPU kernels for: up to PURIFIED_OPS_CPU_CAPABILITY (x86-64 only)."""
+    top = setting(SETTINGS.cpu_capability) or CPU_CAPABILITIES[-1]
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ("DEFAULT",)
-    top = os.environ.get("PURIFIED_OPS_CPU_CAPABILITY", CPU_CAPABILITIES[-1])
-    if top not in CPU_CAPABILITIES:
-        raise SystemExit(f"PURIFIED_OPS_CPU_CAPABILITY must be one of {', '.join(CPU_CAPABILITIES)}, got {top!r}")
     return CPU_CAPABILITIES[:CPU_CAPABILITIES.index(top) + 1]
 
 
@@ -116,11 +137,9 @@ def cuda_emulation_extensions():
     """The CUDA kernel sources compiled by the host compiler against csrc/cuda_emu/cuda_emu.h,
     with the CUDA ops' host code, as a test backend on CPU tensors (needs the CUDA toolkit's
     headers only: cuda_runtime.h for the types, cuda_fp16.h and cuda_bf16.h)."""
-    mode = os.environ.get("PURIFIED_OPS_CUDA_EMU", "0")
+    mode = setting(SETTINGS.cuda_emulation)
     if mode == "0":
         return []
-    if mode not in ("1", "asan"):
-        raise SystemExit(f"PURIFIED_OPS_CUDA_EMU must be 0, 1 or asan, got {mode!r}")
     homes = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, *sorted(glob.glob("/usr/local/cuda*"))]
     include = next((os.path.join(h, "include") for h in homes
                     if h and os.path.exists(os.path.join(h, "include", "cuda_fp16.h"))), None)

@@ -5,7 +5,8 @@ setup.py compiles the CPU kernels once per capability, each into a module of its
 (``purified_ops._cpu_default``, ``_cpu_avx2``, ``_cpu_avx512``); exactly one of them is imported,
 so no code compiled for a capability the CPU lacks is ever loaded. The choice follows torch's
 own (``torch.backends.cpu.get_cpu_capability()``, which honours ``ATEN_CPU_CAPABILITY``);
-``PURIFIED_OPS_CPU_CAPABILITY`` may lower it further, never raise it.
+``PURIFIED_OPS_CPU_CAPABILITY`` may lower it further, never raise it. The environment's settings
+are parsed by :mod:`purified_ops._settings` and passed to the module loaded.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-CPU_CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")  # lowest first, as setup.py compiles them
-CAPABILITY_ENV = "PURIFIED_OPS_CPU_CAPABILITY"
+from . import _settings
+from ._settings import CPU_CAPABILITIES
 
 
 class Extension(NamedTuple):
@@ -37,9 +38,8 @@ def torch_cpu_capability() -> str:
 
 def choose_cpu_capability(compiled: Sequence[str], supported: str, limit: str | None = None) -> str:
     """The highest of the `compiled` capabilities that is at most `supported` (torch's choice) and
-    at most `limit` (the PURIFIED_OPS_CPU_CAPABILITY setting, None when unset)."""
-    if limit is not None and limit not in CPU_CAPABILITIES:
-        raise ValueError(f"{CAPABILITY_ENV} must be one of {', '.join(CPU_CAPABILITIES)}, got {limit!r}")
+    at most `limit` (the PURIFIED_OPS_CPU_CAPABILITY setting, :func:`_settings.cpu_capability`;
+    None when unset)."""
     rank = CPU_CAPABILITIES.index
     top = min(rank(supported), rank(limit)) if limit is not None else rank(supported)
     usable = [c for c in compiled if rank(c) <= top]
@@ -50,18 +50,27 @@ def choose_cpu_capability(compiled: Sequence[str], supported: str, limit: str | 
 
 
 def load() -> Extension:
-    """Imports _C and the CPU kernels of the chosen capability; an invalid PURIFIED_OPS_CPU_CAPABILITY
-    raises ValueError, a missing or broken module is reported in ``Extension.error``."""
+    """Imports _C and the CPU kernels of the chosen capability, configured as the environment says;
+    an invalid setting raises :class:`_settings.SettingError` (a ValueError naming the variable),
+    a missing or broken module is reported in ``Extension.error``."""
+    limit = _settings.cpu_capability(os.environ)
+    cache_mb = _settings.cpu_cache_mb(os.environ)
+    streaming = _settings.streaming_stores(os.environ)
+    _settings.cuda_emulation(os.environ)  # checked here with the others; ops.py picks the build by it
     try:
         from . import _C  # registers torch.ops.purified_ops.* (TORCH_LIBRARY) as a side effect
 
         info = dict(_C.build_info())
         compiled = tuple(info.pop("cpu_capabilities").split())
-        capability = choose_cpu_capability(compiled, torch_cpu_capability(), os.environ.get(CAPABILITY_ENV) or None)
+        capability = choose_cpu_capability(compiled, torch_cpu_capability(), limit)
         # registers the CPU kernels (TORCH_LIBRARY_IMPL) as a side effect
         cpu = importlib.import_module(f"{__package__}._cpu_{capability.lower()}")
     except ImportError as exc:
         return Extension(None, None, {}, exc)
+    if cache_mb is not None:
+        cpu.set_output_cache_limit(cache_mb << 20)
+    if streaming is not None:
+        cpu.set_streaming_stores(streaming)
     info.update(cpu.build_info())
     info["cpu_capabilities"] = list(compiled)
     return Extension(_C, cpu, info, None)

@@ -1,5 +1,10 @@
 """What a training step keeps alive: the fused op saves its inputs and O(rows x K) values, never
 an N x D intermediate."""
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from purified_ops import PurifyLayer
@@ -36,12 +41,11 @@ def test_cpu_outputs_reuse_cached_blocks():
     assert purified_ops.empty_cpu_cache() > 0 and purified_ops.cpu_cache_bytes() == 0
 
 
-def test_cpu_output_cache_can_be_turned_off():
-    import subprocess
-    import sys
-
-    code = ("import torch, purified_ops as p; y = p.purify(torch.randn(512, 1024), torch.randn(512, 1024)); "
-            "del y; print(p.cpu_cache_bytes())")
+@pytest.mark.parametrize("cap_mb, cached", [("0", 0), ("3", 2 << 20), ("", 4 << 20)])
+def test_cpu_output_cache_holds_up_to_its_setting(cap_mb, cached):
+    # two 2 MiB outputs freed: none kept with the cache off, one under a 3 MiB cap, both by default
+    code = ("import torch, purified_ops as p; x, z = torch.randn(512, 1024), torch.randn(512, 1024); "
+            "y1, y2 = p.purify(x, z), p.purify(x, z); del y1, y2; print(p.cpu_cache_bytes())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "PURIFIED_OPS_CPU_CACHE_MB": "0"}).stdout
-    assert out.strip() == "0"
+                         env={**os.environ, "PURIFIED_OPS_CPU_CACHE_MB": cap_mb}).stdout
+    assert int(out) == cached

@@ -1,6 +1,7 @@
 """Loading the extension (the CPU capability chosen, messages when it does not load) and the
 messages of commands whose optional packages are missing."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,11 @@ import pytest
 import torch
 
 import purified_ops
-from purified_ops import _extension, cli
-from purified_ops._extension import CAPABILITY_ENV, CPU_CAPABILITIES, choose_cpu_capability, load_failure_message
+from purified_ops import _extension, _settings, cli
+from purified_ops._extension import choose_cpu_capability, load_failure_message
+from purified_ops._settings import CPU_CAPABILITIES
+
+CAPABILITY_ENV = _settings.CPU_CAPABILITY
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = purified_ops.build_info()
@@ -32,8 +36,6 @@ def test_choose_cpu_capability(compiled, supported, limit, chosen):
 
 
 def test_choose_cpu_capability_errors():
-    with pytest.raises(ValueError, match=f"{CAPABILITY_ENV} must be one of DEFAULT, AVX2, AVX512, got 'avx2'"):
-        choose_cpu_capability(ALL, "AVX2", "avx2")
     with pytest.raises(ImportError, match="no CPU kernels for this CPU: built for AVX2"):
         choose_cpu_capability(("AVX2",), "DEFAULT")
 
@@ -42,7 +44,7 @@ def test_choose_cpu_capability_errors():
 def test_the_chosen_capability_is_torchs_and_the_only_one_loaded():
     assert INFO["cpu_capabilities"][0] == "DEFAULT" and set(INFO["cpu_capabilities"]) <= set(CPU_CAPABILITIES)
     want = choose_cpu_capability(INFO["cpu_capabilities"], _extension.torch_cpu_capability(),
-                                 os.environ.get(CAPABILITY_ENV) or None)
+                                 _settings.cpu_capability(os.environ))
     assert INFO["cpu_capability"] == want
     assert f"-DCPU_CAPABILITY={want}" in INFO["cxx_flags"]
     loaded = sorted(m for m in sys.modules if m.startswith("purified_ops._cpu_"))
@@ -88,10 +90,73 @@ def test_torchs_capability_setting_is_followed():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_an_invalid_capability_setting_fails_the_import_with_the_reason():
-    out = run_python(["-c", "import purified_ops"], **{CAPABILITY_ENV: "SSE2"})
+@needs_extension
+def test_capability_names_are_taken_as_torch_spells_them():
+    """torch takes ATEN_CPU_CAPABILITY=avx2 (lower case); so does PURIFIED_OPS_CPU_CAPABILITY."""
+    capability = "AVX2" if "AVX2" in USABLE else "DEFAULT"
+    out = run_python(["scripts/check_install.py", "--capability", capability], **{CAPABILITY_ENV: capability.lower()})
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("parse, value, parsed", [
+    (_settings.cpu_capability, "avx2", "AVX2"), (_settings.cpu_capability, "AVX512", "AVX512"),
+    (_settings.cpu_capability, " default ", "DEFAULT"), (_settings.cpu_capability, "", None),
+    (_settings.cpu_cache_mb, "0", 0), (_settings.cpu_cache_mb, "2048", 2048), (_settings.cpu_cache_mb, "", None),
+    (_settings.streaming_stores, "0", False), (_settings.streaming_stores, "1", True),
+    (_settings.cuda_emulation, "asan", "asan"), (_settings.cuda_emulation, "", "0"),
+])
+def test_settings_parse_what_they_take(parse, value, parsed):
+    name = {_settings.cpu_capability: CAPABILITY_ENV, _settings.cpu_cache_mb: _settings.CPU_CACHE_MB,
+            _settings.streaming_stores: _settings.STREAMING_STORES, _settings.cuda_emulation: _settings.CUDA_EMU}[parse]
+    assert parse({name: value}) == parsed
+    assert parse({}) == parse({name: ""})  # unset and empty alike
+
+
+INVALID_SETTINGS = [
+    (CAPABILITY_ENV, "sse2", "one of default, avx2, avx512 (any case)"),
+    (CAPABILITY_ENV, "avx", "one of default, avx2, avx512 (any case)"),
+    (_settings.CPU_CACHE_MB, "abc", "a whole number of MiB from 0 (no cache)"),
+    (_settings.CPU_CACHE_MB, "-1", "a whole number of MiB from 0 (no cache)"),  # not "unlimited"
+    (_settings.CPU_CACHE_MB, "1.5", "a whole number of MiB"),
+    (_settings.CPU_CACHE_MB, str(2**44), "a whole number of MiB"),  # more bytes than a size_t holds
+    (_settings.STREAMING_STORES, "yes", "0 (never) or 1 (always)"),
+    (_settings.CUDA_EMU, "on", "0, 1 or asan"),
+]
+
+
+@pytest.mark.parametrize("name, value, allowed", INVALID_SETTINGS)
+def test_an_invalid_setting_is_rejected_when_the_extension_loads(monkeypatch, name, value, allowed):
+    """Each variable is parsed once, when the extension loads, and an invalid value raises there,
+    naming the variable, the value and what it takes (not at the first large call, not ignored)."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"^{name} must be {re.escape(allowed)}.*got {re.escape(repr(value))}"):
+        _extension.load()
+
+
+@needs_extension
+@pytest.mark.parametrize("streaming", ["0", "1"])
+def test_streaming_stores_setting_changes_no_result(streaming, tmp_path):
+    """PURIFIED_OPS_STREAMING_STORES reaches the kernels (1: non-temporal stores for these small
+    outputs too, 0: for none) and changes how outputs are written, not what."""
+    code = ("import torch, purified_ops as p; g = torch.Generator().manual_seed(0); "
+            "x, z = (torch.randn(*s, generator=g, requires_grad=True) for s in ((512, 1024), (512, 2, 1024))); "
+            "y = p.purify(x, z); y.backward(torch.ones_like(y)); "
+            "torch.save((y.detach(), x.grad, z.grad), __import__('sys').argv[1])")
+    results = []
+    for value in (None, streaming):
+        path = tmp_path / f"streaming_{value}.pt"
+        out = run_python(["-c", code, str(path)], **{_settings.STREAMING_STORES: value})
+        assert out.returncode == 0, out.stderr
+        results.append(torch.load(path))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_an_invalid_setting_fails_the_import_with_the_reason():
+    out = run_python(["-c", "import purified_ops"], **{_settings.CPU_CACHE_MB: "abc"})
     assert out.returncode != 0
-    assert f"{CAPABILITY_ENV} must be one of DEFAULT, AVX2, AVX512, got 'SSE2'" in out.stderr
+    assert (f"SettingError: {_settings.CPU_CACHE_MB} must be a whole number of MiB from 0 (no cache) to "
+            f"{_settings.MAX_CPU_CACHE_MB}, got 'abc'") in out.stderr
 
 
 def test_an_abi_mismatch_names_the_install_without_build_isolation():

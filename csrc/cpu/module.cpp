@@ -1,10 +1,12 @@
 // The Python module purified_ops._cpu_<capability>: the CPU kernels of one CPU capability register
 // themselves (TORCH_LIBRARY_IMPL in purify_cpu.cpp) when purified_ops imports it; this adds the
-// output cache's controls and what the module was compiled for. Only one such module is loaded in
-// a process, so there is one output cache.
+// output cache's controls, the settings purified_ops/_extension.py passes from the environment,
+// and what the module was compiled for. Only one such module is loaded in a process, so there is
+// one output cache.
 #include <torch/extension.h>
 
 #include "output_cache.h"
+#include "streaming_stores.h"
 
 #ifndef PURIFIED_OPS_CPU_CAPABILITY
 #define PURIFIED_OPS_CPU_CAPABILITY "unknown"
@@ -18,6 +20,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Frees the CPU output cache's blocks; returns the bytes released.");
   m.def("cpu_output_cache_bytes", &purified_ops::cpu_output_cache_bytes,
         "Bytes the CPU output cache holds for reuse.");
+  m.def("set_output_cache_limit", &purified_ops::set_cpu_output_cache_limit,
+        "The most bytes the CPU output cache keeps for reuse (0: none).");
+  m.def("set_streaming_stores", [](bool always) {
+    purified_ops::set_streaming_stores(always ? purified_ops::StreamingStores::kAlways
+                                              : purified_ops::StreamingStores::kNever);
+  }, "Non-temporal stores for every output (True) or none (False), instead of by size.");
   m.def("build_info", [] {
     pybind11::dict info;
     info["cpu_capability"] = PURIFIED_OPS_CPU_CAPABILITY;

@@ -5,10 +5,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string>
 #include <vector>
 
 namespace purified_ops {
@@ -16,12 +16,7 @@ namespace {
 
 constexpr std::size_t kMinCached = std::size_t{1} << 20;  // below this malloc is cheap enough
 constexpr std::size_t kAlign = std::size_t{2} << 20;      // one huge page
-
-std::size_t cap_from_env() {
-  const char* v = std::getenv("PURIFIED_OPS_CPU_CACHE_MB");
-  if (v == nullptr || *v == '\0') return std::size_t{512} << 20;
-  return static_cast<std::size_t>(std::stoull(v)) << 20;
-}
+constexpr std::size_t kDefaultCap = std::size_t{512} << 20;
 
 struct Block {
   void* ptr;
@@ -36,7 +31,7 @@ class OutputCache final : public c10::Allocator {
   }
 
   c10::DataPtr allocate(std::size_t n) override {
-    if (n < kMinCached || cap_ == 0) return c10::GetDefaultCPUAllocator()->allocate(n);
+    if (n < kMinCached || cap_.load(std::memory_order_relaxed) == 0) return c10::GetDefaultCPUAllocator()->allocate(n);
     const std::size_t size = (n + kAlign - 1) / kAlign * kAlign;
     void* ptr = nullptr;
     {
@@ -82,8 +77,10 @@ class OutputCache final : public c10::Allocator {
     return cached_;
   }
 
+  void set_cap(std::size_t bytes) { cap_.store(bytes, std::memory_order_relaxed); }
+
  private:
-  OutputCache() : cap_(cap_from_env()) {}
+  OutputCache() = default;
 
   // Tensors in our blocks count in the profiler's memory view, as torch's own allocations do.
   void report(void* ptr, int64_t delta) {
@@ -104,7 +101,7 @@ class OutputCache final : public c10::Allocator {
   void put(void* ptr, std::size_t size) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + size <= cap_) {
+      if (cached_ + size <= cap_.load(std::memory_order_relaxed)) {
         free_[size].push_back(ptr);
         cached_ += size;
         return;
@@ -113,7 +110,7 @@ class OutputCache final : public c10::Allocator {
     std::free(ptr);
   }
 
-  const std::size_t cap_;
+  std::atomic<std::size_t> cap_{kDefaultCap};
   std::mutex mutex_;
   std::map<std::size_t, std::vector<void*>> free_;
   std::size_t cached_ = 0;
@@ -130,5 +127,7 @@ at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype) {
 std::size_t empty_cpu_output_cache() { return OutputCache::get().empty(); }
 
 std::size_t cpu_output_cache_bytes() { return OutputCache::get().cached(); }
+
+void set_cpu_output_cache_limit(std::size_t bytes) { OutputCache::get().set_cap(bytes); }
 
 }  // namespace purified_ops

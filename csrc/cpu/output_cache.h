@@ -4,8 +4,9 @@
 // on free; the next step's outputs then fault in fresh, zeroed pages, which on a 2-core VM costs
 // as much as the kernel itself (measured: 20 ms of a 30 ms backward at 8192 x 1024 float32).
 // Like torch's CUDA allocator, this keeps freed blocks for reuse, up to a cap
-// (PURIFIED_OPS_CPU_CACHE_MB, default 512; 0 turns it off), in 2 MiB-aligned blocks with
-// transparent huge pages requested. Blocks below 1 MiB go to torch's allocator.
+// (512 MiB unless set: PURIFIED_OPS_CPU_CACHE_MB, parsed by purified_ops/_settings.py and set
+// when the module is loaded; 0 turns it off), in 2 MiB-aligned blocks with transparent huge
+// pages requested. Blocks below 1 MiB go to torch's allocator.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,5 +23,8 @@ std::size_t empty_cpu_output_cache();
 
 // Bytes held in the cache now (not in tensors).
 std::size_t cpu_output_cache_bytes();
+
+// The most bytes the cache holds for reuse (freed blocks beyond it go back to the OS).
+void set_cpu_output_cache_limit(std::size_t bytes);
 
 }  // namespace purified_ops

@@ -16,7 +16,6 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <string>
 
 #include <vector>
 
@@ -27,6 +26,7 @@
 #include "../purify_host.h"
 #include "../row_math.h"
 #include "output_cache.h"
+#include "streaming_stores.h"
 
 namespace purified_ops {
 namespace {
@@ -107,13 +107,9 @@ inline int64_t last_level_cache_bytes() {
 template <typename T>
 bool use_streaming_stores(const void* out, int64_t D, int64_t total_bytes) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  // PURIFIED_OPS_STREAMING_STORES=0 or 1 overrides the size rule (read once).
-  static const int forced = [] {
-    const char* v = std::getenv("PURIFIED_OPS_STREAMING_STORES");
-    return v == nullptr ? -1 : std::string(v) == "0" ? 0 : std::string(v) == "1" ? 1 : -1;
-  }();
-  if (forced == 0) return false;
-  const bool always = forced == 1;
+  const StreamingStores mode = streaming_stores();  // PURIFIED_OPS_STREAMING_STORES overrides the size rule
+  if (mode == StreamingStores::kNever) return false;
+  const bool always = mode == StreamingStores::kAlways;
   static const int64_t llc = last_level_cache_bytes();
   constexpr int64_t kVecBytes = static_cast<int64_t>(sizeof(Vectorized<T>));
   return (always || total_bytes > llc / 2) && reinterpret_cast<uintptr_t>(out) % kVecBytes == 0 &&
