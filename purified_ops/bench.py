@@ -434,7 +434,8 @@ def to_rows(results: list[Measurement]) -> list[dict]:
 
 
 def upsert_csv(path: str, rows: list[dict]) -> None:
-    """Adds rows to a long-format CSV, replacing earlier rows with the same key."""
+    """Adds rows to a long-format CSV, replacing earlier rows with the same key; its folder must
+    exist (none is made)."""
     old = []
     if os.path.exists(path):
         with open(path, newline="") as f:
@@ -442,7 +443,6 @@ def upsert_csv(path: str, rows: list[dict]) -> None:
     key = lambda r: tuple(str(r[k]) for k in CSV_KEY)  # noqa: E731
     new_keys = {key(r) for r in rows}
     merged = [r for r in old if key(r) not in new_keys] + rows
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()

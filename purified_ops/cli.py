@@ -4,12 +4,15 @@ formula and torch.compile), ``demo`` (PurifiedLearning on digits)."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import platform
 import sys
 
 import torch
 
+from . import _arguments as arg
 from ._extras import MissingExtraError
 
 
@@ -62,10 +65,6 @@ def _bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("purified-ops bench: no CUDA device here (--dry-run --device cpu checks a sweep on the CPU)",
-              file=sys.stderr)
-        return 2
     given = {k: getattr(args, k) for k in bench.DEFAULTS if getattr(args, k) is not None}
     settings = bench.sweep_settings(args.preset, given, args.dry_run)
     cases = bench.cases_for(args.device, settings["dtypes"], settings["N"], settings["D"], settings["K"],
@@ -85,8 +84,25 @@ def _bench(args) -> int:
     return 0
 
 
+def _bench_csv(text: str) -> str:
+    """A CSV to upsert rows into: a new file in an existing folder, or a CSV with the key columns."""
+    from .bench import CSV_KEY
+
+    path = arg.output_file(text)
+    if os.path.exists(path):
+        try:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise argparse.ArgumentTypeError(f"{path!r} cannot be read as a CSV ({exc})") from None
+        if header and not set(CSV_KEY) <= set(header):
+            raise argparse.ArgumentTypeError(f"{path!r} is not a CSV of this benchmark (its columns lack "
+                                             f"{', '.join(k for k in CSV_KEY if k not in header)})")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="purified-ops", description=__doc__)
+    parser = arg.Parser(prog="purified-ops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="version, backends and build information")
     info.add_argument("--json", action="store_true", help="one JSON object")
@@ -106,24 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import DTYPES, MODES, PRESETS, PROVIDERS
 
     bench = sub.add_parser("bench", help="time purify against the eager formula and torch.compile of it")
-    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bench.add_argument("--device", type=arg.device("cpu", "cuda"), default="cpu",
+                       help="cpu (default) or cuda (--dry-run --device cpu checks a sweep on the CPU)")
     bench.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: float32")
-    bench.add_argument("--K", nargs="+", type=int, help="default: 1 4")
-    bench.add_argument("--N", nargs="+", type=int, help="default: 2048 8192")
-    bench.add_argument("--D", nargs="+", type=int, help="default: 1024")
+    bench.add_argument("--K", nargs="+", type=arg.integer(1), help="default: 1 4")
+    bench.add_argument("--N", nargs="+", type=arg.integer(1), help="default: 2048 8192")
+    bench.add_argument("--D", nargs="+", type=arg.integer(1), help="default: 1024")
     bench.add_argument("--modes", nargs="+", choices=MODES, help="default: all")
     bench.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    bench.add_argument("--reps", type=int, help="timed repetitions per provider and case (default: 30)")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    bench.add_argument("--csv", nargs="+", help="upsert the rows into these long-format CSVs, case by case")
+    bench.add_argument("--reps", type=arg.integer(1), help="timed repetitions per provider and case (default: 30)")
+    bench.add_argument("--threads", type=arg.integer(0), default=0, help="torch threads (default 0: torch's choice)")
+    bench.add_argument("--csv", nargs="+", type=_bench_csv,
+                       help="upsert the rows into these long-format CSVs, case by case (their folders must exist)")
     bench.add_argument("--preset", choices=sorted(PRESETS),
                        help="a named sweep (dtypes, N, D, K, modes, reps, max-gib, compile-dynamic; flags "
                             "given override it); 'cuda' is the GPU benchmark of benchmarks/gpu_check.sh")
     bench.add_argument("--dry-run", action="store_true",
                        help="the sweep at tiny sizes (N=64, D 256 and 1000, 3 reps): a check of the run, not numbers")
-    bench.add_argument("--budget-s", type=float, default=None,
+    bench.add_argument("--budget-s", type=arg.real(0, open_lo=True), default=None,
                        help="start no case after this many seconds (the skipped ones are listed)")
-    bench.add_argument("--max-gib", type=float, default=None,
+    bench.add_argument("--max-gib", type=arg.real(0, open_lo=True), default=None,
                        help="lower N so that a case's minimal full-step bytes stay within this many GiB")
     bench.add_argument("--compile-dynamic", action="store_true", default=None,
                        help="torch.compile the formula with dynamic shapes (one graph for many sizes)")

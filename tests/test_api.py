@@ -206,3 +206,89 @@ def test_fallback_without_extension(monkeypatch):
 def test_cli_info():
     out = subprocess.run([sys.executable, "-m", "purified_ops", "info"], capture_output=True, text=True, check=True).stdout
     assert "backends: ['cpu'" in out and "cpu_capability:" in out and "openmp: True" in out
+
+
+NO_CUDA = not torch.cuda.is_available()
+# (command line, what its one-line error says): every value is checked while the command line is
+# parsed, before any work starts (issue 20: these gave tracebacks, empty tables, or runs of
+# minutes before failing).
+BAD_COMMAND_LINES = [
+    ("bench --N 0", "argument --N: must be >= 1, got 0"),
+    ("bench --N -5", "argument --N: must be >= 1, got -5"),
+    ("bench --D 0", "argument --D: must be >= 1, got 0"),
+    ("bench --K 0", "argument --K: must be >= 1, got 0"),
+    ("bench --K 1 two", "argument --K: must be a whole number >= 1, got 'two'"),
+    ("bench --reps 0", "argument --reps: must be >= 1, got 0"),
+    ("bench --threads -1", "argument --threads: must be >= 0, got -1"),
+    ("bench --budget-s 0", "argument --budget-s: must be a finite number > 0, got 0"),
+    ("bench --max-gib nan", "argument --max-gib: must be a finite number > 0, got nan"),
+    ("bench --device tpu", "argument --device: must be one of cpu, cuda, got 'tpu'"),
+    pytest.param("bench --device cuda", "argument --device: 'cuda': no CUDA device here",
+                 marks=pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")),
+    ("demo --sizes 0", "argument --sizes: must be from 1 to 1000, got 0"),
+    ("demo --sizes 50 -5", "argument --sizes: must be from 1 to 1000, got -5"),
+    ("demo --default-size 1001", "argument --default-size: must be from 1 to 1000, got 1001"),
+    ("demo --steps 0", "argument --steps: must be >= 1, got 0"),
+    ("demo --seeds 0", "argument --seeds: must be >= 1, got 0"),
+    ("demo --batch-size 0", "argument --batch-size: must be >= 1, got 0"),
+    ("demo --lr -0.001", "argument --lr: must be a finite number > 0, got -0.001"),
+    ("demo --irrelevant-weight inf", "argument --irrelevant-weight: must be a finite number >= 0, got inf"),
+    ("demo --rho 1.5", "argument --rho: must be a finite number >= 0 and <= 1, got 1.5"),
+    ("demo --k 0", "argument --k: must be >= 1, got 0"),
+    ("demo --bank-top 25", "argument --bank-top: must be from 1 to 24, got 25"),
+    ("demo --threads 0", "argument --threads: must be >= 1, got 0"),
+    ("demo --jobs 0", "argument --jobs: must be >= 1, got 0"),
+    ("demo --device tpu", "argument --device: must be one of cpu, cuda, cuda:N, auto, got 'tpu'"),
+    pytest.param("demo --device cuda", "argument --device: 'cuda': no CUDA device here",
+                 marks=pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")),
+    pytest.param("demo --device cuda:7", "argument --device: 'cuda:7': no CUDA device here",
+                 marks=pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")),
+]
+
+
+@pytest.mark.parametrize("command, message", BAD_COMMAND_LINES)
+def test_cli_rejects_bad_arguments_before_any_work(command, message, capsys):
+    from purified_ops import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(command.split())
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    prog = f"purified-ops {command.split()[0]}"
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"{prog}: error: {message}") and err.endswith(f"(see {prog} --help)\n")
+
+
+@pytest.mark.parametrize("option", ["bench --csv", "demo --table", "demo --plot"])
+def test_cli_writes_only_into_existing_folders(option, tmp_path, capsys):
+    from purified_ops import cli
+
+    target = tmp_path / "missing" / "out.csv"
+    for path, message in ((target, f"the folder of '{target}' does not exist (it is not created)"),
+                          (tmp_path, f"'{tmp_path}' is a folder, not a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*option.split(), str(path)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"purified-ops {option.split()[0]}: error: argument "
+                                                  f"{option.split()[1]}: {message}")
+    assert list(tmp_path.iterdir()) == []  # no folder made
+
+
+def test_cli_bench_does_not_overwrite_a_file_that_is_not_its_csv(tmp_path, capsys):
+    from purified_ops import cli
+
+    other = tmp_path / "notes.csv"
+    other.write_text("name,value\na,1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--dry-run", "--csv", str(other)])
+    assert exit_info.value.code == 2
+    assert "is not a CSV of this benchmark (its columns lack device_name" in capsys.readouterr().err
+    assert other.read_text() == "name,value\na,1\n"
+
+
+@pytest.mark.parametrize("command", ["bench --N 0", "demo --sizes 0", "demo --device tpu"])
+def test_cli_argument_errors_are_one_line_without_traceback(command):
+    out = subprocess.run([sys.executable, "-m", "purified_ops", *command.split()], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr, out.stderr

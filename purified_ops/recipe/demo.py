@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _arguments as arg
 from .._extras import require_extra
 from ..layer import PurifyLayer
 from .learning import (ClassSubspaceBank, InputPurifiedNet, LowRankProbe, MarginalLogits, PurifiedNet,
@@ -74,7 +75,9 @@ VARIANTS = ("subspace", "per_sample")
 SUBSPACE_K = 16              # directions of pixel space removed by the subspace variant
 REGIMES = ("correlated", "independent")
 N_TEXTURES = 4
+DIGITS = 1797                # images in scikit-learn's digits
 TEST_SIZE = 797
+POOL_SIZE = DIGITS - TEST_SIZE  # the training pool: the largest training set
 SPLIT_SEED = 20210222        # the fixed train-pool / test split
 TEST_NUISANCE_SEED = 777     # the test set's nuisance (independent of the digit)
 NUISANCES = ("texture", "grating")
@@ -391,7 +394,6 @@ def plot(results: dict, sizes, path: str, *, default_size=None, arms=ARMS, nuisa
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -407,24 +409,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regime", choices=(*REGIMES, "both"), default="both",
                    help="nuisance independent of the digit, correlated in training only, or both "
                         "(default; the JSON's headline lists are for the first: correlated)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400],
-                   help="training-set sizes of the learning curve (default: 50 100 200 400)")
-    p.add_argument("--default-size", type=int, default=100,
+    size = arg.integer(1, POOL_SIZE)
+    p.add_argument("--sizes", type=size, nargs="+", default=[50, 100, 200, 400],
+                   help=f"training-set sizes of the learning curve, 1 to {POOL_SIZE} (default: 50 100 200 400)")
+    p.add_argument("--default-size", type=size, default=100,
                    help="the size the verdict and the JSON's accuracy lists are for (default 100)")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per arm and size (default 5)")
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps per run (default 500)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--irrelevant-weight", type=float, default=1.0)
+    p.add_argument("--seeds", type=arg.integer(1), default=5, help="seeds per arm and size (default 5)")
+    p.add_argument("--steps", type=arg.integer(1), default=500, help="optimizer steps per run (default 500)")
+    p.add_argument("--batch-size", type=arg.integer(1), default=32)
+    p.add_argument("--lr", type=arg.real(0, open_lo=True), default=1e-3)
+    p.add_argument("--irrelevant-weight", type=arg.real(0), default=1.0)
     p.add_argument("--variant", choices=VARIANTS, default="subspace",
                    help="texture's purified arm: subspace purification of the input against K learned "
                         "directions shared by all samples (default), or one direction per sample in "
                         "feature space")
-    p.add_argument("--k", type=int, default=SUBSPACE_K,
+    p.add_argument("--k", type=arg.integer(1), default=SUBSPACE_K,
                    help=f"directions of the subspace variant and of the grating's shared arm (default {SUBSPACE_K})")
-    p.add_argument("--bank-k", type=int, default=BANK_K,
+    p.add_argument("--bank-k", type=arg.integer(1), default=BANK_K,
                    help=f"grating's per-sample arm: directions per grating class (default {BANK_K})")
-    p.add_argument("--bank-top", type=int, default=BANK_TOP,
+    p.add_argument("--bank-top", type=arg.integer(1, math.prod(GRATING_CLASSES)), default=BANK_TOP,
                    help=f"grating's per-sample arm: z stacks the subspaces of this many most probable "
                         f"classes (default {BANK_TOP})")
     p.add_argument("--bank-init", choices=("moments", "random"), default="moments",
@@ -441,18 +444,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "weighted training set; learning.balancing_tables)")
     p.add_argument("--no-detach", action="store_true",
                    help="purified arm: let the task loss reach the irrelevant encoder through z")
-    p.add_argument("--rho", type=float, default=0.9,
+    p.add_argument("--rho", type=arg.real(0, 1), default=0.9,
                    help="correlated regime: share of training images whose texture is digit mod 4")
-    p.add_argument("--plot", default="purified_demo.png",
-                   help="PNG of the learning curves (default purified_demo.png; '' for none)")
-    p.add_argument("--table", default=None, help="also write the table to this text file")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--plot", type=_plot_file, default="purified_demo.png",
+                   help="PNG of the learning curves (default purified_demo.png; '' for none; its folder must exist)")
+    p.add_argument("--table", type=arg.output_file, default=None,
+                   help="also write the table to this text file (its folder must exist)")
+    p.add_argument("--threads", type=arg.integer(1), default=1, help="torch CPU threads per run (default 1)")
+    p.add_argument("--jobs", type=arg.integer(1), default=None,
                    help="runs in parallel, each in its own process (default: on the CPU, the available "
                         "CPUs divided by --threads; else 1); the results do not depend on it")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    p.add_argument("--device", type=arg.device("cpu", "cuda", "cuda:N", "auto"), default="cpu",
+                   help="cpu (default), cuda (or cuda:N), or auto")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _plot_file(text: str) -> str:
+    return text if text == "" else arg.output_file(text)
 
 
 def available_cpus() -> int:
@@ -506,15 +515,10 @@ def run_jobs(jobs, options: dict, *, workers: int = 1, threads: int = 1, on_done
 
 
 def run(args) -> dict:
-    threads = max(1, args.threads)
+    """The runs of the command line's arguments (checked by add_arguments' types)."""
+    threads = args.threads
     regimes = list(REGIMES) if args.regime == "both" else [args.regime]
     sizes = sorted(set(args.sizes) | {args.default_size})
-    if args.seeds < 1:
-        raise SystemExit("--seeds must be >= 1")
-    if args.k < 1 or args.bank_k < 1 or not 1 <= args.bank_top <= math.prod(GRATING_CLASSES):
-        raise SystemExit(f"--k and --bank-k must be >= 1, --bank-top in [1, {math.prod(GRATING_CLASSES)}]")
-    if args.jobs is not None and args.jobs < 1:
-        raise SystemExit("--jobs must be >= 1")
     workers = args.jobs if args.jobs is not None else default_jobs(args.device, threads)
     arms = demo_arms(args.nuisance)
     jobs = [(r, n, s, a) for r in regimes for n in sizes for s in range(args.seeds) for a in arms]
