@@ -112,8 +112,8 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
 }
 
 // Appends the next outer dim to `dims` (filled inner to outer), merged into the previous,
-// inner one when every tensor's strides make the two one dim.
-static void push_outer_dim(DimList& dims, int64_t size, int64_t xs, int64_t gs, int64_t rs,
+// inner one when every tensor's strides make the two one dim; false when `dims` is full.
+static bool push_outer_dim(DimList& dims, int64_t size, int64_t xs, int64_t gs, int64_t rs,
                            int64_t zs) {
   if (dims.ndim > 0) {
     const int p = dims.ndim - 1;
@@ -121,17 +121,17 @@ static void push_outer_dim(DimList& dims, int64_t size, int64_t xs, int64_t gs, 
     if (xs == dims.x_stride[p] * n && gs == dims.g_stride[p] * n &&
         rs == dims.row_stride[p] * n && zs == dims.z_stride[p] * n) {
       dims.size[p] *= size;
-      return;
+      return true;
     }
   }
-  TORCH_CHECK_VALUE(dims.ndim < kMaxGridDims, "purify: more than ", kMaxGridDims,
-                    " alternating broadcast and non-broadcast leading dims are not supported");
+  if (dims.ndim == kMaxGridDims) return false;
   dims.size[dims.ndim] = size;
   dims.x_stride[dims.ndim] = xs;
   dims.g_stride[dims.ndim] = gs;
   dims.row_stride[dims.ndim] = rs;
   dims.z_stride[dims.ndim] = zs;
   ++dims.ndim;
+  return true;
 }
 
 // Reverses a list filled inner to outer, since decode_offsets reads outermost first.
@@ -148,8 +148,9 @@ static DimList outer_first(const DimList& r) {
   return d;
 }
 
-RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor* grad_y) {
-  RowGrid grid;
+bool try_make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor* grad_y, RowGrid* out) {
+  RowGrid& grid = *out;
+  grid = RowGrid();
   grid.D = x.size(-1);
   grid.K = static_cast<int>(z.size(-2));
   grid.z_dir_stride = z.stride(-2);
@@ -164,10 +165,10 @@ RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor
     if (n != 1) {
       const int64_t gs = grad_y ? grad_y->stride(i) : 0;
       if (z.size(i) == 1) {
-        push_outer_dim(shared_rev, n, x.stride(i), gs, row_stride, 0);
+        if (!push_outer_dim(shared_rev, n, x.stride(i), gs, row_stride, 0)) return false;
         grid.group_size *= n;
       } else {
-        push_outer_dim(group_rev, n, x.stride(i), gs, row_stride, z.stride(i));
+        if (!push_outer_dim(group_rev, n, x.stride(i), gs, row_stride, z.stride(i))) return false;
         grid.groups *= n;
       }
     }
@@ -175,7 +176,87 @@ RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor
   }
   grid.group = outer_first(group_rev);
   grid.shared = outer_first(shared_rev);
+  return true;
+}
+
+RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor* grad_y) {
+  RowGrid grid;
+  TORCH_CHECK(try_make_row_grid(x, z, grad_y, &grid), "purify: internal error: x ", x.sizes(), " ", x.strides(),
+              " and z ", z.sizes(), " ", z.strides(), " reached a kernel without being grouped for the row grid");
   return grid;
+}
+
+GroupedRows group_rows(const at::Tensor& x, const at::Tensor& z) {
+  GroupedRows r;
+  const int64_t lead = x.dim() - 1;
+  std::vector<int64_t> shared;
+  for (int64_t i = 0; i < lead; ++i) {
+    if (z.size(i) == 1 && x.size(i) != 1) {
+      shared.push_back(i);
+      r.T *= x.size(i);
+    } else {
+      r.perm.push_back(i);
+      r.G *= x.size(i);
+    }
+  }
+  r.perm.insert(r.perm.end(), shared.begin(), shared.end());
+  int64_t last = -1;  // the order of x's rows is the order of its non-unit dims
+  for (const int64_t i : r.perm) {
+    if (x.size(i) == 1) continue;
+    r.in_order = r.in_order && i > last;
+    last = i;
+  }
+  return r;
+}
+
+at::Tensor to_grouped(const at::Tensor& t, const GroupedRows& r, at::ScalarType dtype) {
+  std::vector<int64_t> perm = r.perm;
+  perm.push_back(t.dim() - 1);
+  return t.permute(perm).reshape({r.G, r.T, t.size(-1)}).to(dtype);
+}
+
+at::Tensor z_grouped(const at::Tensor& z, const GroupedRows& r, at::ScalarType dtype) {
+  std::vector<int64_t> perm = r.perm;
+  perm.push_back(z.dim() - 2);
+  perm.push_back(z.dim() - 1);
+  return z.permute(perm).reshape({r.G, z.size(-2), z.size(-1)}).to(dtype);
+}
+
+// [G, T, last] with x's leading dims (x's sizes), in x's order (a view of t3).
+static at::Tensor ungrouped(const at::Tensor& t3, at::IntArrayRef x_sizes, const GroupedRows& r) {
+  std::vector<int64_t> shape, inverse(r.perm.size() + 1);
+  for (size_t j = 0; j < r.perm.size(); ++j) {
+    shape.push_back(x_sizes[r.perm[j]]);
+    inverse[r.perm[j]] = static_cast<int64_t>(j);
+  }
+  shape.push_back(t3.size(-1));
+  inverse.back() = static_cast<int64_t>(r.perm.size());
+  return t3.reshape(shape).permute(inverse);
+}
+
+at::Tensor from_grouped(const at::Tensor& t3, const at::Tensor& x, const GroupedRows& r, at::ScalarType dtype) {
+  return ungrouped(t3, x.sizes(), r).to(dtype).contiguous();
+}
+
+at::Tensor GroupedCall::rows(const at::Tensor& t) const {
+  return to_grouped(t, rows_, t.scalar_type()).contiguous();
+}
+
+at::Tensor GroupedCall::directions(const at::Tensor& z) const {
+  return z_grouped(z, rows_, z.scalar_type()).unsqueeze(1);
+}
+
+at::Tensor GroupedCall::per_z_row(const at::Tensor& t) const {
+  return t.view({rows_.G, 1, t.size(-2), t.size(-1)});
+}
+
+at::Tensor GroupedCall::output(const at::Tensor& out) const {
+  if (rows_.in_order) return out.view({rows_.G, rows_.T, out.size(-1)});
+  return at::empty({rows_.G, rows_.T, out.size(-1)}, out.options());
+}
+
+void GroupedCall::finish(const at::Tensor& out, const at::Tensor& written) const {
+  if (!rows_.in_order) out.copy_(ungrouped(written, x_sizes_, rows_));
 }
 
 at::Tensor empty_like_device(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor& like) {

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
+#include <vector>
 
 #include "row_grid.h"
 
@@ -28,8 +29,79 @@ void check_forward_outputs(const at::Tensor& x, const at::Tensor& z, const at::T
 void check_backward_outputs(const at::Tensor& x, const at::Tensor& z, bool compute_grad_z,
                             const at::Tensor& dx, const at::Tensor& dz, const at::Tensor& ds);
 
-// x and grad_y must have unit stride in the last dim (see unit_last_stride).
+// The row grid of a call (x and grad_y with unit stride in the last dim, see unit_last_stride),
+// or false where its layout needs more than kMaxGridDims dims of one kind after merging.
+bool try_make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor* grad_y, RowGrid* grid);
+// The same for a call that fits (forward_in_row_grid and backward_in_row_grid see to it).
 RowGrid make_row_grid(const at::Tensor& x, const at::Tensor& z, const at::Tensor* grad_y);
+
+// x's leading dims split into z's own (group) dims, first, and the dims z broadcasts over
+// (shared) after them, each kind in its order: x's rows as [G, T] (G z rows, T x rows each one
+// serves), and z as [G, K, D], a z row shared by many x rows never expanded.
+struct GroupedRows {
+  std::vector<int64_t> perm;  // x's leading dims, group dims first
+  int64_t G = 1, T = 1;
+  bool in_order = true;       // the permutation keeps the order of x's rows (size-1 dims aside)
+};
+GroupedRows group_rows(const at::Tensor& x, const at::Tensor& z);
+// [..., last] tensor t with x's leading dims as [G, T, last] in `dtype` (a view where possible).
+at::Tensor to_grouped(const at::Tensor& t, const GroupedRows& r, at::ScalarType dtype);
+// z [..., K, D] as [G, K, D] in `dtype` (a view where possible).
+at::Tensor z_grouped(const at::Tensor& z, const GroupedRows& r, at::ScalarType dtype);
+// The inverse of to_grouped: [G, T, last] back to x's leading dims, contiguous, in `dtype`.
+at::Tensor from_grouped(const at::Tensor& t3, const at::Tensor& x, const GroupedRows& r, at::ScalarType dtype);
+
+// A call whose rows the grid cannot address in place (a permuted x with many leading dims; more
+// than kMaxGridDims alternations of z's own and broadcast dims) runs grouped: x and grad_y as
+// [G, T, D] and coeff as [G, T, K] (contiguous: views where they are, else copies), z as
+// [G, 1, K, D] (a view or a z-sized copy, never expanded). Row-indexed outputs are views of
+// the given ones where the grouping keeps row order, else [G, T, ...] buffers copied back after
+// the kernel; z-row-indexed ones (chol, dz) keep their order and are written in place.
+class GroupedCall {
+ public:
+  GroupedCall(const at::Tensor& x, const at::Tensor& z) : x_sizes_(x.sizes().vec()), rows_(group_rows(x, z)) {}
+  at::Tensor rows(const at::Tensor& t) const;        // an input with x's leading dims
+  at::Tensor directions(const at::Tensor& z) const;  // z
+  at::Tensor per_z_row(const at::Tensor& t) const;   // chol or dz: [*z.shape[:-2], a, b] as [G, 1, a, b]
+  at::Tensor output(const at::Tensor& out) const;    // where the kernel writes `out`'s rows
+  void finish(const at::Tensor& out, const at::Tensor& written) const;  // copies `written` back
+
+ private:
+  std::vector<int64_t> x_sizes_;
+  GroupedRows rows_;
+};
+
+// Runs `run(x, z, y, coeff, chol)` on tensors the row grid addresses: the given ones, or their
+// grouped form (GroupedCall). x and z have unit last stride; the outputs are contiguous.
+template <typename Run>
+void forward_in_row_grid(const at::Tensor& x, const at::Tensor& z, at::Tensor& y, at::Tensor& coeff,
+                         at::Tensor& chol, Run&& run) {
+  RowGrid grid;
+  if (try_make_row_grid(x, z, nullptr, &grid)) {
+    run(x, z, y, coeff, chol);
+    return;
+  }
+  const GroupedCall call(x, z);
+  at::Tensor y_rows = call.output(y), coeff_rows = call.output(coeff), chol_rows = call.per_z_row(chol);
+  run(call.rows(x), call.directions(z), y_rows, coeff_rows, chol_rows);
+  call.finish(y, y_rows);
+  call.finish(coeff, coeff_rows);
+}
+
+// Runs `run(g, x, z, coeff, chol, dx, dz)` likewise (dz is [0] unless compute_grad_z).
+template <typename Run>
+void backward_in_row_grid(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& coeff,
+                          const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx, at::Tensor& dz, Run&& run) {
+  RowGrid grid;
+  if (try_make_row_grid(x, z, &g, &grid)) {
+    run(g, x, z, coeff, chol, dx, dz);
+    return;
+  }
+  const GroupedCall call(x, z);
+  at::Tensor dx_rows = call.output(dx), dz_rows = compute_grad_z ? call.per_z_row(dz) : dz;
+  run(call.rows(g), call.rows(x), call.directions(z), call.rows(coeff), call.per_z_row(chol), dx_rows, dz_rows);
+  call.finish(dx, dx_rows);
+}
 
 // `t` itself when its last dim is contiguous (or has one element), else a contiguous copy.
 at::Tensor unit_last_stride(const at::Tensor& t);

@@ -11,8 +11,9 @@
 
 namespace purified_ops {
 
-// Dims left after dropping size-1 dims and merging neighbours; alternating group/shared
-// dims beyond this many are rejected by the host with a clear error.
+// Dims of one kind (group or shared) left after dropping size-1 dims and merging neighbours;
+// a call that needs more (a permuted x with many leading dims) is grouped by the host first
+// (purify_host.h, GroupedCall), so the kernels see at most one dim of each kind.
 constexpr int kMaxGridDims = 12;
 
 struct DimList {

@@ -163,6 +163,17 @@ def test_broadcast_patterns_interleaved(target):
         check_against_reference(x, z, ops=target.ops)
 
 
+def test_more_leading_dims_than_the_row_grid_holds(target, many_dims):
+    # The fused kernels' host code runs such a call grouped (purify_host.h): every output of the
+    # raw ops bitwise that of the contiguous inputs (whose accuracy the other tests check).
+    x, z = many_dims(target.device)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(x)
+    got = run_ops(x, z, 0.9, 1e-4, g, ops=target.ops)
+    contiguous = run_ops(x.contiguous(), z.contiguous(), 0.9, 1e-4, g, ops=target.ops)
+    for a, b in zip(got, contiguous):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
 def test_offset_and_misaligned_inputs(target, dtype):
     torch.manual_seed(2)

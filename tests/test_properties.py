@@ -136,6 +136,22 @@ def test_any_strides_equal_contiguous(device, layout):
     assert rel_err(y, truth(x, z, 0.9)) < 1e-5
 
 
+def test_more_leading_dims_than_the_row_grid_holds(device, many_dims):
+    x, z = many_dims(device)
+
+    def run(x, z):
+        x, z = x.detach().requires_grad_(), z.detach().requires_grad_()
+        s = torch.tensor(0.9, device=device, requires_grad=True)
+        y = purify(x, z, strength=s)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+        return (y, *torch.autograd.grad(y, (x, z, s), g))
+
+    got, contiguous = run(x, z), run(x.contiguous(), z.contiguous())
+    for a, b in zip(got, contiguous):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert rel_err(got[0], truth(x, z, 0.9)) < 1e-5
+
+
 @pytest.mark.parametrize("shapes", [((0, 8), (0, 2, 8)), ((0, 8), (1, 8)), ((4, 0), (4, 3, 0)),
                                     ((2, 0, 5), (2, 1, 5)), ((3, 4, 0), (1, 4, 2, 0)),
                                     ((0, 16), (0, 20, 16)), ((4, 0), (4, 20, 0))])  # K > 16 too

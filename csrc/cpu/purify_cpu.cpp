@@ -507,7 +507,8 @@ at::Tensor cached_output(at::IntArrayRef sizes, at::ScalarType dtype, const at::
 }
 
 // The forward into given outputs, for checked arguments (x and z with unit last stride); the
-// functional and the _out op differ only in where the outputs come from.
+// functional and the _out op differ only in where the outputs come from. A layout the row grid
+// cannot address runs grouped (forward_in_row_grid, purify_host.h).
 void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
                   at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
   if (x.numel() == 0 && x.size(-1) != 0) {
@@ -515,8 +516,11 @@ void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& st
     return;
   }
   const double s = strength.item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_forward_cpu", [&] {
-    forward_kernel<scalar_t>(x, z, s, eps, y, coeff, chol);
+  forward_in_row_grid(x, z, y, coeff, chol, [&](const at::Tensor& xr, const at::Tensor& zr, at::Tensor& yr,
+                                                at::Tensor& coeffr, at::Tensor& cholr) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_forward_cpu", [&] {
+      forward_kernel<scalar_t>(xr, zr, s, eps, yr, coeffr, cholr);
+    });
   });
 }
 
@@ -524,8 +528,12 @@ void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z
                    const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx,
                    at::Tensor& dz, at::Tensor& ds) {
   const double s = strength.item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_backward_cpu", [&] {
-    backward_kernel<scalar_t>(g, x, z, s, coeff, chol, dx, compute_grad_z ? &dz : nullptr, ds);
+  backward_in_row_grid(g, x, z, coeff, chol, compute_grad_z, dx, dz,
+                       [&](const at::Tensor& gr, const at::Tensor& xr, const at::Tensor& zr, const at::Tensor& coeffr,
+                           const at::Tensor& cholr, at::Tensor& dxr, at::Tensor& dzr) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_backward_cpu", [&] {
+      backward_kernel<scalar_t>(gr, xr, zr, s, coeffr, cholr, dxr, compute_grad_z ? &dzr : nullptr, ds);
+    });
   });
 }
 

@@ -47,62 +47,14 @@ inline int64_t leading_rows(const at::Tensor& x) {
 // rule for dependent directions included.
 //
 // A z row shared by many x rows (size-1 leading dims of z) is never expanded per row: x's
-// leading dims are permuted group-first, so x is [G, T, D] (G the z rows, T the x rows each
-// one serves; a view when the layout allows, else one copy of x) and z is [G, K, D] (a view
-// or a z-sized copy). Every product is then a batched matmul over the G z rows with the T x
-// rows as columns; at::matmul on [.., 1, K, D] against [.., T, D, 1] would instead expand z to
-// [.., T, K, D] and copy it (N K D elements), and the factor to [.., T, K, K] for the solve.
-// dz of a shared z row, the sum over its T x rows, is one bmm reduction over T (cuBLAS: a
-// fixed order for given shapes and device, no atomics), not an [N, K, D] tensor then summed.
-struct GroupedRows {
-  std::vector<int64_t> perm;  // x's leading dims: z's own (group) dims first, then shared ones
-  int64_t G = 1, T = 1;
-};
-
-inline GroupedRows group_rows(const at::Tensor& x, const at::Tensor& z) {
-  GroupedRows r;
-  const int64_t lead = x.dim() - 1;
-  std::vector<int64_t> shared;
-  for (int64_t i = 0; i < lead; ++i) {
-    if (z.size(i) == 1 && x.size(i) != 1) {
-      shared.push_back(i);
-      r.T *= x.size(i);
-    } else {
-      r.perm.push_back(i);
-      r.G *= x.size(i);
-    }
-  }
-  r.perm.insert(r.perm.end(), shared.begin(), shared.end());
-  return r;
-}
-
-// [..., last] tensor t (x's leading dims) as [G, T, last] in the accumulate dtype.
-inline at::Tensor to_grouped(const at::Tensor& t, const GroupedRows& r, at::ScalarType acc) {
-  std::vector<int64_t> perm = r.perm;
-  perm.push_back(t.dim() - 1);
-  return t.permute(perm).reshape({r.G, r.T, t.size(-1)}).to(acc);
-}
-
-// z [..., K, D] as [G, K, D] in the accumulate dtype (z's shared dims have size 1).
-inline at::Tensor z_grouped(const at::Tensor& z, const GroupedRows& r, at::ScalarType acc) {
-  std::vector<int64_t> perm = r.perm;
-  perm.push_back(z.dim() - 2);
-  perm.push_back(z.dim() - 1);
-  return z.permute(perm).reshape({r.G, z.size(-2), z.size(-1)}).to(acc);
-}
-
-// The inverse of to_grouped: [G, T, last] back to x's leading dims, contiguous, dtype `out`.
-inline at::Tensor from_grouped(const at::Tensor& t3, const at::Tensor& x, const GroupedRows& r, at::ScalarType out) {
-  std::vector<int64_t> shape, inverse(r.perm.size() + 1);
-  for (size_t j = 0; j < r.perm.size(); ++j) {
-    shape.push_back(x.size(r.perm[j]));
-    inverse[r.perm[j]] = static_cast<int64_t>(j);
-  }
-  shape.push_back(t3.size(-1));
-  inverse.back() = static_cast<int64_t>(r.perm.size());
-  return t3.reshape(shape).permute(inverse).to(out).contiguous();
-}
-
+// leading dims are permuted group-first (GroupedRows, purify_host.h), so x is [G, T, D] (G the
+// z rows, T the x rows each one serves; a view when the layout allows, else one copy of x) and
+// z is [G, K, D] (a view or a z-sized copy). Every product is then a batched matmul over the G z
+// rows with the T x rows as columns; at::matmul on [.., 1, K, D] against [.., T, D, 1] would
+// instead expand z to [.., T, K, D] and copy it (N K D elements), and the factor to
+// [.., T, K, K] for the solve. dz of a shared z row, the sum over its T x rows, is one bmm
+// reduction over T (cuBLAS: a fixed order for given shapes and device, no atomics), not an
+// [N, K, D] tensor then summed.
 template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& z,
                                                                const at::Tensor& strength, double eps) {
@@ -154,61 +106,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor
 // The fused forward into given outputs (K <= kMaxCudaFusedK); x and z have unit last stride,
 // the device guard is held.
 template <typename Dev>
-void fused_forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
-                        at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
-  if (leading_rows(x) == 0) {
-    chol.zero_();  // no rows: nothing reads the factor, but it is defined
+void fused_forward_into(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength, double eps,
+                        at::Tensor& y_out, at::Tensor& coeff_out, at::Tensor& chol_out) {
+  if (leading_rows(x_in) == 0) {
+    chol_out.zero_();  // no rows: nothing reads the factor, but it is defined
     return;
   }
-  ForwardParams p;
-  p.x = x.const_data_ptr();
-  p.z = z.const_data_ptr();
-  p.strength = strength.const_data_ptr();
-  p.y = y.mutable_data_ptr();
-  p.coeff = coeff.mutable_data_ptr();
-  p.chol = chol.mutable_data_ptr();
-  p.grid = make_row_grid(x, z, nullptr);
-  p.eps = eps;
-  p.chunks = forward_chunks(p.grid);
-  p.vec = vector_ok(p.grid, x.element_size(), {p.x, p.z, p.y}, false);
-  Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), forward, p, Dev::stream()));
+  forward_in_row_grid(x_in, z_in, y_out, coeff_out, chol_out,
+                      [&](const at::Tensor& x, const at::Tensor& z, at::Tensor& y, at::Tensor& coeff,
+                          at::Tensor& chol) {
+    ForwardParams p;
+    p.x = x.const_data_ptr();
+    p.z = z.const_data_ptr();
+    p.strength = strength.const_data_ptr();
+    p.y = y.mutable_data_ptr();
+    p.coeff = coeff.mutable_data_ptr();
+    p.chol = chol.mutable_data_ptr();
+    p.grid = make_row_grid(x, z, nullptr);
+    p.eps = eps;
+    p.chunks = forward_chunks(p.grid);
+    p.vec = vector_ok(p.grid, x.element_size(), {p.x, p.z, p.y}, false);
+    Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), forward, p, Dev::stream()));
+  });
 }
 
 // The fused backward into given outputs (dz unused unless compute_grad_z); same preconditions.
 template <typename Dev>
-void fused_backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
-                         const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx,
-                         at::Tensor& dz, at::Tensor& ds) {
-  if (leading_rows(x) == 0) {
-    if (compute_grad_z) dz.zero_();
+void fused_backward_into(const at::Tensor& g_in, const at::Tensor& x_in, const at::Tensor& z_in,
+                         const at::Tensor& strength, const at::Tensor& coeff_in, const at::Tensor& chol_in,
+                         bool compute_grad_z, at::Tensor& dx_out, at::Tensor& dz_out, at::Tensor& ds) {
+  if (leading_rows(x_in) == 0) {
+    if (compute_grad_z) dz_out.zero_();
     ds.zero_();
     return;
   }
-  BackwardParams p;
-  p.grid = make_row_grid(x, z, &g);
-  const int64_t K = p.grid.K;
-  p.Dp = padded_row(p.grid.D, x.element_size());
-  p.chunks = backward_chunks(p.grid);
-  const int64_t items = p.grid.groups * p.chunks;
-  const auto acc_opts = x.options().dtype(accumulate_type(x.scalar_type()));
-  at::Tensor gdotp_partial = at::empty({items}, acc_opts);
-  at::Tensor dz_partial;
-  if (compute_grad_z && p.grid.group_size > 1) {
-    dz_partial = at::empty({items * K * p.Dp}, acc_opts);
-    p.dz_partial = dz_partial.mutable_data_ptr();
-  }
-  p.g = g.const_data_ptr();
-  p.x = x.const_data_ptr();
-  p.z = z.const_data_ptr();
-  p.strength = strength.const_data_ptr();
-  p.coeff = coeff.const_data_ptr();
-  p.chol = chol.const_data_ptr();
-  p.dx = dx.mutable_data_ptr();
-  p.dz = compute_grad_z ? dz.mutable_data_ptr() : nullptr;
-  p.gdotp_partial = gdotp_partial.mutable_data_ptr();
-  p.ds = ds.mutable_data_ptr();
-  p.vec = vector_ok(p.grid, x.element_size(), {p.g, p.x, p.z, p.dx, p.dz}, true);
-  Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), backward, p, Dev::stream()));
+  backward_in_row_grid(g_in, x_in, z_in, coeff_in, chol_in, compute_grad_z, dx_out, dz_out,
+                       [&](const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& coeff,
+                           const at::Tensor& chol, at::Tensor& dx, at::Tensor& dz) {
+    BackwardParams p;
+    p.grid = make_row_grid(x, z, &g);
+    const int64_t K = p.grid.K;
+    p.Dp = padded_row(p.grid.D, x.element_size());
+    p.chunks = backward_chunks(p.grid);
+    const int64_t items = p.grid.groups * p.chunks;
+    const auto acc_opts = x.options().dtype(accumulate_type(x.scalar_type()));
+    at::Tensor gdotp_partial = at::empty({items}, acc_opts);
+    at::Tensor dz_partial;
+    if (compute_grad_z && p.grid.group_size > 1) {
+      dz_partial = at::empty({items * K * p.Dp}, acc_opts);
+      p.dz_partial = dz_partial.mutable_data_ptr();
+    }
+    p.g = g.const_data_ptr();
+    p.x = x.const_data_ptr();
+    p.z = z.const_data_ptr();
+    p.strength = strength.const_data_ptr();
+    p.coeff = coeff.const_data_ptr();
+    p.chol = chol.const_data_ptr();
+    p.dx = dx.mutable_data_ptr();
+    p.dz = compute_grad_z ? dz.mutable_data_ptr() : nullptr;
+    p.gdotp_partial = gdotp_partial.mutable_data_ptr();
+    p.ds = ds.mutable_data_ptr();
+    p.vec = vector_ok(p.grid, x.element_size(), {p.g, p.x, p.z, p.dx, p.dz}, true);
+    Dev::check(PURIFY_DISPATCH_LAUNCH(x.scalar_type(), backward, p, Dev::stream()));
+  });
 }
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
