@@ -77,6 +77,7 @@ def test_rotation_exceeds_the_cache_three_times_and_no_more():
 
 
 def test_sweep_writes_each_case_as_it_goes_and_respects_the_budget(tmp_path):
+    (tmp_path / "out").mkdir()  # upsert_csv makes no folders
     paths = [str(tmp_path / "a.csv"), str(tmp_path / "out" / "b.csv")]
     cases = bench.cases_for("cpu", ["bfloat16"], [16], [24, 40], [2], ["backward"])
     seen = []
