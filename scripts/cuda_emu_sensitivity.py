@@ -50,6 +50,10 @@ BUGS = [
      "AddressSanitizer: a 16-byte store past the end of the output"),
     ("K > 16 factor kernel misses the last matrix", "1", "csrc/cuda/purify_factor_grams.cu",
      "if (i < count) cholesky_inplace", "if (i + 1 < count) cholesky_inplace", "wrong y for K > 16"),
+    ("one named barrier id for every team", "1", KERNELS,
+     "named_barrier_sync(id + 1, size);", "named_barrier_sync(1, size);",
+     "emulation check: the barrier's phases completed by different teams' warps (on a GPU, by whichever "
+     "warps arrive first)"),
 ]
 
 TESTS = ("emulated and (broadcast_patterns or vector_path or large_k or broadcast_z_shared and float32 and 512 "
