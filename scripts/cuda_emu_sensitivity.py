@@ -54,9 +54,18 @@ BUGS = [
      "named_barrier_sync(id + 1, size);", "named_barrier_sync(1, size);",
      "emulation check: the barrier's phases completed by different teams' warps (on a GPU, by whichever "
      "warps arrive first)"),
+    ("16-bit outputs truncated", "1", KERNELS,
+     "return __bfloat16_as_ushort(__float2bfloat16_rn(v));\n"
+     "  } else if constexpr (std::is_same<T, __half>::value) {\n"
+     "    return __half_as_ushort(__float2half_rn(v));",
+     "return __bfloat16_as_ushort(__float2bfloat16_rz(v));\n"
+     "  } else if constexpr (std::is_same<T, __half>::value) {\n"
+     "    return __half_as_ushort(__float2half_rz(v));",
+     "rounding test: outputs biased toward zero by half an ulp on average"),
 ]
 
 TESTS = ("emulated and (broadcast_patterns or vector_path or large_k or broadcast_z_shared and float32 and 512 "
+         "or round_to_nearest "
          "or shapes_k_buckets_and_tiles and (1000-1- or 1000-4- or 64-16- or 4100-16-) and (float32 or float64))")
 
 

@@ -19,7 +19,7 @@ import torch
 import purified_ops
 from purified_ops import ops as ops_layer
 from purified_ops import reference
-from purified_ops.testing import DTYPES, TOLERANCE, rel_err, unit_roundoff
+from purified_ops.testing import DTYPES, TOLERANCE, Backend, rel_err, rounding_of_16bit_outputs, unit_roundoff
 
 HAVE_GPU = "cuda" in purified_ops.available_backends()
 needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the CUDA build of purified_ops")
@@ -197,6 +197,14 @@ def test_vector_path_equals_scalar_path(target, dtype, shared):
     vector = run_ops(x.clone(), z.clone(), 0.9, 1e-4, g.clone(), ops=target.ops)
     for a, b in zip(scalar, vector):
         assert torch.equal(a, b)
+
+
+def test_16bit_outputs_round_to_nearest_even(target):
+    # The tolerances hide a 1-ulp bias (truncating float -> bfloat16 passes them): the rounding
+    # itself, against the same ops in float32 (purified_ops.testing.rounding_of_16bit_outputs).
+    backend = Backend(target.name, target.device, target.ops.purify_forward, target.ops.purify_backward)
+    found = rounding_of_16bit_outputs(backend)
+    assert all(r.passed for r in found), [r for r in found if not r.passed]
 
 
 def test_inputs_are_not_written_and_outputs_fully_written(target):
