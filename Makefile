@@ -28,14 +28,17 @@ install: $(VENV)/.built
 test: install
 	$(PY) -m pytest tests -q
 
-# The CUDA kernels emulated on the CPU (README, "CUDA kernels without a GPU"): the CUDA tests
-# through them, a subset under AddressSanitizer and UBSan, and the check that planted bugs are caught.
+# The CUDA kernels emulated on the CPU (README, "CUDA kernels without a GPU"): every test with an
+# emulated case (`make test` runs before this build, so it skips them), `purified-ops verify` over
+# the emulated backend (its quick matrix: tests/test_cuda.py covers the K buckets and layouts), a
+# subset under AddressSanitizer and UBSan, and the check that planted bugs are caught.
 CUDA_EMU_ASAN_TESTS := emulated and (broadcast_patterns or offset or vector_path and float32 or empty or large_k \
 	or inputs_are_not_written or arguments or schedules or broadcast_z_shared and 512-4- \
 	or shapes_k_buckets_and_tiles and (-7- or -1000- or -4100-) and (-1- or -4- or -16-) and (float32 or float16))
 test-cuda-emu: install
 	PURIFIED_OPS_CUDA_EMU=1 $(PY) setup.py build_ext --inplace -q
-	$(PY) -m pytest tests/test_cuda.py -q -k emulated
+	$(PY) -m pytest tests -q -k emulated
+	$(VENV)/bin/purified-ops verify --device cpu --quick
 	PURIFIED_OPS_CUDA_EMU=asan $(PY) setup.py build_ext --inplace -q
 	scripts/with_asan $(PY) -m pytest tests/test_cuda.py -q -p no:cacheprovider -k "$(CUDA_EMU_ASAN_TESTS)"
 	$(PY) scripts/cuda_emu_sensitivity.py

@@ -1,6 +1,7 @@
 """Checks an installed purified_ops where it runs: the fused CPU kernels loaded (not the reference
-fallback), for the expected CPU capability, and they equal the reference, forward and backward.
-Tiny sizes: it also runs under qemu-x86_64 with older CPU models (see scripts/check_dist.sh).
+fallback), for the expected CPU capability, they equal the reference, forward and backward, and
+their 16-bit outputs are rounded to nearest even. Small sizes: it also runs under qemu-x86_64 with
+older CPU models (see scripts/check_dist.sh).
 
 Usage: python scripts/check_install.py [--capability DEFAULT|AVX2|AVX512]
 (run from outside the checkout, or the checkout's package is the one imported)."""
@@ -13,7 +14,7 @@ import torch
 warnings.simplefilter("error")  # a fallback to the reference warns: here that is a failure
 
 import purified_ops  # noqa: E402
-from purified_ops import reference  # noqa: E402
+from purified_ops import reference, testing  # noqa: E402
 
 
 def check_dtype(dtype, shared_z):
@@ -53,9 +54,15 @@ def main():
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         for shared_z in (False, True):
             check_dtype(dtype, shared_z)
+    cpu = next(b for b in testing.discover_backends("cpu") if b.name == "cpu")
+    wrong = [r for r in testing.rounding_of_16bit_outputs(cpu) if not r.passed]
+    if wrong:
+        raise SystemExit(f"check_install: 16-bit outputs not rounded to nearest even (worst <= 1 ulp, |bias| <= "
+                         f"{testing.ROUNDING_BIAS} ulp): {wrong}")
     print(f"check_install: purified_ops {purified_ops.__version__} from {purified_ops.__file__}: "
           f"{info['cpu_capability']} kernels (compiled: {' '.join(info['cpu_capabilities'])}; torch chose "
-          f"{torch.backends.cpu.get_cpu_capability()}) equal the reference, forward and backward")
+          f"{torch.backends.cpu.get_cpu_capability()}) equal the reference, forward and backward, and round "
+          f"16-bit outputs to nearest even")
     return 0
 
 

@@ -50,9 +50,22 @@ BUGS = [
      "AddressSanitizer: a 16-byte store past the end of the output"),
     ("K > 16 factor kernel misses the last matrix", "1", "csrc/cuda/purify_factor_grams.cu",
      "if (i < count) cholesky_inplace", "if (i + 1 < count) cholesky_inplace", "wrong y for K > 16"),
+    ("one named barrier id for every team", "1", KERNELS,
+     "named_barrier_sync(id + 1, size);", "named_barrier_sync(1, size);",
+     "emulation check: the barrier's phases completed by different teams' warps (on a GPU, by whichever "
+     "warps arrive first)"),
+    ("16-bit outputs truncated", "1", KERNELS,
+     "return __bfloat16_as_ushort(__float2bfloat16_rn(v));\n"
+     "  } else if constexpr (std::is_same<T, __half>::value) {\n"
+     "    return __half_as_ushort(__float2half_rn(v));",
+     "return __bfloat16_as_ushort(__float2bfloat16_rz(v));\n"
+     "  } else if constexpr (std::is_same<T, __half>::value) {\n"
+     "    return __half_as_ushort(__float2half_rz(v));",
+     "rounding test: outputs biased toward zero by half an ulp on average"),
 ]
 
 TESTS = ("emulated and (broadcast_patterns or vector_path or large_k or broadcast_z_shared and float32 and 512 "
+         "or round_to_nearest "
          "or shapes_k_buckets_and_tiles and (1000-1- or 1000-4- or 64-16- or 4100-16-) and (float32 or float64))")
 
 

@@ -5,7 +5,7 @@ import torch
 import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, reference
 
-from purified_ops.testing import TOLERANCE, rank_deficient_bound, rel_err, row_err, truth, truth_rank_deficient
+from purified_ops.testing import TOLERANCE, rank_deficient_bound, rel_err, rounding, row_err, truth, truth_rank_deficient
 
 DTYPES = list(TOLERANCE)  # float64, float32, float16, bfloat16
 KS = [1, 2, 5, 16, 20]
@@ -78,3 +78,21 @@ def test_rank_deficient_is_stable(device, dtype):
         # The exact result through the D x D system, well conditioned here.
         err = row_err(y, truth_rank_deficient(x, z), x).max().item()
         assert err <= rank_deficient_bound(dtype, K), f"K={K}, D={D}: {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rounding_check_tells_nearest_even_from_directed_rounding(dtype):
+    # The check of the kernels' 16-bit outputs (scripts/check_install.py for each CPU capability,
+    # tests/test_cuda.py for CUDA) on values rounded by torch, then moved one ulp where rounding
+    # to nearest went away from zero (truncation) or toward it (rounding away from zero).
+    exact = torch.randn(100_000, generator=torch.Generator().manual_seed(5))
+    nearest = exact.to(dtype)
+    away = nearest.abs() > exact.abs()
+    truncated = torch.where(away, torch.nextafter(nearest, torch.zeros_like(nearest)), nearest)
+    infinity = (float("inf") * exact.sign()).to(dtype)
+    rounded_away = torch.where(~away & (nearest != exact), torch.nextafter(nearest, infinity), nearest)
+    assert rounding("nearest", nearest, exact).passed
+    for name, out in (("truncated", truncated), ("away from zero", rounded_away)):
+        found = rounding(name, out, exact)
+        assert found.worst == 1 and not found.passed, found
+        assert abs(abs(found.toward_zero) - 0.5) < 0.05, found

@@ -19,7 +19,7 @@ import torch
 import purified_ops
 from purified_ops import ops as ops_layer
 from purified_ops import reference
-from purified_ops.testing import DTYPES, TOLERANCE, rel_err, unit_roundoff
+from purified_ops.testing import DTYPES, TOLERANCE, Backend, rel_err, rounding_of_16bit_outputs, unit_roundoff
 
 HAVE_GPU = "cuda" in purified_ops.available_backends()
 needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the CUDA build of purified_ops")
@@ -50,10 +50,12 @@ def target(request):
     emulated = ops_layer.emulated_cuda_ops()
     if emulated is None:
         pytest.skip("the emulated CUDA backend is not built (PURIFIED_OPS_CUDA_EMU=1)")
-    # Each schedule exposes other missing barriers (a thread that runs ahead reads what others
-    # have not written yet): half of the tests, by a stable hash of their id, run the reverse one.
+    # Each schedule exposes other barrier bugs (a thread that runs ahead reads what others have
+    # not written yet; warps of several teams meet at a barrier id they share): each test runs
+    # one, picked (and the random one seeded) by a stable hash of its id.
     module = ops_layer.emulated_cuda_module()
-    module.set_schedule("reverse" if zlib.crc32(request.node.nodeid.encode()) % 2 else "forward")
+    key = zlib.crc32(request.node.nodeid.encode())
+    module.set_schedule(module.schedules[key % len(module.schedules)], key)
     try:
         yield Target("emulated", "cpu", emulated)
     finally:
@@ -208,6 +210,14 @@ def test_vector_path_equals_scalar_path(target, dtype, shared):
         assert torch.equal(a, b)
 
 
+def test_16bit_outputs_round_to_nearest_even(target):
+    # The tolerances hide a 1-ulp bias (truncating float -> bfloat16 passes them): the rounding
+    # itself, against the same ops in float32 (purified_ops.testing.rounding_of_16bit_outputs).
+    backend = Backend(target.name, target.device, target.ops.purify_forward, target.ops.purify_backward)
+    found = rounding_of_16bit_outputs(backend)
+    assert all(r.passed for r in found), [r for r in found if not r.passed]
+
+
 def test_inputs_are_not_written_and_outputs_fully_written(target):
     torch.manual_seed(3)
     x = torch.randn(129, 300).to(target.device, torch.bfloat16)
@@ -323,8 +333,8 @@ def test_emulated_schedules_and_grids_bitwise_equal(xs, zs):
     g = torch.randn_like(x)
     first = run_ops(x, z, 0.6, 1e-4, g, ops=emulated)
     try:
-        for schedule, blocks in [("reverse", 0), ("forward", 1), ("reverse", 2)]:
-            module.set_schedule(schedule)
+        for schedule, blocks in [("reverse", 0), ("forward", 1), ("reverse", 2), ("round-robin", 2), ("random", 1)]:
+            module.set_schedule(schedule, 7)
             module.set_max_grid_stride_blocks(blocks)
             again = run_ops(x, z, 0.6, 1e-4, g, ops=emulated)
             for a, b in zip(first, again):
@@ -345,6 +355,10 @@ def test_emulated_ops_check_arguments_like_the_library():
         emulated.purify_forward(x, torch.randn(4, 2, 9), s, 1e-6)
     ours, lib = emulated.purify_forward(x, z, s, 1e-6), OPS.purify_forward(x, z, s, 1e-6)
     assert [(t.shape, t.dtype) for t in ours] == [(t.shape, t.dtype) for t in lib]
+    module = ops_layer.emulated_cuda_module()
+    with pytest.raises(ValueError, match="schedule must be one of 'forward', 'reverse', 'round-robin', 'random', "
+                                         "got 'sideways'"):
+        module.set_schedule("sideways")
 
 
 @needs_gpu

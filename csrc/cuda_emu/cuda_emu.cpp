@@ -2,16 +2,29 @@
 //
 // A CUDA thread is a fiber on its own stack, entered once with makecontext/setcontext and
 // switched with _setjmp/_longjmp (swapcontext would make a signal-mask syscall per switch).
-// A fiber runs until it reaches a collective, then the scheduler runs the next ready one. The
-// "forward" schedule starts the threads in thread order; a collective that completes puts its
-// participants at the front of the ready queue in the opposite order, so the threads a barrier
-// releases run ahead of the ones that have not reached it yet (a barrier that releases too
-// early shows as wrong data), and the last of them first (thread 0 of a team, which writes what
-// the others read after the next barrier, runs last: a missing barrier shows too). "reverse"
-// mirrors both orders. No ready fiber while some are unfinished is a deadlock. Checks, each a launch error naming the threads and lines involved:
+// A fiber runs until it reaches a collective, then the scheduler runs the next ready one. No
+// ready fiber while some are unfinished is a deadlock. The schedules:
+//   - "forward" starts the threads in thread order; a collective that completes puts its
+//     participants at the front of the ready queue in the opposite order, so the threads a
+//     barrier releases run ahead of the ones that have not reached it yet (a barrier that
+//     releases too early shows as wrong data), and the last of them first (thread 0 of a team,
+//     which writes what the others read after the next barrier, runs last: a missing barrier
+//     shows too). "reverse" mirrors both orders. Either runs one team of a block far ahead of
+//     the others.
+//   - "round-robin" and "random" interleave the warps, of all teams: each step picks a warp and
+//     runs its ready lanes, each up to its next collective. "round-robin" takes the warps in
+//     turn and the lanes in order; "random" takes a random warp among those with a ready lane
+//     and its lanes in a random order, from a generator seeded per block (the seed of
+//     set_schedule and the block index). Warps of different teams then reach a barrier in
+//     between each other, as on a GPU, and a warp that does more work (warp 0's solve) falls
+//     behind the others of its team.
+// Checks, each a launch error naming the threads and lines involved:
 //   - bar.sync / __syncthreads: count a positive multiple of 32 and <= the block (PTX), every
 //     arrival of one phase with the same count, whole warps only (.aligned: every live lane of
-//     a warp arrives at the same barrier phase), __syncthreads from one call site;
+//     a warp arrives at the same barrier phase), __syncthreads from one call site, and every
+//     phase of a barrier id completed by the same warps as its first phase in the block (an id
+//     that several groups of warps use, one team's barrier shared with another's, completes
+//     on a GPU with whichever warps arrive first);
 //   - __syncwarp and the shuffles: the caller in its mask, the mask within the warp, every
 //     lane of the mask at the same call (kind, mask, width, source line) before any proceeds,
 //     a shuffle's source lane inside the mask;
@@ -59,7 +72,8 @@ constexpr size_t kStackBytes = 512 * 1024;  // instrumented frames are larger
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
 
-std::atomic<bool> g_reverse{false};
+std::atomic<Schedule> g_schedule{Schedule::kForward};
+std::atomic<uint64_t> g_seed{0};
 std::atomic<unsigned> g_max_grid_stride_blocks{0};
 thread_local std::string t_last_error;
 
@@ -83,6 +97,19 @@ struct Barrier {
   bool active = false;
   int count = 0, line = 0, first = 0;
   std::vector<int> arrived;
+  uint32_t members = 0;  // the warps that completed its first phase in the block (bit w: warp w)
+};
+
+// splitmix64: a small, fast generator with a well-mixed output from any seed.
+struct Random {
+  uint64_t state;
+  uint64_t next() {
+    uint64_t v = (state += 0x9e3779b97f4a7c15ull);
+    v = (v ^ (v >> 30)) * 0xbf58476d1ce4e5b9ull;
+    v = (v ^ (v >> 27)) * 0x94d049bb133111ebull;
+    return v ^ (v >> 31);
+  }
+  int below(int n) { return static_cast<int>(next() % static_cast<uint64_t>(n)); }
 };
 
 struct WarpCollective {
@@ -101,8 +128,10 @@ struct Block {
   std::vector<Fiber> fibers;
   Barrier bars[16];
   std::vector<WarpCollective> warp_state;
-  std::deque<int> ready;
-  bool reverse = false;
+  Schedule schedule = Schedule::kForward;
+  std::deque<int> ready;           // thread-order schedules: the fibers in the order they run
+  std::vector<int> ready_in_warp;  // how many fibers of each warp are ready (the warp schedules pick by it)
+  Random random{0};
   jmp_buf sched;
   void* sched_fake = nullptr;
   const void* main_bottom = nullptr;
@@ -162,18 +191,30 @@ void fiber_entry() {
   __builtin_unreachable();
 }
 
-// Participants of a completed collective run next, against the schedule's thread order.
+bool warp_granular(Schedule s) { return s == Schedule::kRoundRobin || s == Schedule::kRandom; }
+
+// Participants of a completed collective become ready; in the thread-order schedules they run
+// next, against the schedule's thread order.
 void release(std::vector<int> who) {
   Block* b = t_block;
-  std::sort(who.begin(), who.end());
-  if (!b->reverse) std::reverse(who.begin(), who.end());
-  for (auto it = who.rbegin(); it != who.rend(); ++it) {
-    b->fibers[*it].state = State::kReady;
-    b->ready.push_front(*it);
+  for (int t : who) {
+    b->fibers[t].state = State::kReady;
+    ++b->ready_in_warp[t / 32];
   }
+  if (warp_granular(b->schedule)) return;
+  std::sort(who.begin(), who.end());
+  if (b->schedule == Schedule::kForward) std::reverse(who.begin(), who.end());
+  for (auto it = who.rbegin(); it != who.rend(); ++it) b->ready.push_front(*it);
 }
 
 int warp_lanes(const Block* b, int warp) { return std::min(32, b->threads - 32 * warp); }
+
+std::string warp_list(uint32_t warps) {
+  std::string s;
+  for (int w = 0; w < 32; ++w)
+    if (warps >> w & 1u) s += (s.empty() ? "{" : ",") + std::to_string(w);
+  return s + "}";
+}
 
 const char* kind_name(int kind) { return kind == 0 ? "__syncwarp" : kind == 1 ? "__shfl_sync" : "__shfl_xor_sync"; }
 
@@ -211,6 +252,47 @@ std::string deadlock_report(const Block* b) {
   return os.str();
 }
 
+void run(Block* b, int t) {
+  --b->ready_in_warp[t / 32];
+  resume(b, &b->fibers[t]);
+}
+
+// The thread-order schedules: the ready queue, front first.
+void run_threads(Block* b) {
+  while (b->error.empty() && !b->ready.empty()) {
+    const int t = b->ready.front();
+    b->ready.pop_front();
+    run(b, t);
+  }
+}
+
+// The warp schedules: a warp with ready lanes, then each of those lanes up to its next
+// collective.
+void run_warps(Block* b) {
+  std::vector<int> candidates, lanes;
+  int turn = 0;  // round robin: the warp whose turn is next
+  while (b->error.empty()) {
+    candidates.clear();
+    for (int i = 0; i < b->warps; ++i) {
+      const int w = (turn + i) % b->warps;
+      if (b->ready_in_warp[w] > 0) candidates.push_back(w);
+    }
+    if (candidates.empty()) return;
+    const bool random = b->schedule == Schedule::kRandom;
+    const int w = random ? candidates[b->random.below(static_cast<int>(candidates.size()))] : candidates[0];
+    turn = w + 1;
+    lanes.clear();
+    for (int t = 32 * w; t < 32 * w + warp_lanes(b, w); ++t)
+      if (b->fibers[t].state == State::kReady) lanes.push_back(t);
+    if (random)
+      for (int i = static_cast<int>(lanes.size()) - 1; i > 0; --i) std::swap(lanes[i], lanes[b->random.below(i + 1)]);
+    for (int t : lanes) {
+      if (!b->error.empty()) return;
+      run(b, t);
+    }
+  }
+}
+
 void run_block(Block* b, char* stacks, size_t smem) {
   t_block = b;
   unsigned char* shared = purified_ops::cuda::smem_raw;
@@ -221,6 +303,7 @@ void run_block(Block* b, char* stacks, size_t smem) {
   b->fibers.assign(b->threads, Fiber{});
   b->warps = (b->threads + 31) / 32;
   b->warp_state.assign(b->warps, WarpCollective{});
+  b->ready_in_warp.assign(b->warps, 0);
   for (int t = 0; t < b->threads; ++t) {
     Fiber& f = b->fibers[t];
     f.linear = t;
@@ -234,18 +317,16 @@ void run_block(Block* b, char* stacks, size_t smem) {
     f.start.uc_stack.ss_size = kStackBytes;
     f.start.uc_link = nullptr;
     makecontext(&f.start, fiber_entry, 0);
-    b->ready.push_back(b->reverse ? b->threads - 1 - t : t);
+    ++b->ready_in_warp[f.warp];
+    if (!warp_granular(b->schedule)) b->ready.push_back(b->schedule == Schedule::kReverse ? b->threads - 1 - t : t);
   }
-  while (b->error.empty()) {
-    if (b->ready.empty()) {
-      if (std::any_of(b->fibers.begin(), b->fibers.end(), [](const Fiber& f) { return f.state != State::kDone; }))
-        b->error = deadlock_report(b);
-      break;
-    }
-    const int t = b->ready.front();
-    b->ready.pop_front();
-    resume(b, &b->fibers[t]);
-  }
+  if (warp_granular(b->schedule))
+    run_warps(b);
+  else
+    run_threads(b);
+  if (b->error.empty() &&
+      std::any_of(b->fibers.begin(), b->fibers.end(), [](const Fiber& f) { return f.state != State::kDone; }))
+    b->error = deadlock_report(b);
 #if CUDA_EMU_ASAN
   ASAN_UNPOISON_MEMORY_REGION(shared, kMaxDynamicSmem);
   ASAN_UNPOISON_MEMORY_REGION(stacks, static_cast<size_t>(b->threads) * kStackBytes);
@@ -299,11 +380,20 @@ void bar_sync(int id, int count, int line) {
   if (static_cast<int>(bar.arrived.size()) == bar.count) {
     std::vector<int> per_warp(b->warps, 0);
     for (int t : bar.arrived) ++per_warp[t / 32];
+    uint32_t members = 0;
     for (int w = 0; w < b->warps; ++w) {
       if (per_warp[w] != 0 && per_warp[w] != warp_lanes(b, w))
         fail("bar.sync " + std::to_string(id) + " (count " + std::to_string(bar.count) + ") completed with " +
              std::to_string(per_warp[w]) + " of warp " + std::to_string(w) + "'s " +
              std::to_string(warp_lanes(b, w)) + " lanes (a partial warp)");
+      if (per_warp[w] != 0) members |= 1u << w;
+    }
+    if (bar.members == 0) {
+      bar.members = members;
+    } else if (members != bar.members) {
+      fail("bar.sync " + std::to_string(id) + " (count " + std::to_string(bar.count) + ") completed by warps " +
+           warp_list(members) + ", but its first phase in this block by warps " + warp_list(bar.members) +
+           " (a barrier id that several groups of warps use)");
     }
     bar.active = false;
     release(bar.arrived);
@@ -401,7 +491,8 @@ cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
   const long page = sysconf(_SC_PAGESIZE);
   for (uint64_t t = 0; t < threads; ++t) mprotect(stacks + t * kStackBytes, page, PROT_NONE);  // overflow guard
   std::string error;
-  const bool reverse = g_reverse.load();
+  const Schedule schedule = g_schedule.load();
+  const uint64_t seed = g_seed.load();
   for (unsigned bz = 0; bz < grid.z && error.empty(); ++bz)
     for (unsigned by = 0; by < grid.y && error.empty(); ++by)
       for (unsigned bx = 0; bx < grid.x && error.empty(); ++bx) {
@@ -410,7 +501,8 @@ cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
         blk.dim = block;
         blk.grid = grid;
         blk.threads = static_cast<int>(threads);
-        blk.reverse = reverse;
+        blk.schedule = schedule;
+        blk.random.state = seed ^ (((static_cast<uint64_t>(bz) * grid.y + by) * grid.x + bx) * 0xd1b54a32d192ed03ull);
         blk.body = &body;
         // A fresh OS thread per block: fresh thread_local (__shared__) storage.
         std::thread worker(run_block, &blk, stacks, dynamic_smem);
@@ -426,7 +518,10 @@ cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
 }
 
 const char* last_error() { return t_last_error.c_str(); }
-void set_schedule(bool reverse) { g_reverse = reverse; }
+void set_schedule(Schedule schedule, uint64_t seed) {
+  g_schedule = schedule;
+  g_seed = seed;
+}
 void set_max_grid_stride_blocks(unsigned blocks) { g_max_grid_stride_blocks = blocks; }
 
 }  // namespace cuda_emu

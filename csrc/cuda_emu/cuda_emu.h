@@ -52,10 +52,13 @@ cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
                    const std::function<void()>& body);
 const char* last_error();
 
-// Test knobs (per process): the order in which the fibers of a block are first run and
-// resumed ("forward" or "reverse" thread order), and a cap on the grid of grid-stride kernels
-// (0: none) so that every team serves several work items.
-void set_schedule(bool reverse);
+// Test knobs (per process). The order in which the fibers of a block run (cuda_emu.cpp says
+// how each one orders them): thread order, forward or reverse; warp-granular round robin; a
+// random runnable warp at each step, seeded per block from `seed` (the other orders ignore it).
+// And a cap on the grid of grid-stride kernels (0: none) so that every team serves several
+// work items.
+enum class Schedule { kForward, kReverse, kRoundRobin, kRandom };
+void set_schedule(Schedule schedule, uint64_t seed);
 void set_max_grid_stride_blocks(unsigned blocks);
 
 // Largest dynamic shared memory of a launch without an opt-in (as on every CUDA GPU).

@@ -4,6 +4,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <iterator>
+#include <string>
+#include <utility>
+
 #include "../cuda/purify_cuda_ops.h"
 #include "../purify_schema.h"
 #include "cuda_emu.h"
@@ -43,14 +47,29 @@ TORCH_LIBRARY_IMPL(purified_ops_cuda_emu, CPU, m) {
 }  // namespace purified_ops
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using ::cuda_emu::Schedule;
+  static const std::pair<const char*, Schedule> kSchedules[] = {{"forward", Schedule::kForward},
+                                                                {"reverse", Schedule::kReverse},
+                                                                {"round-robin", Schedule::kRoundRobin},
+                                                                {"random", Schedule::kRandom}};
+  pybind11::tuple names(std::size(kSchedules));
+  static std::string listed;
+  for (size_t i = 0; i < std::size(kSchedules); ++i) {
+    names[i] = kSchedules[i].first;
+    listed += (i ? ", '" : "'") + std::string(kSchedules[i].first) + "'";
+  }
+  m.attr("schedules") = names;
   m.def(
       "set_schedule",
-      [](const std::string& order) {
-        TORCH_CHECK_VALUE(order == "forward" || order == "reverse", "schedule must be 'forward' or 'reverse', got ",
-                          order);
-        ::cuda_emu::set_schedule(order == "reverse");
+      [](const std::string& name, uint64_t seed) {
+        for (const auto& [known, schedule] : kSchedules) {
+          if (name == known) return ::cuda_emu::set_schedule(schedule, seed);
+        }
+        TORCH_CHECK_VALUE(false, "schedule must be one of ", listed, ", got '", name, "'");
       },
-      "The order in which the threads of a block are first run and resumed: 'forward' or 'reverse'.");
+      pybind11::arg("name"), pybind11::arg("seed") = 0,
+      "The order in which the threads of a block run (see `schedules`): 'forward' or 'reverse' thread "
+      "order, 'round-robin' over the warps, or a 'random' warp at each step (seeded per block from `seed`).");
   m.def("set_max_grid_stride_blocks", &::cuda_emu::set_max_grid_stride_blocks,
         "Caps the grid of grid-stride kernels (0: no cap), so that every team serves several work items.");
 #if defined(__SANITIZE_ADDRESS__)
