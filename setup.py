@@ -13,7 +13,9 @@ copy compiled for AVX-512 could serve a DEFAULT kernel and die with SIGILL on an
 
 Environment:
   PURIFIED_OPS_CUDA=0|1          force the CUDA extension off or on (default: automatic)
-  TORCH_CUDA_ARCH_LIST           CUDA archs (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST           CUDA archs, e.g. "8.6" or "8.0;9.0+PTX" (default: the archs torch was
+                                 built for and those of purified_ops/_cuda_archs.py's MINIMUM_ARCHS that
+                                 nvcc compiles, with PTX for the newest)
   PURIFIED_OPS_CPU_CAPABILITY    DEFAULT, AVX2 or AVX512: the highest capability compiled
                                  (default: all of them on x86-64, DEFAULT elsewhere)
   PURIFIED_OPS_PTXAS_VERBOSE=1   print ptxas' register and spill report for every kernel
@@ -22,14 +24,28 @@ Environment:
                                  purified_ops._cuda_emu_asan under -fsanitize=address,undefined
 """
 import glob
+import importlib.util
 import os
 import platform
+import subprocess
 
 import torch
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_cuda_archs_module():
+    """purified_ops/_cuda_archs.py (the default archs, image names), which the package uses at run
+    time, loaded by its path: the package itself is not importable before it is built."""
+    spec = importlib.util.spec_from_file_location("_cuda_archs", os.path.join(ROOT, "purified_ops", "_cuda_archs.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cuda_archs = load_cuda_archs_module()
 
 # at::vec::Vectorized picks its implementation from CPU_CAPABILITY_* defines; without them it
 # is a scalar emulation several times slower. The flags are those torch compiles its own kernels
@@ -65,6 +81,31 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def nvcc_gpu_codes():
+    """The cubin and PTX targets this nvcc compiles (`nvcc --list-gpu-code`: sm_75, ..., compute_120)."""
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"cannot list the GPU archs of {nvcc} (--list-gpu-code): {exc}") from exc
+    return out.split()
+
+
+def cuda_gencode_flags():
+    """nvcc's -gencode flags for TORCH_CUDA_ARCH_LIST (torch's reading of it: "8.6", "9.0+PTX", names
+    such as "Ampere"); when it is unset, for cuda_archs.default_arch_list (set in the environment
+    so that the build log and torch's own reading show it)."""
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # torch.cuda.get_arch_list() is empty where no GPU is visible in some torch versions; the
+        # flags it reads are those torch was compiled with either way.
+        torch_archs = torch.cuda.get_arch_list() or (torch._C._cuda_getArchFlags() or "").split()
+        try:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_archs.default_arch_list(torch_archs, nvcc_gpu_codes())
+        except ValueError as exc:
+            raise SystemExit(f"purified_ops: {exc}; set TORCH_CUDA_ARCH_LIST") from exc
+    return cpp_extension._get_cuda_arch_flags()
+
+
 def c_string(text):
     return '"' + text.replace('"', '\\"') + '"'
 
@@ -97,19 +138,23 @@ def core_extension(capabilities):
     if not want_cuda():
         return cpp_extension.CppExtension("purified_ops._C", sources, define_macros=defines,
                                           extra_compile_args={"cxx": CXX}, extra_link_args=LINK)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    gencode = cuda_gencode_flags()
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     if os.environ.get("PURIFIED_OPS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
     sources += ["csrc/purify_host.cpp", *sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))]
+    # cuda_archs: the images the extension carries (sm_XY cubins, compute_XY PTX); at run time
+    # purified_ops tells from them whether the GPU it runs on is served.
+    images = " ".join(cuda_archs.images_of_gencode(gencode))
     defines += [("PURIFIED_OPS_WITH_CUDA", None), ("PURIFIED_OPS_NVCC_FLAGS", c_string(" ".join(nvcc))),
-                ("PURIFIED_OPS_CUDA_ARCHS", c_string(archs))]
+                ("PURIFIED_OPS_CUDA_ARCHS", c_string(images))]
+    print(f"purified_ops: CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: {images}")
     # ATen/cuda headers pull in cusparse.h, which a pip CUDA torch ships under nvidia/cu13.
     includes = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))
     return cpp_extension.CUDAExtension("purified_ops._C", sources, define_macros=defines,
                                        include_dirs=[os.path.abspath(p) for p in includes],
-                                       extra_compile_args={"cxx": CXX, "nvcc": nvcc}, extra_link_args=LINK)
+                                       extra_compile_args={"cxx": CXX, "nvcc": nvcc + gencode},
+                                       extra_link_args=LINK)
 
 
 def cuda_emulation_extensions():
