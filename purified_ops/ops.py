@@ -172,6 +172,13 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"purify: backend must be one of {BACKENDS}, got {backend!r}")
     available = available_backends()
+    if device.type == "cuda" and "cuda" in available:
+        # A GPU no kernel image of the build serves (said once, as a warning): auto falls back.
+        unserved = _extension.unserved_cuda_device(_BUILD_INFO["cuda_archs"], device.index)
+        if unserved is not None:
+            if backend == "cuda":
+                raise RuntimeError(unserved)
+            available = tuple(b for b in available if b != "cuda")
     if backend == "auto":
         if device.type == "meta" and _C is not None:
             return "compiled"
@@ -209,8 +216,8 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6,
         strength: ``s``, a float or a 0-dim tensor (which then gets a gradient). 1 removes the
             whole projection.
         eps: ``> 0``, keeps the Gram matrix invertible for zero or dependent directions.
-        backend: ``"auto"`` (the compiled kernel for the tensor's device, else the reference),
-            ``"cpu"``, ``"cuda"`` or ``"reference"``.
+        backend: ``"auto"`` (the compiled kernel for the tensor's device, else the reference, also on
+            a GPU that the build has no kernel image for), ``"cpu"``, ``"cuda"`` or ``"reference"``.
 
     Returns:
         A tensor of x's shape in the promoted dtype of x and z.

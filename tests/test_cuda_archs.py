@@ -1,22 +1,26 @@
-"""The CUDA archs: which a build compiles by default, which image serves a GPU, and what the built
-extension carries (scripts/cuda_images.py reads its fatbins)."""
+"""The CUDA archs: which a build compiles by default, which image serves a GPU, what the built
+extension carries (scripts/cuda_images.py reads its fatbins), and what purified_ops does on a GPU
+that no image of the build serves (a mocked device: no GPU needed)."""
 import importlib.util
 import os
 import shutil
 import struct
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import cpp_extension
 
 import purified_ops
-from purified_ops import _cuda_archs
+from purified_ops import _cuda_archs, _extension, cli, ops, reference, testing
 from purified_ops._cuda_archs import default_arch_list, image_for, images_of_gencode, serves
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = purified_ops.build_info()
+needs_extension = pytest.mark.skipif(not INFO["extension_loaded"], reason="compiled extension not loaded")
 needs_cuda_build = pytest.mark.skipif(not INFO.get("cuda"), reason="needs the CUDA build of purified_ops")
 
 spec = importlib.util.spec_from_file_location("cuda_images", ROOT / "scripts" / "cuda_images.py")
@@ -189,3 +193,108 @@ def test_a_default_build_carries_a_cubin_for_every_arch_of_torch_and_ptx_of_the_
     assert cubins and set(cubins) <= set(carried), (torch_archs, carried)
     newest = max(_cuda_archs.parse_image(n) for n in carried if n.startswith("sm_"))
     assert carried[-1] == f"compute_{newest.major}{newest.minor}", carried
+
+
+# ---- a GPU that no image of the build serves (mocked: CPU only) --------------------------------------
+
+class MockGPU:
+    """Makes torch see one GPU of `capability`, and the build a CUDA build carrying `images`."""
+
+    def __init__(self, monkeypatch, name, capability, images):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setitem(ops._BUILD_INFO, "cuda", True)
+        monkeypatch.setitem(ops._BUILD_INFO, "cuda_archs", images)
+        monkeypatch.setattr(_extension, "_CUDA_DEVICES", {})
+        monkeypatch.setattr(_extension, "_WARNED_UNSERVED", set())
+        self.reference_calls = 0
+
+        def reference_forward(x, z, strength, eps):  # the routing is checked, not the math (fake tensors)
+            self.reference_calls += 1
+            return x.new_empty(x.shape), None, None
+
+        monkeypatch.setattr(reference, "purify_forward", reference_forward)
+
+
+def cuda_inputs():
+    """x [4, 16] and z [4, 2, 16] on a (fake) CUDA device: purify routes and checks them as CUDA tensors."""
+    mode = FakeTensorMode()
+    with mode:
+        return mode, torch.randn(4, 16, device="cuda"), torch.randn(4, 2, 16, device="cuda")
+
+
+@needs_extension
+def test_an_unserved_gpu_is_said_once_and_auto_runs_the_reference(monkeypatch):
+    gpu = MockGPU(monkeypatch, "Tesla T4", (7, 5), "sm_80 sm_90")
+    mode, x, z = cuda_inputs()
+    with warnings.catch_warnings(record=True) as caught, mode:
+        warnings.simplefilter("always")
+        y = purified_ops.purify(x, z)
+        purified_ops.purify(x, z)
+        purified_ops.PurifyLayer()(x, z)
+    assert y.shape == x.shape and y.device.type == "cuda"
+    assert gpu.reference_calls == 3
+    assert len(caught) == 1 and caught[0].category is RuntimeWarning
+    message = str(caught[0].message)
+    assert "no image for GPU 0, Tesla T4 (compute capability 7.5)" in message
+    assert "built for sm_80 sm_90" in message
+    assert "purify(backend='auto') runs the pure-PyTorch reference" in message
+    assert '`TORCH_CUDA_ARCH_LIST="7.5" pip install --no-build-isolation .`' in message
+
+
+@needs_extension
+def test_an_unserved_gpu_makes_backend_cuda_raise_the_reason(monkeypatch):
+    MockGPU(monkeypatch, "NVIDIA B200", (10, 0), "sm_80 sm_90")
+    mode, x, z = cuda_inputs()
+    with mode, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match=r"no image for GPU 0, NVIDIA B200 \(compute capability 10\.0\): "
+                                               r"it was built for sm_80 sm_90.*TORCH_CUDA_ARCH_LIST=\"10.0\""):
+            purified_ops.purify(x, z, backend="cuda")
+
+
+@needs_extension
+@pytest.mark.parametrize("capability, images", [((8, 6), "sm_80 sm_90"), ((13, 0), " ".join(DEFAULT_CU130))])
+def test_a_served_gpu_runs_the_compiled_op_without_a_word(monkeypatch, capability, images):
+    gpu = MockGPU(monkeypatch, "some GPU", capability, images)
+    mode, x, z = cuda_inputs()
+    with warnings.catch_warnings(record=True) as caught, mode:
+        warnings.simplefilter("always")
+        y = purified_ops.purify(x, z)  # the registered op's fake kernel, on fake tensors
+    assert y.shape == x.shape and gpu.reference_calls == 0 and not caught
+
+
+@needs_extension
+def test_a_gpu_seen_unserved_at_load_is_said_there_and_only_there(monkeypatch):
+    MockGPU(monkeypatch, "Tesla T4", (7, 5), "sm_90")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    build_info = purified_ops._C.build_info
+    monkeypatch.setattr(purified_ops._C, "build_info", lambda: {**build_info(), "cuda": True, "cuda_archs": "sm_90"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _extension.load().error is None
+        assert _extension.unserved_cuda_device("sm_90", 0) is not None  # a call later: no second word
+    assert len(caught) == 1 and "Tesla T4 (compute capability 7.5)" in str(caught[0].message)
+
+
+@needs_extension
+def test_info_and_verify_show_the_archs_built_and_whether_this_gpu_is_served(monkeypatch, capsys):
+    MockGPU(monkeypatch, "Tesla T4", (7, 5), "sm_80 sm_90 compute_90")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli.main(["info"]) == 0
+        out = capsys.readouterr().out
+        assert "gpu_kernel_image: purified_ops: the CUDA kernels of this build have no image for GPU 0, Tesla T4" in out
+        assert "  cuda_archs: sm_80 sm_90 compute_90" in out
+        report = testing.verify(device="cuda", quick=True)
+    assert not report.passed and report.backends == []
+    row = report.rows[0]
+    assert (row.backend, row.case, row.passed) == ("cuda", "kernel image for this GPU", False)
+    assert "Tesla T4 (compute capability 7.5): it was built for sm_80 sm_90 compute_90" in row.detail
+
+    MockGPU(monkeypatch, "NVIDIA H200", (9, 0), "sm_80 sm_90 compute_90")
+    assert cli.main(["info"]) == 0
+    assert ("gpu_kernel_image: GPU 0, NVIDIA H200 (compute capability 9.0) runs the sm_90 image (cubin) of this "
+            "build (sm_80 sm_90 compute_90)") in capsys.readouterr().out
