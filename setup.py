@@ -91,19 +91,21 @@ def nvcc_gpu_codes():
     return out.split()
 
 
-def cuda_gencode_flags():
-    """nvcc's -gencode flags for TORCH_CUDA_ARCH_LIST (torch's reading of it: "8.6", "9.0+PTX", names
-    such as "Ampere"); when it is unset, for cuda_archs.default_arch_list (set in the environment
-    so that the build log and torch's own reading show it)."""
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        # torch.cuda.get_arch_list() is empty where no GPU is visible in some torch versions; the
-        # flags it reads are those torch was compiled with either way.
-        torch_archs = torch.cuda.get_arch_list() or (torch._C._cuda_getArchFlags() or "").split()
-        try:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_archs.default_arch_list(torch_archs, nvcc_gpu_codes())
-        except ValueError as exc:
-            raise SystemExit(f"purified_ops: {exc}; set TORCH_CUDA_ARCH_LIST") from exc
-    return cpp_extension._get_cuda_arch_flags()
+def cuda_targets():
+    """(TORCH_CUDA_ARCH_LIST, nvcc's -gencode flags for it): the list given, as torch reads it ("8.6",
+    "9.0+PTX", names such as "Ampere"), else cuda_archs.default_arch_list, whose flags are written
+    here (an older torch's reading knows fewer archs than nvcc compiles)."""
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if given:
+        return given, cpp_extension._get_cuda_arch_flags()
+    # torch.cuda.get_arch_list() is empty where no GPU is visible in some torch versions; the
+    # flags it reads are those torch was compiled with either way.
+    torch_archs = torch.cuda.get_arch_list() or (torch._C._cuda_getArchFlags() or "").split()
+    try:
+        default = cuda_archs.default_arch_list(torch_archs, nvcc_gpu_codes())
+    except ValueError as exc:
+        raise SystemExit(f"purified_ops: {exc}; set TORCH_CUDA_ARCH_LIST") from exc
+    return default, cuda_archs.gencode_flags(default)
 
 
 def c_string(text):
@@ -138,7 +140,7 @@ def core_extension(capabilities):
     if not want_cuda():
         return cpp_extension.CppExtension("purified_ops._C", sources, define_macros=defines,
                                           extra_compile_args={"cxx": CXX}, extra_link_args=LINK)
-    gencode = cuda_gencode_flags()
+    arch_list, gencode = cuda_targets()
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     if os.environ.get("PURIFIED_OPS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
@@ -148,7 +150,7 @@ def core_extension(capabilities):
     images = " ".join(cuda_archs.images_of_gencode(gencode))
     defines += [("PURIFIED_OPS_WITH_CUDA", None), ("PURIFIED_OPS_NVCC_FLAGS", c_string(" ".join(nvcc))),
                 ("PURIFIED_OPS_CUDA_ARCHS", c_string(images))]
-    print(f"purified_ops: CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: {images}")
+    print(f"purified_ops: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}: {images}")
     # ATen/cuda headers pull in cusparse.h, which a pip CUDA torch ships under nvidia/cu13.
     includes = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))
     return cpp_extension.CUDAExtension("purified_ops._C", sources, define_macros=defines,

@@ -100,6 +100,19 @@ def images_of_gencode(flags: Iterable[str]) -> list[str]:
     return sort_images(names)
 
 
+def gencode_flags(arch_list: str) -> list[str]:
+    """nvcc's -gencode flags for a TORCH_CUDA_ARCH_LIST of X.Y entries (as :func:`default_arch_list`
+    writes it), as torch writes them: a cubin per entry, and PTX for those with "+PTX"."""
+    flags = []
+    for entry in arch_list.split(";"):
+        image = parse_arch(entry.removesuffix("+PTX"))
+        code = f"{image.major}{image.minor}{image.suffix}"
+        flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
+        if entry.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
+    return flags
+
+
 def default_arch_list(torch_archs: Iterable[str], nvcc_codes: Iterable[str]) -> str:
     """TORCH_CUDA_ARCH_LIST of a default build: the archs torch was built for (``torch_archs``:
     ``torch.cuda.get_arch_list()``, e.g. ``sm_75 ... sm_120``, PTX entries counting as their arch)

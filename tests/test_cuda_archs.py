@@ -16,7 +16,7 @@ from torch.utils import cpp_extension
 
 import purified_ops
 from purified_ops import _cuda_archs, _extension, cli, ops, reference, testing
-from purified_ops._cuda_archs import default_arch_list, image_for, images_of_gencode, serves
+from purified_ops._cuda_archs import default_arch_list, gencode_flags, image_for, images_of_gencode, serves
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = purified_ops.build_info()
@@ -58,10 +58,16 @@ def test_default_arch_list_without_a_compilable_arch_says_what_nvcc_lists():
         default_arch_list(["sm_75"], ["sm_50", "sm_60"])
 
 
-def test_the_default_list_is_read_by_torch_as_the_images_it_names(monkeypatch):
-    """setup.py hands the default list to torch's own reading of TORCH_CUDA_ARCH_LIST."""
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", default_arch_list(TORCH_CU130, NVCC_13_0))
-    assert images_of_gencode(cpp_extension._get_cuda_arch_flags()) == DEFAULT_CU130
+@pytest.mark.parametrize("arch_list", [default_arch_list(TORCH_CU130, NVCC_13_0), "7.5;9.0a+PTX;12.0"])
+def test_the_default_lists_flags_are_those_torch_writes_for_it(monkeypatch, arch_list):
+    """setup.py writes the default list's -gencode flags itself (an older torch's reading of
+    TORCH_CUDA_ARCH_LIST rejects archs newer than it); they are those torch writes for the list."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    assert sorted(gencode_flags(arch_list)) == cpp_extension._get_cuda_arch_flags()
+
+
+def test_the_default_list_makes_the_images_it_names():
+    assert images_of_gencode(gencode_flags(default_arch_list(TORCH_CU130, NVCC_13_0))) == DEFAULT_CU130
 
 
 def test_images_of_gencode():
@@ -180,15 +186,14 @@ def test_the_extension_carries_the_images_its_build_info_names():
 
 @needs_cuda_build
 @pytest.mark.skipif(bool(os.environ.get("TORCH_CUDA_ARCH_LIST")), reason="built for the archs TORCH_CUDA_ARCH_LIST names")
-def test_a_default_build_carries_a_cubin_for_every_arch_of_torch_and_ptx_of_the_newest(monkeypatch):
+def test_a_default_build_carries_a_cubin_for_every_arch_of_torch_and_ptx_of_the_newest():
     """What scripts/check_cuda_build.sh builds (TORCH_CUDA_ARCH_LIST unset): the extension's images
     are those of the default list, and among them a cubin for each arch torch was built for
     (torch.cuda.get_arch_list(), where nvcc compiles it) and PTX of the newest."""
     carried = cuda_images.images(purified_ops._C.__file__)
     nvcc = subprocess.run([nvcc_path(), "--list-gpu-code"], capture_output=True, text=True, check=True).stdout.split()
     torch_archs = torch.cuda.get_arch_list() or torch._C._cuda_getArchFlags().split()
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", default_arch_list(torch_archs, nvcc))
-    assert carried == images_of_gencode(cpp_extension._get_cuda_arch_flags())
+    assert carried == images_of_gencode(gencode_flags(default_arch_list(torch_archs, nvcc)))
     cubins = [a for a in torch_archs if a.startswith("sm_") and a in nvcc]
     assert cubins and set(cubins) <= set(carried), (torch_archs, carried)
     newest = max(_cuda_archs.parse_image(n) for n in carried if n.startswith("sm_"))
