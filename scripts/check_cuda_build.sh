@@ -58,11 +58,12 @@ print("purified_ops:", info["cuda_archs"], "| CUDA and CPU kernels registered | 
 PYEOF
 
 # The whole suite runs in `make test`; here, with the newer torch of this build, the kernels'
-# check (verify) and the API and autograd tests.
+# check (verify), the API and autograd tests, and the images against torch's arch list (-rs: a
+# skipped check says why).
 step "verify and API tests with torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 "$VENV/bin/python" -m purified_ops verify --quick --device cpu
 env -u TORCH_CUDA_ARCH_LIST CUDA_HOME="$CUDA_HOME" "$VENV/bin/python" -m pytest tests/test_api.py \
-  tests/test_autograd.py tests/test_workflows.py tests/test_cuda_archs.py -q -p no:cacheprovider
+  tests/test_autograd.py tests/test_workflows.py tests/test_cuda_archs.py -q -rs -p no:cacheprovider
 
 if [ "$SPILL_RC" -ne 0 ]; then
   step "FAILED: a kernel spills registers, or an arch built is missing from the ptxas report (see above)"
