@@ -33,6 +33,7 @@ cd "$SRC"
 VENV=$(cd "$REPO" && realpath "$VENV")
 step "building in $SRC (nvcc $(nvcc --version | grep -o 'release [0-9.]*'), the default archs; load average $(cut -d' ' -f1-3 /proc/loadavg))"
 LOG=$(mktemp)
+trap 'rm -rf "$SRC" "$LOG"' EXIT
 BUILD_START=$(date +%s)
 env -u TORCH_CUDA_ARCH_LIST PURIFIED_OPS_CUDA=1 PURIFIED_OPS_PTXAS_VERBOSE=1 MAX_JOBS=${MAX_JOBS:-2} \
   "$VENV/bin/python" setup.py build_ext --inplace > "$LOG" 2>&1 || { tail -40 "$LOG"; grep -E "error" "$LOG" | head -20; exit 1; }
