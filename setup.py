@@ -13,7 +13,9 @@ copy compiled for AVX-512 could serve a DEFAULT kernel and die with SIGILL on an
 
 Environment:
   PURIFIED_OPS_CUDA=0|1          force the CUDA extension off or on (default: automatic)
-  TORCH_CUDA_ARCH_LIST           CUDA archs (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST           CUDA archs, e.g. "8.6" or "8.0;9.0+PTX" (default: the archs torch was
+                                 built for and those of purified_ops/_cuda_archs.py's MINIMUM_ARCHS that
+                                 nvcc compiles, with PTX for the newest)
   PURIFIED_OPS_CPU_CAPABILITY    default, avx2 or avx512 (any case): the highest capability compiled
                                  (default: all of them on x86-64, DEFAULT elsewhere)
   PURIFIED_OPS_PTXAS_VERBOSE=1   print ptxas' register and spill report for every kernel
@@ -25,6 +27,7 @@ import glob
 import importlib.util
 import os
 import platform
+import subprocess
 
 import torch
 from setuptools import setup
@@ -33,17 +36,18 @@ from torch.utils import cpp_extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_settings():
-    """purified_ops/_settings.py, the one parser of the package's environment variables, loaded by
-    its path (importing the package would need the extension this builds)."""
-    spec = importlib.util.spec_from_file_location("purified_ops_settings",
-                                                  os.path.join(ROOT, "purified_ops", "_settings.py"))
+def load_package_module(name):
+    """purified_ops/<name>.py, a module the package uses at run time and the build needs too
+    (_settings: the environment's parser; _cuda_archs: the default archs), loaded by its path: the
+    package itself is not importable before it is built."""
+    spec = importlib.util.spec_from_file_location(f"purified_ops_{name}", os.path.join(ROOT, "purified_ops", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-SETTINGS = _load_settings()
+SETTINGS = load_package_module("_settings")
+cuda_archs = load_package_module("_cuda_archs")
 
 # at::vec::Vectorized picks its implementation from CPU_CAPABILITY_* defines; without them it
 # is a scalar emulation several times slower. The flags are those torch compiles its own kernels
@@ -86,6 +90,33 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def nvcc_gpu_codes():
+    """The cubin and PTX targets this nvcc compiles (`nvcc --list-gpu-code`: sm_75, ..., compute_120)."""
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(f"cannot list the GPU archs of {nvcc} (--list-gpu-code): {exc}") from exc
+    return out.split()
+
+
+def cuda_targets():
+    """(TORCH_CUDA_ARCH_LIST, nvcc's -gencode flags for it): the list given, as torch reads it ("8.6",
+    "9.0+PTX", names such as "Ampere"), else cuda_archs.default_arch_list, whose flags are written
+    here (an older torch's reading knows fewer archs than nvcc compiles)."""
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if given:
+        return given, cpp_extension._get_cuda_arch_flags()
+    # torch.cuda.get_arch_list() is empty where no GPU is visible in some torch versions; the
+    # flags it reads are those torch was compiled with either way.
+    torch_archs = torch.cuda.get_arch_list() or (torch._C._cuda_getArchFlags() or "").split()
+    try:
+        default = cuda_archs.default_arch_list(torch_archs, nvcc_gpu_codes())
+    except ValueError as exc:
+        raise SystemExit(f"purified_ops: {exc}; set TORCH_CUDA_ARCH_LIST") from exc
+    return default, cuda_archs.gencode_flags(default)
+
+
 def c_string(text):
     return '"' + text.replace('"', '\\"') + '"'
 
@@ -118,19 +149,23 @@ def core_extension(capabilities):
     if not want_cuda():
         return cpp_extension.CppExtension("purified_ops._C", sources, define_macros=defines,
                                           extra_compile_args={"cxx": CXX}, extra_link_args=LINK)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    arch_list, gencode = cuda_targets()
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     if os.environ.get("PURIFIED_OPS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
     sources += ["csrc/purify_host.cpp", *sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))]
+    # cuda_archs: the images the extension carries (sm_XY cubins, compute_XY PTX); at run time
+    # purified_ops tells from them whether the GPU it runs on is served.
+    images = " ".join(cuda_archs.images_of_gencode(gencode))
     defines += [("PURIFIED_OPS_WITH_CUDA", None), ("PURIFIED_OPS_NVCC_FLAGS", c_string(" ".join(nvcc))),
-                ("PURIFIED_OPS_CUDA_ARCHS", c_string(archs))]
+                ("PURIFIED_OPS_CUDA_ARCHS", c_string(images))]
+    print(f"purified_ops: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}: {images}")
     # ATen/cuda headers pull in cusparse.h, which a pip CUDA torch ships under nvidia/cu13.
     includes = glob.glob(os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu*", "include"))
     return cpp_extension.CUDAExtension("purified_ops._C", sources, define_macros=defines,
                                        include_dirs=[os.path.abspath(p) for p in includes],
-                                       extra_compile_args={"cxx": CXX, "nvcc": nvcc}, extra_link_args=LINK)
+                                       extra_compile_args={"cxx": CXX, "nvcc": nvcc + gencode},
+                                       extra_link_args=LINK)
 
 
 def cuda_emulation_extensions():

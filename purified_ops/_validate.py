@@ -79,6 +79,7 @@ def check_strength(strength):
     """strength as a float (a SymFloat stays symbolic) or a one-element floating tensor: 0-dim,
     or ``[1]`` (the shape FSDP needs of a learnable strength); a number must be finite."""
     if isinstance(strength, torch.Tensor):
+        check_dense("strength", strength)
         if strength.dim() != 0 and tuple(strength.shape) != (1,):
             raise ValueError("purify: strength must be a float, a 0-dim tensor or a one-element 1-D tensor, "
                              f"got shape {tuple(strength.shape)}")
@@ -140,8 +141,6 @@ def check_purify_args(x, z, strength, eps) -> PurifyArgs:
         raise ValueError(f"purify: x and z must be on one device, got {x.device} and {z.device}")
     check_shapes(x, z)
     eps = check_eps(eps)
-    if isinstance(strength, torch.Tensor):
-        check_dense("strength", strength)
     strength = check_strength(strength)
     acc = accumulate_dtype(torch.promote_types(x.dtype, z.dtype))
     check_eps_range(eps, acc)

@@ -18,8 +18,10 @@ from ._extras import MissingExtraError
 
 def _info(args) -> int:
     from . import __version__
+    from ._extension import cuda_device_summary
     from .ops import available_backends, build_info
 
+    build = build_info()
     info = {
         "purified_ops": __version__,
         "torch": torch.__version__,
@@ -28,8 +30,9 @@ def _info(args) -> int:
         "cpu_capability_torch": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu_kernel_image": cuda_device_summary(build),  # the build's cuda_archs against this GPU
         "backends": list(available_backends()),
-        "build": build_info(),
+        "build": build,
     }
     if args.json:
         print(json.dumps(info))

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from . import _derivatives, _extension, reference
+from . import _derivatives, _extension, _settings, reference
 from ._validate import check_purify_args
 
 __all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "empty_cpu_cache", "cpu_cache_bytes",
@@ -58,12 +58,13 @@ def emulated_cuda_module():
     not built (``PURIFIED_OPS_CUDA_EMU=1 python setup.py build_ext --inplace``). With
     PURIFIED_OPS_CUDA_EMU=asan in the environment it is the sanitizer build
     (``purified_ops._cuda_emu_asan``, which needs libasan preloaded). Its test knobs:
-    ``set_schedule("forward" | "reverse")`` and ``set_max_grid_stride_blocks(n)``."""
+    ``set_schedule(name, seed=0)`` (the names in its ``schedules``) and
+    ``set_max_grid_stride_blocks(n)``."""
     if not _EMULATED_CUDA:
         import importlib
         import os
 
-        name = "_cuda_emu_asan" if os.environ.get("PURIFIED_OPS_CUDA_EMU") == "asan" else "_cuda_emu"
+        name = "_cuda_emu_asan" if _settings.cuda_emulation(os.environ) == "asan" else "_cuda_emu"
         try:
             _EMULATED_CUDA.append(importlib.import_module(f"{__package__}.{name}"))  # registers the ops
         except ImportError:
@@ -172,6 +173,13 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"purify: backend must be one of {BACKENDS}, got {backend!r}")
     available = available_backends()
+    if device.type == "cuda" and "cuda" in available:
+        # A GPU no kernel image of the build serves (said once, as a warning): auto falls back.
+        unserved = _extension.unserved_cuda_device(_BUILD_INFO["cuda_archs"], device.index)
+        if unserved is not None:
+            if backend == "cuda":
+                raise RuntimeError(unserved)
+            available = tuple(b for b in available if b != "cuda")
     if backend == "auto":
         if device.type == "meta" and _C is not None:
             return "compiled"
@@ -209,8 +217,8 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6,
         strength: ``s``, a float or a 0-dim tensor (which then gets a gradient). 1 removes the
             whole projection.
         eps: ``> 0``, keeps the Gram matrix invertible for zero or dependent directions.
-        backend: ``"auto"`` (the compiled kernel for the tensor's device, else the reference),
-            ``"cpu"``, ``"cuda"`` or ``"reference"``.
+        backend: ``"auto"`` (the compiled kernel for the tensor's device, else the reference, also on
+            a GPU that the build has no kernel image for), ``"cpu"``, ``"cuda"`` or ``"reference"``.
 
     Returns:
         A tensor of x's shape in the promoted dtype of x and z.

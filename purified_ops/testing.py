@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from . import reference
-from .ops import PurifyFunction, available_backends, emulated_cuda_ops, purify
+from . import _extension, reference
+from .ops import PurifyFunction, available_backends, build_info, emulated_cuda_ops, purify
 
 __all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_roundoff", "gram_condition",
            "conditioned_row_bound", "span_condition", "dependent_row_bound", "truth_rank_deficient",
@@ -145,6 +145,8 @@ def discover_backends(device: str = "all") -> list[Backend]:
         raise ValueError(f"verify: device must be 'cpu', 'cuda' or 'all', got {device!r}")
     found = []
     compiled = available_backends()
+    if "cuda" in compiled and not _cuda_image_row().passed:
+        compiled = tuple(b for b in compiled if b != "cuda")  # no kernel image for this GPU: verify says so
     ops = torch.ops.purified_ops
     for name in ("cpu", "cuda"):
         if name in compiled and device in (name, "all"):
@@ -238,6 +240,17 @@ class Row:
     tolerance: float | None   # the bound it is held to (the notes say which bound)
     passed: bool
     detail: str = ""          # where the worst error is, or why it failed
+
+
+def _cuda_image_row() -> Row | None:
+    """Whether an image of the CUDA build (its cuda_archs) serves the current GPU, as a row of the
+    report; None without a CUDA build or a visible GPU."""
+    info = build_info()
+    summary = _extension.cuda_device_summary(info)
+    if summary is None:
+        return None
+    served = _extension.cuda_device(info["cuda_archs"]).image is not None
+    return Row("cuda", "kernel image for this GPU", "-", None, None, served, summary)
 
 
 @dataclass
@@ -632,6 +645,8 @@ def verify(device: str = "all", dtypes=None, quick: bool = False, *, backends: l
     chosen = discover_backends(device) if backends is None else list(backends)
     report = VerifyReport(device=device, dtypes=names, quick=quick, backends=[b.name for b in chosen],
                           notes=list(NOTES))
+    if backends is None and device in ("cuda", "all") and (image_row := _cuda_image_row()) is not None:
+        report.rows.append(image_row)
     if not chosen:
         report.rows.append(Row("-", f"backends on {device}", "-", None, None, False,
                                f"none available here (available: {list(available_backends())})"))

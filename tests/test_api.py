@@ -112,6 +112,8 @@ def test_layer_rejects_bad_arguments():
         PurifyLayer(eps=0)
     with pytest.raises(TypeError, match="strength"):
         PurifyLayer(strength="strong")
+    with pytest.raises(TypeError, match="strength must be a dense .* got a nested tensor"):
+        PurifyLayer(strength=torch.nested.nested_tensor([torch.ones(1)]), learnable_strength=True)
     with pytest.raises(TypeError, match="dim must be an int"):
         PurifyLayer(dim=1.0)
     with pytest.raises(ValueError, match="out of range"):
