@@ -96,3 +96,52 @@ def test_rounding_check_tells_nearest_even_from_directed_rounding(dtype):
         found = rounding(name, out, exact)
         assert found.worst == 1 and not found.passed, found
         assert abs(abs(found.toward_zero) - 0.5) < 0.05, found
+
+
+CPU_KERNELS = purified_ops.ops._CPU  # the CPU kernels' module of the capability chosen here (None: not built)
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(CPU_KERNELS is None, reason="compiled extension not loaded")
+def test_the_cpu_bfloat16_conversion_is_used_where_the_cpu_has_it():
+    info = purified_ops.build_info()
+    expected = "avx512_bf16" if info["cpu_capability"] == "AVX512" and _cpu_has_avx512_bf16() else "software"
+    assert info["cpu_bf16_conversion"] == expected
+    assert CPU_KERNELS.bf16_hardware_conversion() == (expected == "avx512_bf16")
+
+
+@pytest.mark.skipif(CPU_KERNELS is None or purified_ops.build_info().get("cpu_bf16_conversion") != "avx512_bf16",
+                    reason="the CPU kernels chosen here round bfloat16 in software (no AVX512_BF16 or not AVX512)")
+def test_bfloat16_outputs_are_the_same_with_the_cpu_conversion():
+    # VCVTNE2PS2BF16 rounds to nearest even but flushes subnormals to zero and keeps NaN
+    # payloads: the kernels round vectors holding either in software, so every output is
+    # bitwise what the software rounding gives, here with subnormal, huge and NaN rows.
+    g = torch.Generator().manual_seed(7)
+    scale = torch.tensor([1.0, 1e-37, 4e-39, 1e37]).repeat_interleave(8)[:, None]
+    layouts = {"z per row": ((32, 200), (32, 3, 200)), "z shared": ((4, 8, 200), (4, 1, 3, 200))}
+    for layout, (xs, zs) in layouts.items():
+        x = (torch.randn(*xs, generator=g) * scale.reshape(*xs[:-1], 1)).to(torch.bfloat16)
+        gy = (torch.randn(*xs, generator=g) * scale.reshape(*xs[:-1], 1)).to(torch.bfloat16)
+        z = torch.randn(*zs, generator=g).to(torch.bfloat16)
+        x.view(-1, xs[-1])[5, 7] = float("nan")
+        results = []
+        for hardware in (True, False):
+            CPU_KERNELS.set_bf16_hardware_conversion(hardware)
+            try:
+                y, coeff, chol = torch.ops.purified_ops.purify_forward(x, z, torch.tensor(0.75), 1e-6)
+                dx, dz, _ = torch.ops.purified_ops.purify_backward(gy, x, z, torch.tensor(0.75), coeff, chol, True)
+            finally:
+                CPU_KERNELS.set_bf16_hardware_conversion(True)
+            results.append([t.view(torch.int16) for t in (y, dx, dz)])
+        for name, a, b in zip(("y", "dx", "dz"), *results):
+            assert torch.equal(a, b), f"{layout}: {name} differs where {(a != b).sum()} elements"
+        y = results[0][0].view(torch.bfloat16)
+        subnormal = (y != 0) & (y.abs() < torch.finfo(torch.bfloat16).tiny)
+        assert subnormal.sum() > 100 and y.isnan().any() and (y.abs() > 1e36).any()
