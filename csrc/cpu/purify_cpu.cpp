@@ -181,16 +181,25 @@ struct WidenedDirections {
   }
 };
 
-// The last-level cache as the OS reports it (a VM's share can be far below what cpuid says).
+// The last-level cache this machine may count on: what the OS reports (a VM's share can be far
+// below what cpuid says), and at most kCachePerCore per online CPU, since a VM may also be told
+// the host's whole cache (measured: a 2-CPU VM told 480 MiB, where outputs of 16 MiB and more
+// were written faster with non-temporal stores, and of 8 MiB as fast or slower;
+// benchmarks/README.md).
+constexpr int64_t kCachePerCore = int64_t{8} << 20;
+
 inline int64_t last_level_cache_bytes() {
+  int64_t bytes = int64_t{8} << 20;
   if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
     long kib = 0;
     const int n = std::fscanf(f, "%ldK", &kib);
     std::fclose(f);
-    if (n == 1 && kib > 0) return static_cast<int64_t>(kib) << 10;
+    if (n == 1 && kib > 0) bytes = static_cast<int64_t>(kib) << 10;
+  } else if (const long v = sysconf(_SC_LEVEL3_CACHE_SIZE); v > 0) {
+    bytes = static_cast<int64_t>(v);
   }
-  const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  return v > 0 ? static_cast<int64_t>(v) : int64_t{8} << 20;
+  const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  return cpus > 0 ? std::min(bytes, kCachePerCore * cpus) : bytes;
 }
 
 // Whether to write outputs with non-temporal stores: only when they are larger than half the
