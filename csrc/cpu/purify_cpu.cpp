@@ -58,12 +58,20 @@ inline void static_for(F&& f) {
 // Directions up to this many get loops with compile-time K.
 constexpr int kMaxFixedK = 4;
 
+// For the per-vector helpers, which the compiler would otherwise sometimes call (a call per
+// vector: the bfloat16 store, with its inline assembly, was not inlined).
+#if defined(__GNUC__) || defined(__clang__)
+#define PURIFY_VECTOR_INLINE inline __attribute__((always_inline))
+#else
+#define PURIFY_VECTOR_INLINE inline
+#endif
+
 #if defined(CPU_CAPABILITY_AVX512)
 // VCVTNE2PS2BF16 (AVX512_BF16): 32 floats to bfloat16, rounded to nearest even. It differs from
 // at::vec's rounding only where a value is subnormal (it flushes those to zero) or NaN (it keeps
 // the payload; at::vec writes 0xffff). Inline assembly: the instruction runs only where
 // bf16_hardware_conversion() said so, and no other code of this module is compiled for it.
-inline __m512i bf16_hardware(const __m512& lo, const __m512& hi) {
+PURIFY_VECTOR_INLINE __m512i bf16_hardware(const __m512& lo, const __m512& hi) {
   __m512i r;
   asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(hi), "v"(lo));
   return r;
@@ -81,7 +89,7 @@ struct Block {
   static constexpr int64_t kSize = Vectorized<T>::size();
   static constexpr int kSub = static_cast<int>(kSize / AVec::size());
 
-  static inline void load(const T* p, AVec* out) {
+  static PURIFY_VECTOR_INLINE void load(const T* p, AVec* out) {
     if constexpr (kSub == 1) {
       out[0] = AVec::loadu(p);
     } else {
@@ -92,10 +100,10 @@ struct Block {
   }
   // One block of a widened row (WidenedDirections): the same values as load() of the 16-bit row.
   template <typename U = T, std::enable_if_t<!std::is_same_v<U, accumulate_t<U>>, int> = 0>
-  static inline void load(const acc_t* p, AVec* out) {
+  static PURIFY_VECTOR_INLINE void load(const acc_t* p, AVec* out) {
     for (int s = 0; s < kSub; ++s) out[s] = AVec::loadu(p + s * AVec::size());
   }
-  static inline Vectorized<T> to_16bit(const AVec* in) {
+  static PURIFY_VECTOR_INLINE Vectorized<T> to_16bit(const AVec* in) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (kHw && std::is_same_v<T, c10::BFloat16>) {
       if ((_mm512_fpclass_ps_mask(in[0], kNaNOrSubnormal) | _mm512_fpclass_ps_mask(in[1], kNaNOrSubnormal)) == 0)
@@ -104,7 +112,7 @@ struct Block {
 #endif
     return at::vec::convert_from_float<T>(in[0], in[1]);
   }
-  static inline void store(T* p, const AVec* in) {
+  static PURIFY_VECTOR_INLINE void store(T* p, const AVec* in) {
     if constexpr (kSub == 1) {
       in[0].store(p);
     } else {
@@ -113,7 +121,7 @@ struct Block {
   }
   // A non-temporal store (p aligned to the vector size): the line is written without first
   // being read, a third less traffic for outputs that will not be read again from cache.
-  static inline void store_stream(T* p, const AVec* in) {
+  static PURIFY_VECTOR_INLINE void store_stream(T* p, const AVec* in) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, float>) {
       _mm512_stream_ps(p, in[0]);
@@ -134,7 +142,7 @@ struct Block {
     store(p, in);
 #endif
   }
-  static inline void store_to(T* p, const AVec* in, bool stream) {
+  static PURIFY_VECTOR_INLINE void store_to(T* p, const AVec* in, bool stream) {
     if (stream) {
       store_stream(p, in);
     } else {
