@@ -23,10 +23,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes the CPU output cache holds for reuse.");
   m.def("set_output_cache_limit", &purified_ops::set_cpu_output_cache_limit,
         "The most bytes the CPU output cache keeps for reuse (0: none).");
-  m.def("set_streaming_stores", [](bool always) {
-    purified_ops::set_streaming_stores(always ? purified_ops::StreamingStores::kAlways
-                                              : purified_ops::StreamingStores::kNever);
-  }, "Non-temporal stores for every output (True) or none (False), instead of by size.");
+  m.def("set_streaming_stores", [](std::optional<bool> always) {
+    purified_ops::set_streaming_stores(!always.has_value() ? purified_ops::StreamingStores::kBySize
+                                       : *always           ? purified_ops::StreamingStores::kAlways
+                                                           : purified_ops::StreamingStores::kNever);
+  }, "Non-temporal stores for every output (True), none (False), or by size (None, the default).",
+        pybind11::arg("always"));
   m.def("set_bf16_hardware_conversion", &purified_ops::set_bf16_hardware_conversion,
         "Rounds float to bfloat16 with the CPU's AVX512_BF16 instruction (True, where it has it; the "
         "default) or in software (False); the outputs are bitwise the same.");
