@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "../row_grid.h"
@@ -205,14 +206,18 @@ struct TeamSmem {
   static constexpr int kEntries = KB * (KB + 1) / 2 + KB;  // Gram lower triangle + one solve rhs
   static constexpr int kStride = round_up32(kEntries);     // per warp
   __host__ __device__ static constexpr int elems(int warps) {
-    return warps * kStride + KB * KB + 2 * KB + warps;
+    return warps * kStride + KB * KB + 3 * KB + warps + 1;
   }
   // offsets
   __device__ static constexpr int wacc(int warp) { return warp * kStride; }
-  __device__ static constexpr int chol(int warps) { return warps * kStride; }
+  __device__ static constexpr int chol(int warps) { return warps * kStride; }  // the factor in pivot order
   __device__ static constexpr int vec_c(int warps) { return warps * kStride + KB * KB; }
   __device__ static constexpr int vec_u(int warps) { return warps * kStride + KB * KB + KB; }
-  __device__ static constexpr int wsum(int warps) { return warps * kStride + KB * KB + 2 * KB; }
+  // the direction factored at each step (pivot order), as small integers in the accumulate type
+  __device__ static constexpr int order(int warps) { return warps * kStride + KB * KB + 2 * KB; }
+  __device__ static constexpr int wsum(int warps) { return warps * kStride + KB * KB + 3 * KB; }
+  // one flag for the team (the scaled path)
+  __device__ static constexpr int flag(int warps) { return warps * kStride + KB * KB + 3 * KB + warps; }
 };
 
 // What both fused kernels derive from their launch: the team and its slice of shared memory,
@@ -308,11 +313,12 @@ __device__ __forceinline__ A warp_sum(A v) {
 //   GRAM: (Gram lower triangle a >= b at a (a + 1) / 2 + b, then <z_a, v> at NT + a)
 //   else: (<z_a, v> at a)
 // accumulated over this thread's columns, reduced over the warp, added into the warp's slot.
-template <typename T, int KB, bool GRAM, int GI>
+// SCALED: z enters divided by m (times inv_m, a power of two: exact), the scaled path.
+template <typename T, int KB, bool GRAM, int GI, bool SCALED = false>
 __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
                                                  const Pack<T> (&vr)[vectors_per_thread(KB)],
                                                  accumulate_t<T>* wacc, bool first_tile,
-                                                 int lane) {
+                                                 int lane, accumulate_t<T> inv_m = accumulate_t<T>(1)) {
   using A = accumulate_t<T>;
   constexpr int V = vectors_per_thread(KB);
   constexpr int W = Pack<T>::W;
@@ -330,7 +336,10 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
     for (int w = 0; w < W; ++w) {
       A zf[KB];
 #pragma unroll
-      for (int k = 0; k < KB; ++k) zf[k] = pack_get(zr[k][v], w);
+      for (int k = 0; k < KB; ++k) {
+        zf[k] = pack_get(zr[k][v], w);
+        if constexpr (SCALED) zf[k] *= inv_m;
+      }
       const A xf = pack_get(vr[v], w);
 #pragma unroll
       for (int a = 0; a < KB; ++a) {
@@ -354,38 +363,115 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
     *dst = first_tile ? total : *dst + total;
   }
   if constexpr (GS * (GI + 1) < NE) {
-    accumulate_group<T, KB, GRAM, GI + 1>(zr, vr, wacc, first_tile, lane);
+    accumulate_group<T, KB, GRAM, GI + 1, SCALED>(zr, vr, wacc, first_tile, lane, inv_m);
   }
 }
 
-// Warp-lane-parallel Cholesky factor of G (lane i < KB holds row i in g[]), in the operation
-// order of cholesky_inplace (row_math.h) with its pivot rule (dependent directions dropped,
-// rel = 4 K u for the real K; padded rows have G_jj = eps, so their pivot is sqrt(eps)) and its
-// clamp of each entry to sqrt(G_ii - sum_{p<j} L_ip^2), which a lane keeps as a running value
-// in the same order. On return lane i holds row i of L (upper part zero).
+// Pass 1 on one tile: the Gram entries (when `gram`) and Z v into this warp's slots, z divided
+// by m where `scaled`.
+template <typename T, int KB>
+__device__ __forceinline__ void accumulate_tile(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
+                                                const Pack<T> (&vr)[vectors_per_thread(KB)],
+                                                accumulate_t<T>* wacc, bool first_tile, int lane, bool gram,
+                                                bool scaled, accumulate_t<T> inv_m) {
+  if (scaled) {
+    if (gram)
+      accumulate_group<T, KB, true, 0, true>(zr, vr, wacc, first_tile, lane, inv_m);
+    else
+      accumulate_group<T, KB, false, 0, true>(zr, vr, wacc, first_tile, lane, inv_m);
+  } else {
+    if (gram)
+      accumulate_group<T, KB, true, 0>(zr, vr, wacc, first_tile, lane);
+    else
+      accumulate_group<T, KB, false, 0>(zr, vr, wacc, first_tile, lane);
+  }
+}
+
+// The larger of a and b, a NaN winning (the largest |z| entry is NaN where any is).
+template <typename A>
+__device__ __forceinline__ A max_or_nan(A a, A b) {
+  return (b > a || b != b) ? b : a;
+}
+
+template <typename A>
+__device__ __forceinline__ bool is_finite(A v) {
+  return v - v == A(0);
+}
+
+// Warp-lane-parallel Cholesky factor of G, in the operation order of cholesky_inplace
+// (row_math.h): its lazy pivoting (the remaining direction of lowest index unless its remaining
+// pivot is below pivot_fraction of its G_jj, then the largest such fraction, ties to the lowest
+// index; padded directions, which are orthogonal to all, only after the real ones), its pivot
+// rule (dependent directions dropped, rel = 4 K u for the real K; padded rows have G_jj = eps, so
+// their pivot is sqrt(eps)) and its clamp of each entry to sqrt(G_ii - sum_{p<j} L_ip^2), which a
+// lane keeps as a running value in the same order. `gsm`: G's lower triangle (row a, column
+// b <= a at a (a + 1) / 2 + b), KB x KB. Lane i < KB gets direction i's row of the factor
+// (column t: step t) in m[] and the step it was factored at in `step`; order_sm[t] (written by
+// lane 0) is the direction factored at step t.
 template <typename A, int KB>
-__device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane) {
+__device__ __forceinline__ void warp_cholesky(const A* gsm, A eps, int K, int lane, A (&m)[KB], int& step,
+                                              A* order_sm) {
   const A rel = A(4) * A(K) * unit_roundoff<A>();
-  A rem = A(0);  // this lane's G_ii, then G_ii - sum_{p<j} L_ip^2
+  const bool in_bucket = lane < KB;
+  const A gii = in_bucket ? gsm[lane * (lane + 1) / 2 + lane] : A(1);
+  A rem = gii;  // this lane's G_ii, then G_ii - sum_{p<j} L_ip^2: its pivot if taken next
+  bool done = !in_bucket;
+  unsigned done_mask = 0u;  // the directions factored so far (the same on every lane)
+  step = lane;
 #pragma unroll
-  for (int p = 0; p < KB; ++p) rem = p == lane ? g[p] : rem;
+  for (int t = 0; t < KB; ++t) m[t] = A(0);
 #pragma unroll
-  for (int j = 0; j < KB; ++j) {
-    const A gjj = __shfl_sync(kFull, g[j], j);
-    A v = g[j];
+  for (int t = 0; t < KB; ++t) {
+    int natural = -1;  // the remaining direction of lowest index, the real ones first
 #pragma unroll
-    for (int p = 0; p < j; ++p) v -= g[p] * __shfl_sync(kFull, g[p], j);
-    const A d = __shfl_sync(kFull, v, j);
-    const A relf = rel * gjj;
-    const bool dropped = d != d || (relf > eps && d <= relf);
-    const A r = dropped ? sqrt(gjj) / unit_roundoff<A>() : sqrt(d > eps ? d : eps);
+    for (int q = KB - 1; q >= 0; --q)
+      if (!((done_mask >> q) & 1u)) natural = q;
+#pragma unroll
+    for (int q = KB - 1; q >= 0; --q)
+      if (q < K && !((done_mask >> q) & 1u)) natural = q;
+    int p = natural;
+    const A key = (!done && lane < K) ? pivot_key(rem, gii) : -std::numeric_limits<A>::infinity();
+    if (natural < K && !(__shfl_sync(kFull, key, natural) >= pivot_fraction<A>())) {
+      A best = key;  // butterfly all-reduce of the largest (key, -lane): every lane gets the pivot
+      int best_lane = lane;
+#pragma unroll
+      for (int off = 16; off >= 1; off >>= 1) {
+        const A other = __shfl_xor_sync(kFull, best, off);
+        const int other_lane = __shfl_xor_sync(kFull, best_lane, off);
+        if (other > best || (other == best && other_lane < best_lane)) {
+          best = other;
+          best_lane = other_lane;
+        }
+      }
+      p = best_lane;
+    }
+    done_mask |= 1u << p;
+    const A gjj = __shfl_sync(kFull, gii, p);
+    const A d = __shfl_sync(kFull, rem, p);
+    const A r = pivot_root(d, gjj, eps, rel);
     const A inv = A(1) / r;
+    A v = in_bucket ? (lane >= p ? gsm[lane * (lane + 1) / 2 + p] : gsm[p * (p + 1) / 2 + lane]) : A(0);
+#pragma unroll
+    for (int q = 0; q < t; ++q) v -= m[q] * __shfl_sync(kFull, m[q], p);
     const A bound = sqrt(rem > A(0) ? rem : A(0));
     const A l = v * inv;
     const A lc = l < -bound ? -bound : (l > bound ? bound : l);
-    g[j] = lane == j ? r : (lane > j ? lc : A(0));
-    if (lane > j) rem -= lc * lc;
+    if (lane == p) {
+      m[t] = r;
+      done = true;
+      step = t;
+    } else if (!done) {
+      m[t] = lc;
+      rem -= lc * lc;
+    }
+    if (lane == 0) order_sm[t] = A(p);
   }
+}
+
+// The direction factored at step t (TeamSmem::order).
+template <typename A>
+__device__ __forceinline__ int order_at(const A* order_sm, int t) {
+  return static_cast<int>(order_sm[t]);
 }
 
 // Size of the solves: the padded bucket KB (a compile-time size: fully unrolled, b[] in
@@ -398,36 +484,53 @@ __device__ __forceinline__ int solve_size(int K) {
 }
 
 // Warp 0 of a team: sums the warps' entries (fixed order), factors G (when `factor`, into the
-// team's chol slot and, when `chol_out`, to global memory), and solves for the rhs entries.
-// Returns the solution in b[] (on every lane of warp 0).
+// team's chol slot in pivot order with the order beside it and, when `chol_out`, to global
+// memory in direction rows), and solves for the rhs entries. Returns the solution on every lane
+// of warp 0 in pivot order: b[t] belongs to direction order_at(t).
+//
+// Returns whether the factor (when `factor`) and the solution are finite (the same on every
+// lane); chol_out gets the factor times chol_scale (m, where the scaled path factors Z / m).
 template <typename A, int KB>
-__device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool factor, A eps,
-                                           A* __restrict__ chol_out, int K, A (&b)[KB]) {
+__device__ __forceinline__ bool team_solve(A* sm, int warps, int lane, bool factor, A eps,
+                                           A* __restrict__ chol_out, A chol_scale, int K, A (&b)[KB]) {
   using S = TeamSmem<KB>;
   constexpr int NT = KB * (KB + 1) / 2;
   A* Ls = sm + S::chol(warps);
+  A* order_sm = sm + S::order(warps);
   const int ks = solve_size<KB>(K);
+  bool finite = true;
   if (factor) {
-    A g[KB];
+    // G's lower triangle summed over the warps, each lane its own row, into warp 0's slots.
+    if (lane < KB) {
 #pragma unroll
-    for (int p = 0; p < KB; ++p) {
-      A t = A(0);
-      if (lane < KB && p <= lane) {
-        const int e = lane * (lane + 1) / 2 + p;
-        for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + e];
-        if (p == lane) t += eps;
+      for (int p = 0; p < KB; ++p) {
+        if (p <= lane) {
+          const int e = lane * (lane + 1) / 2 + p;
+          A t = A(0);
+          for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + e];
+          if (p == lane) t += eps;
+          sm[S::wacc(0) + e] = t;
+        }
       }
-      g[p] = t;
     }
-    warp_cholesky<A, KB>(g, eps, K, lane);
+    __syncwarp();
+    A m[KB];
+    int step;
+    warp_cholesky<A, KB>(sm + S::wacc(0), eps, K, lane, m, step, order_sm);
+    int bad = 0;
+#pragma unroll
+    for (int q = 0; q < KB; ++q) bad |= is_finite(m[q]) ? 0 : 1;
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) bad |= __shfl_xor_sync(kFull, bad, off);
+    finite = bad == 0;
     if (lane < ks) {
 #pragma unroll
-      for (int p = 0; p < KB; ++p)
-        if (p < ks) Ls[lane * ks + p] = g[p];
+      for (int q = 0; q < KB; ++q)
+        if (q < ks) Ls[step * ks + q] = m[q];
       if (chol_out != nullptr && lane < K) {
 #pragma unroll
-        for (int p = 0; p < KB; ++p)
-          if (p < K) chol_out[lane * K + p] = g[p];
+        for (int q = 0; q < KB; ++q)
+          if (q < K) chol_out[lane * K + q] = m[q] * chol_scale;
       }
     }
     __syncwarp();
@@ -435,11 +538,48 @@ __device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool fact
   const int rhs = factor ? NT : 0;
 #pragma unroll
   for (int k = 0; k < KB; ++k) {
+    const int dir = order_at(order_sm, k);
     A t = A(0);
-    for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + rhs + k];
+    for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + rhs + dir];
     b[k] = t;
   }
   cholesky_solve_inplace<A>(Ls, ks, b);
+#pragma unroll
+  for (int k = 0; k < KB; ++k) finite = finite && is_finite(b[k]);
+  return finite;
+}
+
+// The largest |z| entry of the item's K directions over the team (for direction_scale): this
+// thread's columns of every tile (reloaded where a row has several; zr then holds the last),
+// the warp's, then the warps' in order. `row`: the x or grad_y row the tiles load beside z.
+template <typename T, int KB>
+__device__ __forceinline__ accumulate_t<T> team_amax(const TeamTiles<T, KB>& tiles,
+                                                     Pack<T> (&zr)[KB][vectors_per_thread(KB)],
+                                                     Pack<T> (&vr)[vectors_per_thread(KB)], const T* zbase,
+                                                     int64_t z_dir_stride, int K, const T* row) {
+  using A = accumulate_t<T>;
+  using S = TeamSmem<KB>;
+  constexpr int V = vectors_per_thread(KB);
+  constexpr int W = Pack<T>::W;
+  A amax = A(0);
+  for (int t = 0; t < tiles.ntiles; ++t) {
+    if (tiles.ntiles > 1) tiles.load(zr, vr, zbase, z_dir_stride, K, row, tiles.col0(t), true);
+#pragma unroll
+    for (int k = 0; k < KB; ++k)
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+#pragma unroll
+        for (int w = 0; w < W; ++w) amax = max_or_nan(amax, static_cast<A>(fabs(pack_get(zr[k][v], w))));
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) amax = max_or_nan(amax, __shfl_xor_sync(kFull, amax, off));
+  A* wsum = tiles.sm + S::wsum(tiles.team.warps);
+  if (tiles.team.lane == 0) wsum[tiles.team.warp] = amax;
+  tiles.team.sync();
+  A total = A(0);
+  for (int w = 0; w < tiles.team.warps; ++w) total = max_or_nan(total, wsum[w]);
+  tiles.team.sync();  // wsum is written again later in the item
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -471,35 +611,57 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
     const ItemRows r = item_rows(grid, p.chunks, item);
     const RowOffsets go = decode_offsets(grid.group, r.group);
     const T* zbase = z_data + go.z;
+    // The scaled path (row_math.h's direction_scale): where the factor or a row's solution
+    // comes out non-finite (|z|^2 or z.x overflowed), the rest of the item works with Z / m and
+    // eps / m^2 (z scaled as it enters the sums); c = c' / m, chol = m L'.
+    bool scaled = false;
+    A m = A(1), inv_m = A(1), eps_i = eps;
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
       const RowOffsets so = decode_offsets(grid.shared, j);
       const T* xrow = x_data + go.x + so.x;
       const int64_t row = go.row + so.row;
+      A* const chol_out = (first && r.begin == 0) ? chol_data + r.group * K * K : nullptr;
+      // Warp 0: factor (first row) and solve; lane 0 writes c by direction and the team's flag.
+      const auto solve = [&](bool factor, A* chol_dst) {
+        if (team.warp == 0) {
+          A b[KB];
+          const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, factor, eps_i, chol_dst, m, K, b);
+          if (team.lane == 0) {
+#pragma unroll
+            for (int k = 0; k < KB; ++k) {
+              const int dir = order_at(sm + S::order(team.warps), k);
+              const A c = b[k] * inv_m;
+              sm[S::vec_c(team.warps) + dir] = c;
+              if (dir < K) coeff_data[row * K + dir] = c;
+            }
+            sm[S::flag(team.warps)] = ok ? A(0) : A(1);
+          }
+        }
+        team.sync();
+      };
 
       // Pass 1: Gram (first row of the item) and Z x.
       for (int t = 0; t < ntiles; ++t) {
         tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, tiles.col0(t), first || ntiles > 1);
-        A* wacc = sm + S::wacc(team.warp);
-        if (first)
-          accumulate_group<T, KB, true, 0>(zr, xr, wacc, t == 0, team.lane);
-        else
-          accumulate_group<T, KB, false, 0>(zr, xr, wacc, t == 0, team.lane);
+        accumulate_tile<T, KB>(zr, xr, sm + S::wacc(team.warp), t == 0, team.lane, first, scaled, inv_m);
       }
       team.sync();
-      if (team.warp == 0) {
-        A b[KB];
-        A* chol_out = (first && r.begin == 0) ? chol_data + r.group * K * K : nullptr;
-        team_solve<A, KB>(sm, team.warps, team.lane, first, eps, chol_out, K, b);
-        if (team.lane == 0) {
-#pragma unroll
-          for (int k = 0; k < KB; ++k) {
-            sm[S::vec_c(team.warps) + k] = b[k];
-            if (k < K) coeff_data[row * K + k] = b[k];
-          }
+      solve(first, chol_out);
+      if (!scaled && sm[S::flag(team.warps)] != A(0)) {
+        const DirectionScale<A> sc =
+            direction_scale(team_amax<T, KB>(tiles, zr, xr, zbase, grid.z_dir_stride, K, xrow), D, eps);
+        scaled = true;
+        m = sc.m;
+        inv_m = sc.inv_m;
+        eps_i = sc.eps;
+        for (int t = 0; t < ntiles; ++t) {
+          if (ntiles > 1) tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, tiles.col0(t), true);
+          accumulate_tile<T, KB>(zr, xr, sm + S::wacc(team.warp), t == 0, team.lane, true, true, inv_m);
         }
+        team.sync();
+        solve(true, chol_out);
       }
-      team.sync();
       A w[KB];
 #pragma unroll
       for (int k = 0; k < KB; ++k) w[k] = s * sm[S::vec_c(team.warps) + k];
@@ -566,15 +728,38 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
     const RowOffsets go = decode_offsets(grid.group, r.group);
     const T* zbase = z_data + go.z;
     A* Ls = sm + S::chol(team.warps);
+    A* order_sm = sm + S::order(team.warps);
     const int ks = solve_size<KB>(K);
-    if (team.warp == 0 && team.lane < ks) {
-      const A* L = chol_data + r.group * K * K;
+    if (team.warp == 0) {
+      // The factor in direction rows (row_math.h's factor_order): direction i was factored at
+      // the step of its row's last nonzero entry; its row goes to that row of Ls (pivot order).
+      // The order starts as the identity, so any chol gives valid indices.
+      if (team.lane < KB) order_sm[team.lane] = A(team.lane);
+      __syncwarp();
+      if (team.lane < ks) {
+        const A* L = chol_data + r.group * K * K;
+        int step = team.lane;
+        if (team.lane < K) {
+          step = 0;
+          for (int q = K - 1; q > 0; --q)
+            if (L[team.lane * K + q] != A(0)) {
+              step = q;
+              break;
+            }
+        }
 #pragma unroll
-      for (int q = 0; q < KB; ++q)
-        if (q < ks)
-          Ls[team.lane * ks + q] =
-              (team.lane < K && q < K) ? L[team.lane * K + q] : (team.lane == q ? A(1) : A(0));
+        for (int q = 0; q < KB; ++q)
+          if (q < ks)
+            Ls[step * ks + q] = (team.lane < K && q < K) ? (q <= step ? L[team.lane * K + q] : A(0))
+                                                         : (team.lane == q ? A(1) : A(0));
+        order_sm[step] = A(team.lane);
+      }
     }
+    // The scaled path: where a row's Z g overflows, the rest of the item solves with Z / m and
+    // the factor / m (m bringing the largest |z| entry to [1, 2), row_math.h's
+    // normalizing_scale): u = u' / m.
+    bool scaled = false;
+    A inv_m = A(1);
     A gdotp_acc = A(0);
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
@@ -582,25 +767,42 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
       const T* grow = g_data + go.g + so.g;
       const T* xrow = x_data + go.x + so.x;
       const int64_t row = go.row + so.row;
+      // Warp 0 solves; lane 0 writes u and c by direction and the team's flag.
+      const auto solve = [&] {
+        if (team.warp == 0) {
+          A b[KB];
+          const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, A(1), K, b);
+          if (team.lane == 0) {
+#pragma unroll
+            for (int k = 0; k < KB; ++k) {
+              sm[S::vec_u(team.warps) + order_at(order_sm, k)] = b[k] * inv_m;
+              sm[S::vec_c(team.warps) + k] = k < K ? coeff_data[row * K + k] : A(0);
+            }
+            sm[S::flag(team.warps)] = ok ? A(0) : A(1);
+          }
+        }
+        team.sync();
+      };
 
       // Pass 1: Z g.
       for (int t = 0; t < ntiles; ++t) {
         tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), first || ntiles > 1);
-        accumulate_group<T, KB, false, 0>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane);
+        accumulate_tile<T, KB>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane, false, scaled, inv_m);
       }
       team.sync();  // also publishes Ls (written before the first row)
-      if (team.warp == 0) {
-        A b[KB];
-        team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, K, b);
-        if (team.lane == 0) {
-#pragma unroll
-          for (int k = 0; k < KB; ++k) {
-            sm[S::vec_u(team.warps) + k] = b[k];
-            sm[S::vec_c(team.warps) + k] = k < K ? coeff_data[row * K + k] : A(0);
-          }
+      solve();
+      if (!scaled && sm[S::flag(team.warps)] != A(0)) {
+        inv_m = normalizing_scale(team_amax<T, KB>(tiles, zr, gr, zbase, grid.z_dir_stride, K, grow)).inv_m;
+        scaled = true;
+        if (team.warp == 0 && team.lane < ks)
+          for (int q = 0; q < ks; ++q) Ls[team.lane * ks + q] *= inv_m;
+        for (int t = 0; t < ntiles; ++t) {
+          if (ntiles > 1) tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), true);
+          accumulate_tile<T, KB>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane, false, true, inv_m);
         }
+        team.sync();
+        solve();
       }
-      team.sync();
       A c[KB], u[KB];
 #pragma unroll
       for (int k = 0; k < KB; ++k) {
