@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 
 import torch
 
@@ -78,10 +79,9 @@ def _regularized_factor(gram, eps):
             rem = rem - prev.square().sum(-1)
         # The pivot: the remaining direction of lowest index, or the one with the largest
         # remaining fraction where that one's is below PIVOT_FRACTION.
-        with torch.no_grad():
-            key = torch.nan_to_num(rem / diag, nan=-1.0).masked_fill(done, -math.inf)
-            natural = (~done).to(torch.int8).argmax(-1, keepdim=True)
-            piv = torch.where(key.gather(-1, natural) >= PIVOT_FRACTION, natural, key.argmax(-1, keepdim=True))
+        key = torch.nan_to_num((rem / diag).detach(), nan=-1.0).masked_fill(done, -math.inf)
+        natural = (~done).to(torch.int8).argmax(-1, keepdim=True)
+        piv = torch.where(key.gather(-1, natural) >= PIVOT_FRACTION, natural, key.argmax(-1, keepdim=True))
         v = gram.gather(-1, piv.unsqueeze(-2).expand(*batch, k, 1)).squeeze(-1)  # G[:, piv]
         if j:
             v = v - (prev @ prev.gather(-2, piv.unsqueeze(-1).expand(*batch, 1, j)).transpose(-1, -2)).squeeze(-1)
@@ -159,7 +159,8 @@ def direction_scale(amax: torch.Tensor, d: int, eps: float):
     underflows."""
     fi = torch.finfo(amax.dtype)
     min_exponent, max_exponent = math.frexp(fi.tiny)[1], math.frexp(fi.max)[1]  # as C++ numeric_limits
-    e_eps = (math.frexp(float(torch.tensor(eps, dtype=amax.dtype)))[1] - min_exponent) // 2  # eps as the kernels hold it
+    held = struct.unpack("f", struct.pack("f", eps))[0] if amax.dtype != torch.float64 else eps  # as the kernels hold it
+    e_eps = (math.frexp(held)[1] - min_exponent) // 2
     log2_d = max(0, math.ceil(math.log2(d))) if d > 1 else 0
     ok = torch.isfinite(amax) & (amax > 0)
     big = _floor_log2(torch.where(ok, amax, torch.ones_like(amax)))  # amax in [2^big, 2^(big + 1))
@@ -203,13 +204,14 @@ def purify_forward(x: torch.Tensor, z: torch.Tensor, strength, eps: float):
     with _no_autocast(x.device):
         xa, za = x.to(acc), z.to(acc)
         s = strength.to(acc) if isinstance(strength, torch.Tensor) else strength
-        # Z / m and eps / m^2 (direction_scale): the factor m L' of G and c = c' / m returned
+        # Z / m and eps / m^2 (direction_scale): the factor m L' of G and c = c' / m returned; y
+        # from the scaled ones (the same numbers: Z'^T c' = Z^T c), so that its derivative, g Z'^T,
+        # cannot overflow either
         zs, inv_m, eps_s = _scaled(za, eps)
         chol, _, c = _factor_and_solve(xa, zs, eps_s)
-        c = c * inv_m.squeeze(-1)
         # s c first, as the kernels do: a non-finite strength then gives their Inf/NaN pattern
-        y = (xa - ((s * c).unsqueeze(-2) @ za).squeeze(-2)).to(x.dtype)
-        return y, c, chol / inv_m
+        y = (xa - ((s * c).unsqueeze(-2) @ zs).squeeze(-2)).to(x.dtype)
+        return y, c * inv_m.squeeze(-1), chol / inv_m
 
 
 def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6) -> torch.Tensor:

@@ -106,12 +106,15 @@ def check_against_reference(x, z, s=0.8, eps=1e-4, seed=0, ops=None):
     assert rel_err(dx.cpu(), rdx) <= tol, ("dx", rel_err(dx.cpu(), rdx), tol)
     assert rel_err(dz.cpu(), rdz) <= tol, ("dz", rel_err(dz.cpu(), rdz), tol)
     assert abs(ds.item() - rds.item()) <= 10 * tol * max(1.0, abs(rds.item())), ("ds", ds.item(), rds.item())
-    # chol really is the factor of Z Z^T + eps I (lower, per z row)
+    # chol really is the factor of Z Z^T + eps I per z row, in direction rows (docs/DESIGN.md
+    # section 2): lower triangular in its pivot order, M M^T = G in direction order
     zd = z.double()
     gram = zd @ zd.transpose(-1, -2) + eps * torch.eye(z.shape[-2], dtype=torch.float64, device=z.device)
-    L = chol.double()
+    M = chol.double().cpu()
+    order = reference.factor_order(M)
+    L = M.gather(-2, order.unsqueeze(-1).expand(*order.shape, M.shape[-1]))
     assert torch.equal(L, L.tril())
-    assert rel_err(L @ L.transpose(-1, -2), gram) <= max(tol, 1e-5)
+    assert rel_err(M @ M.transpose(-1, -2), gram.cpu()) <= max(tol, 1e-5)
     return y, dx, dz, ds
 
 

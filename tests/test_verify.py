@@ -22,7 +22,8 @@ def _key(row):
 
 # The cases of docs/DESIGN.md's accuracy statement and of the scale of z (in --quick too).
 NUMERICS_CASES = ("ill-conditioned G, y and gradients per row / scale", "K=16 D=32 rank 5 dependent z, y per row / |x|",
-                  "K=4 D=7 |z| ~ 2^70", "K=4 D=7 |z| ~ 2^30, |x| ~ 2^80", "K=4 D=7 |z| ~ 2^600")
+                  "K=4 D=7 |z| ~ 2^70", "K=4 D=7 |z| ~ 2^30, |x| ~ 2^80", "K=4 D=7 |z| ~ 2^600",
+                  "K=4 D=7 |z| ~ 2^350, |x| ~ 2^700")
 
 # The CPU kernels' capabilities that can run here (compiled, and not above what torch chose).
 USABLE_CAPABILITIES = [c for c in purified_ops.build_info().get("cpu_capabilities", ())

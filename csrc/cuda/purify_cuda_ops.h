@@ -108,7 +108,7 @@ inline at::Tensor from_grouped(const at::Tensor& t3, const at::Tensor& x, const 
 // scaled, exactly the unscaled ones wherever nothing over- or underflows.
 template <typename Dev>
 at::Tensor direction_scales(const at::Tensor& zg, double eps, at::Tensor* eps_scaled) {
-  const at::Tensor amax = zg.abs().amax({1, 2}).contiguous();
+  const at::Tensor amax = zg.numel() == 0 ? at::zeros({zg.size(0)}, zg.options()) : zg.abs().amax({1, 2}).contiguous();
   at::Tensor inv_m = at::empty_like(amax);
   if (eps_scaled != nullptr) *eps_scaled = at::empty_like(amax);
   const int64_t G = amax.size(0), D = zg.size(2);
