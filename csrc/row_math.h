@@ -12,7 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
+#include <cstring>
 
 namespace purified_ops {
 
@@ -28,6 +28,82 @@ struct Accumulate<double> {
 };
 template <typename T>
 using accumulate_t = typename Accumulate<T>::type;
+
+// The accumulate types' limits as constants (std::numeric_limits' functions are host-only for
+// nvcc): the largest finite number, the smallest normal one, frexp's exponents of those two
+// (x = f 2^e, f in [0.5, 1): numeric_limits' max_exponent and min_exponent), the stored
+// mantissa bits and the unsigned integer of the same size (Bits).
+template <typename A>
+struct FloatLimits;
+template <>
+struct FloatLimits<float> {
+  using Bits = uint32_t;
+  static constexpr float largest = 3.40282347e+38f;
+  static constexpr float smallest_normal = 1.17549435e-38f;
+  static constexpr int max_exponent = 128;
+  static constexpr int min_exponent = -125;
+  static constexpr int mantissa_bits = 23;
+};
+template <>
+struct FloatLimits<double> {
+  using Bits = uint64_t;
+  static constexpr double largest = 1.7976931348623157e+308;
+  static constexpr double smallest_normal = 2.2250738585072014e-308;
+  static constexpr int max_exponent = 1024;
+  static constexpr int min_exponent = -1021;
+  static constexpr int mantissa_bits = 52;
+};
+
+// The bits of v, and back (the device's moves; memcpy on the host).
+template <typename A>
+PURIFY_HD typename FloatLimits<A>::Bits bits_of(A v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(A) == 4) {
+    return __float_as_uint(v);
+  } else {
+    return static_cast<uint64_t>(__double_as_longlong(v));
+  }
+#else
+  typename FloatLimits<A>::Bits b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;
+#endif
+}
+
+template <typename A>
+PURIFY_HD A from_bits(typename FloatLimits<A>::Bits b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(A) == 4) {
+    return __uint_as_float(b);
+  } else {
+    return __longlong_as_double(static_cast<long long>(b));
+  }
+#else
+  A v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+#endif
+}
+
+// floor(log2 v) for a finite normal v > 0 (frexp's exponent minus 1), from the exponent field;
+// a subnormal v gives 1 - max_exponent, which is above its true value but negative too.
+// (frexp and ldexp are library calls in device code, with registers to match: these are shifts.)
+template <typename A>
+PURIFY_HD int floor_log2(A v) {
+  using lim = FloatLimits<A>;
+  constexpr int field_mask = 2 * lim::max_exponent - 1;
+  return static_cast<int>((bits_of(v) >> lim::mantissa_bits) & field_mask) - (lim::max_exponent - 1);
+}
+
+// 2^e, exactly, for e from the smallest subnormal's exponent (min_exponent - 1 - mantissa_bits)
+// to max_exponent - 1.
+template <typename A>
+PURIFY_HD A pow2(int e) {
+  using lim = FloatLimits<A>;
+  using B = typename lim::Bits;
+  if (e >= lim::min_exponent - 1) return from_bits<A>(static_cast<B>(e + lim::max_exponent - 1) << lim::mantissa_bits);
+  return from_bits<A>(B{1} << (e - (lim::min_exponent - 1 - lim::mantissa_bits)));
+}
 
 template <typename T>
 PURIFY_HD T unit_roundoff();
@@ -231,13 +307,11 @@ struct DirectionScale {
 
 template <typename A>
 PURIFY_HD DirectionScale<A> direction_scale(A amax, int64_t D, A eps) {
-  using lim = std::numeric_limits<A>;
+  using lim = FloatLimits<A>;
   int e = 0;
-  if (amax <= lim::max() && amax > A(0)) {  // NaN and Inf: no scale (the result is NaN anyway)
-    int ka = 0, ke = 0;
-    (void)std::frexp(amax, &ka);  // amax in [2^(ka-1), 2^ka)
-    (void)std::frexp(eps, &ke);   // eps >= smallest normal = 2^(min_exponent - 1)
-    const int E = ka - 1;
+  if (amax <= lim::largest && amax > A(0)) {  // NaN and Inf: no scale (the result is NaN anyway)
+    const int E = floor_log2(amax);             // amax in [2^E, 2^(E+1)) (only its sign matters if subnormal)
+    const int ke = floor_log2(eps) + 1;         // eps >= smallest normal = 2^(min_exponent - 1)
     const int e_eps = (ke - lim::min_exponent) / 2;  // eps * 2^(-2 e_eps) >= 2^(min_exponent - 1)
     int log2_d = 0;
     while (log2_d < 62 && (int64_t{1} << log2_d) < D) ++log2_d;
@@ -247,10 +321,11 @@ PURIFY_HD DirectionScale<A> direction_scale(A amax, int64_t D, A eps) {
     if (e < 0) e = 0;
   }
   DirectionScale<A> s;
-  s.m = std::ldexp(A(1), e);
-  s.inv_m = std::ldexp(A(1), -e);
-  const A scaled = std::ldexp(eps, -2 * e);
-  s.eps = scaled >= lim::min() ? scaled : lim::min();
+  s.m = pow2<A>(e);
+  s.inv_m = pow2<A>(-e);
+  // eps 2^(-2e) in two exact steps where it is normal; below, both it and this are floored.
+  const A scaled = eps * s.inv_m * s.inv_m;
+  s.eps = scaled >= lim::smallest_normal ? scaled : lim::smallest_normal;
   return s;
 }
 
@@ -259,14 +334,13 @@ PURIFY_HD DirectionScale<A> direction_scale(A amax, int64_t D, A eps) {
 template <typename A>
 PURIFY_HD DirectionScale<A> normalizing_scale(A amax) {
   int e = 0;
-  if (amax <= std::numeric_limits<A>::max() && amax > A(0)) {
-    int ka = 0;
-    (void)std::frexp(amax, &ka);
-    e = ka - 1 > 0 ? ka - 1 : 0;
+  if (amax <= FloatLimits<A>::largest && amax > A(0)) {
+    const int E = floor_log2(amax);
+    e = E > 0 ? E : 0;
   }
   DirectionScale<A> s;
-  s.m = std::ldexp(A(1), e);
-  s.inv_m = std::ldexp(A(1), -e);
+  s.m = pow2<A>(e);
+  s.inv_m = pow2<A>(-e);
   s.eps = A(0);
   return s;
 }
