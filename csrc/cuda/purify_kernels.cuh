@@ -27,7 +27,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
 #include "../row_grid.h"
@@ -130,6 +129,11 @@ __host__ __device__ constexpr int vectors_per_thread(int KB) { return KB == 1 ? 
 __host__ __device__ constexpr int pow2_ceil(int n) { return n <= 1 ? 1 : 2 * pow2_ceil((n + 1) / 2); }
 __host__ __device__ constexpr int log2_exact(int n) { return n <= 1 ? 0 : 1 + log2_exact(n / 2); }
 __host__ __device__ constexpr int round_up32(int n) { return (n + 31) / 32 * 32; }
+// Blocks per SM the fused kernels are compiled for (__launch_bounds__): two (at most 128
+// registers a thread) for up to 4 directions, where the cached tile is small and the kernels
+// fit that without spilling (unbounded, the scaled path's code takes some past 128, which
+// halves their occupancy); one beyond.
+__host__ __device__ constexpr int min_blocks(int KB) { return KB <= 4 ? 2 : 1; }
 // Entries reduced together (accumulators live at once): 8 for the Gram at K = 16 keeps the
 // forward within the register file; a reduce-scatter costs ~1 shuffle per entry either way.
 __host__ __device__ constexpr int group_entries(int KB, bool gram) { return KB >= 16 ? (gram ? 8 : 16) : 32; }
@@ -206,7 +210,7 @@ struct TeamSmem {
   static constexpr int kEntries = KB * (KB + 1) / 2 + KB;  // Gram lower triangle + one solve rhs
   static constexpr int kStride = round_up32(kEntries);     // per warp
   __host__ __device__ static constexpr int elems(int warps) {
-    return warps * kStride + KB * KB + 3 * KB + warps + 1;
+    return warps * kStride + KB * KB + 3 * KB + warps + 4;
   }
   // offsets
   __device__ static constexpr int wacc(int warp) { return warp * kStride; }
@@ -218,6 +222,8 @@ struct TeamSmem {
   __device__ static constexpr int wsum(int warps) { return warps * kStride + KB * KB + 3 * KB; }
   // one flag for the team (the scaled path)
   __device__ static constexpr int flag(int warps) { return warps * kStride + KB * KB + 3 * KB + warps; }
+  // the scaled path's 1 / m, m and eps / m^2 (kept here, not in registers, by the fused kernels)
+  __device__ static constexpr int scale(int warps) { return warps * kStride + KB * KB + 3 * KB + warps + 1; }
 };
 
 // What both fused kernels derive from their launch: the team and its slice of shared memory,
@@ -313,12 +319,11 @@ __device__ __forceinline__ A warp_sum(A v) {
 //   GRAM: (Gram lower triangle a >= b at a (a + 1) / 2 + b, then <z_a, v> at NT + a)
 //   else: (<z_a, v> at a)
 // accumulated over this thread's columns, reduced over the warp, added into the warp's slot.
-// SCALED: z enters divided by m (times inv_m, a power of two: exact), the scaled path.
-template <typename T, int KB, bool GRAM, int GI, bool SCALED = false>
+template <typename T, int KB, bool GRAM, int GI>
 __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
                                                  const Pack<T> (&vr)[vectors_per_thread(KB)],
                                                  accumulate_t<T>* wacc, bool first_tile,
-                                                 int lane, accumulate_t<T> inv_m = accumulate_t<T>(1)) {
+                                                 int lane) {
   using A = accumulate_t<T>;
   constexpr int V = vectors_per_thread(KB);
   constexpr int W = Pack<T>::W;
@@ -336,10 +341,7 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
     for (int w = 0; w < W; ++w) {
       A zf[KB];
 #pragma unroll
-      for (int k = 0; k < KB; ++k) {
-        zf[k] = pack_get(zr[k][v], w);
-        if constexpr (SCALED) zf[k] *= inv_m;
-      }
+      for (int k = 0; k < KB; ++k) zf[k] = pack_get(zr[k][v], w);
       const A xf = pack_get(vr[v], w);
 #pragma unroll
       for (int a = 0; a < KB; ++a) {
@@ -363,28 +365,38 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
     *dst = first_tile ? total : *dst + total;
   }
   if constexpr (GS * (GI + 1) < NE) {
-    accumulate_group<T, KB, GRAM, GI + 1, SCALED>(zr, vr, wacc, first_tile, lane, inv_m);
+    accumulate_group<T, KB, GRAM, GI + 1>(zr, vr, wacc, first_tile, lane);
   }
 }
 
-// Pass 1 on one tile: the Gram entries (when `gram`) and Z v into this warp's slots, z divided
-// by m where `scaled`.
+// Pass 1 on one tile: the Gram entries (when `gram`) and Z v into this warp's slots.
 template <typename T, int KB>
 __device__ __forceinline__ void accumulate_tile(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
                                                 const Pack<T> (&vr)[vectors_per_thread(KB)],
-                                                accumulate_t<T>* wacc, bool first_tile, int lane, bool gram,
-                                                bool scaled, accumulate_t<T> inv_m) {
-  if (scaled) {
-    if (gram)
-      accumulate_group<T, KB, true, 0, true>(zr, vr, wacc, first_tile, lane, inv_m);
-    else
-      accumulate_group<T, KB, false, 0, true>(zr, vr, wacc, first_tile, lane, inv_m);
-  } else {
-    if (gram)
-      accumulate_group<T, KB, true, 0>(zr, vr, wacc, first_tile, lane);
-    else
-      accumulate_group<T, KB, false, 0>(zr, vr, wacc, first_tile, lane);
-  }
+                                                accumulate_t<T>* wacc, bool first_tile, int lane, bool gram) {
+  if (gram)
+    accumulate_group<T, KB, true, 0>(zr, vr, wacc, first_tile, lane);
+  else
+    accumulate_group<T, KB, false, 0>(zr, vr, wacc, first_tile, lane);
+}
+
+// Z / m in place in the cached tile (m a power of two: exact for float, double and bfloat16,
+// whose exponent range is float's; half never takes the scaled path, nothing it holds
+// overflowing float). The padding rows and columns stay zero.
+template <typename T, int KB>
+__device__ __forceinline__ void scale_tile(Pack<T> (&zr)[KB][vectors_per_thread(KB)], accumulate_t<T> inv_m) {
+  constexpr int V = vectors_per_thread(KB);
+  constexpr int W = Pack<T>::W;
+#pragma unroll
+  for (int k = 0; k < KB; ++k)
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      Pack<T> out;
+      zero_pack(out);
+#pragma unroll
+      for (int w = 0; w < W; ++w) pack_set_bits(out, w, to_bits<T>(pack_get(zr[k][v], w) * inv_m));
+      zr[k][v] = out;
+    }
 }
 
 // The larger of a and b, a NaN winning (the largest |z| entry is NaN where any is).
@@ -411,13 +423,12 @@ __device__ __forceinline__ bool is_finite(A v) {
 template <typename A, int KB>
 __device__ __forceinline__ void warp_cholesky(const A* gsm, A eps, int K, int lane, A (&m)[KB], int& step,
                                               A* order_sm) {
+  // Few registers live across the steps (the caller's cached tile is live too): G_ii is read
+  // from gsm where needed, whether this lane is done from the (uniform) mask.
   const A rel = A(4) * A(K) * unit_roundoff<A>();
-  const bool in_bucket = lane < KB;
-  const A gii = in_bucket ? gsm[lane * (lane + 1) / 2 + lane] : A(1);
-  A rem = gii;  // this lane's G_ii, then G_ii - sum_{p<j} L_ip^2: its pivot if taken next
-  bool done = !in_bucket;
+  const int diag = lane < KB ? lane * (lane + 1) / 2 + lane : 0;
+  A rem = lane < KB ? gsm[diag] : A(0);  // G_ii - sum_{p<j} L_ip^2: this lane's pivot if taken next
   unsigned done_mask = 0u;  // the directions factored so far (the same on every lane)
-  step = lane;
 #pragma unroll
   for (int t = 0; t < KB; ++t) m[t] = A(0);
 #pragma unroll
@@ -429,8 +440,9 @@ __device__ __forceinline__ void warp_cholesky(const A* gsm, A eps, int K, int la
 #pragma unroll
     for (int q = KB - 1; q >= 0; --q)
       if (q < K && !((done_mask >> q) & 1u)) natural = q;
+    const bool done = lane >= KB || ((done_mask >> lane) & 1u);
     int p = natural;
-    const A key = (!done && lane < K) ? pivot_key(rem, gii) : -std::numeric_limits<A>::infinity();
+    const A key = (!done && lane < K) ? pivot_key(rem, gsm[diag]) : -FloatLimits<A>::largest;
     if (natural < K && !(__shfl_sync(kFull, key, natural) >= pivot_fraction<A>())) {
       A best = key;  // butterfly all-reduce of the largest (key, -lane): every lane gets the pivot
       int best_lane = lane;
@@ -446,11 +458,11 @@ __device__ __forceinline__ void warp_cholesky(const A* gsm, A eps, int K, int la
       p = best_lane;
     }
     done_mask |= 1u << p;
-    const A gjj = __shfl_sync(kFull, gii, p);
+    const A gjj = gsm[p * (p + 1) / 2 + p];
     const A d = __shfl_sync(kFull, rem, p);
     const A r = pivot_root(d, gjj, eps, rel);
     const A inv = A(1) / r;
-    A v = in_bucket ? (lane >= p ? gsm[lane * (lane + 1) / 2 + p] : gsm[p * (p + 1) / 2 + lane]) : A(0);
+    A v = lane < KB ? (lane >= p ? gsm[lane * (lane + 1) / 2 + p] : gsm[p * (p + 1) / 2 + lane]) : A(0);
 #pragma unroll
     for (int q = 0; q < t; ++q) v -= m[q] * __shfl_sync(kFull, m[q], p);
     const A bound = sqrt(rem > A(0) ? rem : A(0));
@@ -458,14 +470,16 @@ __device__ __forceinline__ void warp_cholesky(const A* gsm, A eps, int K, int la
     const A lc = l < -bound ? -bound : (l > bound ? bound : l);
     if (lane == p) {
       m[t] = r;
-      done = true;
-      step = t;
     } else if (!done) {
       m[t] = lc;
       rem -= lc * lc;
     }
     if (lane == 0) order_sm[t] = A(p);
   }
+  __syncwarp();
+  step = lane;
+  for (int t = 0; t < KB; ++t)
+    if (static_cast<int>(order_sm[t]) == lane) step = t;
 }
 
 // The direction factored at step t (TeamSmem::order).
@@ -550,27 +564,23 @@ __device__ __forceinline__ bool team_solve(A* sm, int warps, int lane, bool fact
 }
 
 // The largest |z| entry of the item's K directions over the team (for direction_scale): this
-// thread's columns of every tile (reloaded where a row has several; zr then holds the last),
-// the warp's, then the warps' in order. `row`: the x or grad_y row the tiles load beside z.
+// thread's columns, one 16-byte vector at a time (the cached tile is left alone, and few
+// registers are live), then the warp's, then the warps' in order.
 template <typename T, int KB>
-__device__ __forceinline__ accumulate_t<T> team_amax(const TeamTiles<T, KB>& tiles,
-                                                     Pack<T> (&zr)[KB][vectors_per_thread(KB)],
-                                                     Pack<T> (&vr)[vectors_per_thread(KB)], const T* zbase,
-                                                     int64_t z_dir_stride, int K, const T* row) {
+__device__ __forceinline__ accumulate_t<T> team_amax(const TeamTiles<T, KB>& tiles, const T* zbase,
+                                                     int64_t z_dir_stride, int K) {
   using A = accumulate_t<T>;
   using S = TeamSmem<KB>;
-  constexpr int V = vectors_per_thread(KB);
   constexpr int W = Pack<T>::W;
   A amax = A(0);
-  for (int t = 0; t < tiles.ntiles; ++t) {
-    if (tiles.ntiles > 1) tiles.load(zr, vr, zbase, z_dir_stride, K, row, tiles.col0(t), true);
+  for (int t = 0; t < tiles.ntiles; ++t)
+    for (int k = 0; k < K; ++k)
+      for (int v = 0; v < TeamTiles<T, KB>::V; ++v) {
+        Pack<T> p;
+        load_pack(p, zbase + k * z_dir_stride, tiles.col(tiles.col0(t), v), tiles.D, tiles.vec);
 #pragma unroll
-    for (int k = 0; k < KB; ++k)
-#pragma unroll
-      for (int v = 0; v < V; ++v)
-#pragma unroll
-        for (int w = 0; w < W; ++w) amax = max_or_nan(amax, static_cast<A>(fabs(pack_get(zr[k][v], w))));
-  }
+        for (int w = 0; w < W; ++w) amax = max_or_nan(amax, static_cast<A>(fabs(pack_get(p, w))));
+      }
 #pragma unroll
   for (int off = 16; off >= 1; off >>= 1) amax = max_or_nan(amax, __shfl_xor_sync(kFull, amax, off));
   A* wsum = tiles.sm + S::wsum(tiles.team.warps);
@@ -585,7 +595,7 @@ __device__ __forceinline__ accumulate_t<T> team_amax(const TeamTiles<T, KB>& til
 // ---------------------------------------------------------------------------------------
 // Forward: y = x - s Z^T c, c = G^{-1} Z x; coeff = c; chol = L (written once per z row).
 template <typename T, int KB>
-__global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_constant__ ForwardParams p, int team_size,
+__global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(const __grid_constant__ ForwardParams p, int team_size,
                                                                 int64_t items) {
   using A = accumulate_t<T>;
   using S = TeamSmem<KB>;
@@ -602,7 +612,6 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
   T* __restrict__ y_data = static_cast<T*>(p.y);
   A* __restrict__ coeff_data = static_cast<A*>(p.coeff);
   A* __restrict__ chol_data = static_cast<A*>(p.chol);
-  const A s = *static_cast<const A*>(p.strength);
   const A eps = static_cast<A>(p.eps);
   const int ntiles = tiles.ntiles;
 
@@ -612,65 +621,70 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
     const RowOffsets go = decode_offsets(grid.group, r.group);
     const T* zbase = z_data + go.z;
     // The scaled path (row_math.h's direction_scale): where the factor or a row's solution
-    // comes out non-finite (|z|^2 or z.x overflowed), the rest of the item works with Z / m and
-    // eps / m^2 (z scaled as it enters the sums); c = c' / m, chol = m L'.
-    bool scaled = false;
-    A m = A(1), inv_m = A(1), eps_i = eps;
+    // comes out non-finite (|z|^2 or z.x overflowed), the row is done again, and the rest of the
+    // item too, with Z / m and eps / m^2 (z scaled as it enters the sums): c = c' / m, and the
+    // factor returned is m L'. The row loop steps back to redo the row through the same pass 1
+    // and solve (a second copy of them, or an inner loop around them, made the K = 16 kernels
+    // spill); 1 / m, m and eps / m^2 stay in shared memory (TeamSmem::scale). `rescaled`: this
+    // row is the one redone, so it factors again whichever row it is.
+    bool scaled = false, rescaled = false;
+    A* const scale_sm = sm + S::scale(team.warps);
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
       const RowOffsets so = decode_offsets(grid.shared, j);
       const T* xrow = x_data + go.x + so.x;
       const int64_t row = go.row + so.row;
-      A* const chol_out = (first && r.begin == 0) ? chol_data + r.group * K * K : nullptr;
-      // Warp 0: factor (first row) and solve; lane 0 writes c by direction and the team's flag.
-      const auto solve = [&](bool factor, A* chol_dst) {
-        if (team.warp == 0) {
-          A b[KB];
-          const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, factor, eps_i, chol_dst, m, K, b);
-          if (team.lane == 0) {
-#pragma unroll
-            for (int k = 0; k < KB; ++k) {
-              const int dir = order_at(sm + S::order(team.warps), k);
-              const A c = b[k] * inv_m;
-              sm[S::vec_c(team.warps) + dir] = c;
-              if (dir < K) coeff_data[row * K + dir] = c;
-            }
-            sm[S::flag(team.warps)] = ok ? A(0) : A(1);
-          }
-        }
-        team.sync();
-      };
-
-      // Pass 1: Gram (first row of the item) and Z x.
+      const bool gram = first || rescaled;
+      rescaled = false;
+      // Pass 1: Gram (first row of the item, or the row redone scaled) and Z x.
       for (int t = 0; t < ntiles; ++t) {
-        tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, tiles.col0(t), first || ntiles > 1);
-        accumulate_tile<T, KB>(zr, xr, sm + S::wacc(team.warp), t == 0, team.lane, first, scaled, inv_m);
+        tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, tiles.col0(t), first || ntiles > 1 || scaled);
+        if (scaled) scale_tile<T, KB>(zr, scale_sm[0]);
+        accumulate_tile<T, KB>(zr, xr, sm + S::wacc(team.warp), t == 0, team.lane, gram);
       }
       team.sync();
-      solve(first, chol_out);
-      if (!scaled && sm[S::flag(team.warps)] != A(0)) {
+      // Warp 0: factor and solve; lane 0 writes c by direction and whether to rescale.
+      if (team.warp == 0) {
+        A b[KB];
+        A* chol_out = (first && r.begin == 0) ? chol_data + r.group * K * K : nullptr;
+        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, gram, scaled ? scale_sm[2] : eps, chol_out,
+                                          scaled ? scale_sm[1] : A(1), K, b);
+        if (team.lane == 0) {
+          const A inv_m = scaled ? scale_sm[0] : A(1);
+#pragma unroll
+          for (int k = 0; k < KB; ++k) {
+            const int dir = order_at(sm + S::order(team.warps), k);
+            const A c = b[k] * inv_m;
+            sm[S::vec_c(team.warps) + dir] = c;
+            if (dir < K) coeff_data[row * K + dir] = c;
+          }
+          sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);
+        }
+      }
+      team.sync();
+      if (sm[S::flag(team.warps)] != A(0)) {
         const DirectionScale<A> sc =
-            direction_scale(team_amax<T, KB>(tiles, zr, xr, zbase, grid.z_dir_stride, K, xrow), D, eps);
-        scaled = true;
-        m = sc.m;
-        inv_m = sc.inv_m;
-        eps_i = sc.eps;
-        for (int t = 0; t < ntiles; ++t) {
-          if (ntiles > 1) tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, tiles.col0(t), true);
-          accumulate_tile<T, KB>(zr, xr, sm + S::wacc(team.warp), t == 0, team.lane, true, true, inv_m);
+            direction_scale(team_amax<T, KB>(tiles, zbase, grid.z_dir_stride, K), D, eps);
+        if (team.tid == 0) {
+          scale_sm[0] = sc.inv_m;
+          scale_sm[1] = sc.m;
+          scale_sm[2] = sc.eps;
         }
         team.sync();
-        solve(true, chol_out);
+        scaled = rescaled = true;
+        --j;  // the row again, scaled
+        continue;
       }
+      const A s = *static_cast<const A*>(p.strength);  // read here: not held across pass 1 and the solve
       A w[KB];
 #pragma unroll
       for (int k = 0; k < KB; ++k) w[k] = s * sm[S::vec_c(team.warps) + k];
 
-      // Pass 2, last tile first (it is in registers).
+      // Pass 2, last tile first (it is in registers, scaled where the scaled path ran: loaded again).
       T* yrow = y_data + row * D;
       for (int t = ntiles - 1; t >= 0; --t) {
         const int64_t col0 = tiles.col0(t);
-        if (t != ntiles - 1) tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, col0, true);
+        if (t != ntiles - 1 || scaled) tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, col0, true);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           Pack<T> out;
@@ -695,7 +709,7 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
 // (written directly for a z row of its own, else summed per item into dz_partial);
 // gdotp_partial[item] = sum over the item's rows of <g, p>.
 template <typename T, int KB>
-__global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid_constant__ BackwardParams p, int team_size,
+__global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_backward_kernel(const __grid_constant__ BackwardParams p, int team_size,
                                                                  int64_t items) {
   using A = accumulate_t<T>;
   using S = TeamSmem<KB>;
@@ -755,11 +769,12 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
         order_sm[step] = A(team.lane);
       }
     }
-    // The scaled path: where a row's Z g overflows, the rest of the item solves with Z / m and
-    // the factor / m (m bringing the largest |z| entry to [1, 2), row_math.h's
-    // normalizing_scale): u = u' / m.
+    // The scaled path: where a row's Z g overflows, the row is done again (the row loop steps
+    // back, as in the forward), and the rest of the item too, with Z / m and the factor / m (m
+    // bringing the largest |z| entry to [1, 2), row_math.h's normalizing_scale; 1 / m in
+    // TeamSmem::scale): u = u' / m.
     bool scaled = false;
-    A inv_m = A(1);
+    A* const scale_sm = sm + S::scale(team.warps);
     A gdotp_acc = A(0);
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
@@ -767,41 +782,37 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
       const T* grow = g_data + go.g + so.g;
       const T* xrow = x_data + go.x + so.x;
       const int64_t row = go.row + so.row;
-      // Warp 0 solves; lane 0 writes u and c by direction and the team's flag.
-      const auto solve = [&] {
-        if (team.warp == 0) {
-          A b[KB];
-          const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, A(1), K, b);
-          if (team.lane == 0) {
-#pragma unroll
-            for (int k = 0; k < KB; ++k) {
-              sm[S::vec_u(team.warps) + order_at(order_sm, k)] = b[k] * inv_m;
-              sm[S::vec_c(team.warps) + k] = k < K ? coeff_data[row * K + k] : A(0);
-            }
-            sm[S::flag(team.warps)] = ok ? A(0) : A(1);
-          }
-        }
-        team.sync();
-      };
-
       // Pass 1: Z g.
       for (int t = 0; t < ntiles; ++t) {
-        tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), first || ntiles > 1);
-        accumulate_tile<T, KB>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane, false, scaled, inv_m);
+        tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), first || ntiles > 1 || scaled);
+        if (scaled) scale_tile<T, KB>(zr, scale_sm[0]);
+        accumulate_tile<T, KB>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane, false);
       }
       team.sync();  // also publishes Ls (written before the first row)
-      solve();
-      if (!scaled && sm[S::flag(team.warps)] != A(0)) {
-        inv_m = normalizing_scale(team_amax<T, KB>(tiles, zr, gr, zbase, grid.z_dir_stride, K, grow)).inv_m;
-        scaled = true;
+      // Warp 0 solves; lane 0 writes u and c by direction and whether to rescale.
+      if (team.warp == 0) {
+        A b[KB];
+        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, A(1), K, b);
+        if (team.lane == 0) {
+          const A inv_m = scaled ? scale_sm[0] : A(1);
+#pragma unroll
+          for (int k = 0; k < KB; ++k) {
+            sm[S::vec_u(team.warps) + order_at(order_sm, k)] = b[k] * inv_m;
+            sm[S::vec_c(team.warps) + k] = k < K ? coeff_data[row * K + k] : A(0);
+          }
+          sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);
+        }
+      }
+      team.sync();
+      if (sm[S::flag(team.warps)] != A(0)) {
+        const A inv_m = normalizing_scale(team_amax<T, KB>(tiles, zbase, grid.z_dir_stride, K)).inv_m;
+        if (team.tid == 0) scale_sm[0] = inv_m;
         if (team.warp == 0 && team.lane < ks)
           for (int q = 0; q < ks; ++q) Ls[team.lane * ks + q] *= inv_m;
-        for (int t = 0; t < ntiles; ++t) {
-          if (ntiles > 1) tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), true);
-          accumulate_tile<T, KB>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane, false, true, inv_m);
-        }
         team.sync();
-        solve();
+        scaled = true;
+        --j;  // the row again, scaled
+        continue;
       }
       A c[KB], u[KB];
 #pragma unroll
@@ -810,11 +821,11 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
         u[k] = sm[S::vec_u(team.warps) + k];
       }
 
-      // Pass 2, last tile first.
+      // Pass 2, last tile first (in registers, scaled where the scaled path ran: loaded again).
       T* dxrow = dx_data + row * D;
       for (int t = ntiles - 1; t >= 0; --t) {
         const int64_t col0 = tiles.col0(t);
-        if (t != ntiles - 1) tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, col0, true);
+        if (t != ntiles - 1 || scaled) tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, col0, true);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           const int64_t col = tiles.col(col0, v);
