@@ -207,9 +207,17 @@ def test_factor_is_bounded_like_exact_cholesky():
     other than a pivot within sqrt(G_ii), as in exact arithmetic (an unbounded factor grew past
     1e20); two pivots per row kept (within sqrt(G_jj)), the dependent six dropped
     (sqrt(G_jj) / u). The factor is in direction rows: direction i's pivot is the last nonzero
-    entry of its row, at the step it was factored (reference.factor_order)."""
-    torch.manual_seed(3)
-    z = torch.randn(4, 8, 2) @ torch.randn(4, 2, 64)
+    entry of its row, at the step it was factored (reference.factor_order). The directions are
+    small-integer combinations of two small-integer vectors, so G is exact in float32 whatever the
+    order of its sums (the BLAS's): its rank is exactly 2, and what is left of a dependent pivot
+    is the elimination's own rounding, a few u G_jj, below the drop threshold 4 K u G_jj."""
+    g = torch.Generator().manual_seed(3)
+    basis = torch.randint(-3, 4, (4, 2, 64), generator=g).float()
+    coeffs = torch.randint(-3, 4, (4, 8, 2), generator=g).float()
+    coeffs[..., 0] += (coeffs.abs().sum(-1) == 0).float()  # no zero direction
+    z = coeffs @ basis
+    assert torch.equal(z.double(), coeffs.double() @ basis.double())
+    assert (torch.linalg.matrix_rank(z.double()) == 2).all()
     gram = z @ z.transpose(-1, -2) + 1e-6 * torch.eye(8)
     chol = reference.regularized_cholesky(gram, 1e-6)
     root = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt()
