@@ -396,15 +396,81 @@ inline void subtract_combination(const T* x, const Z* const* dirs, const accumul
   }
 }
 
-// The K x K Cholesky factor of Z Z^T + eps I, into `chol` (row-major, upper part zero). Row a
-// of the Gram is one pass over z_a per four directions, z_a itself loaded once.
+// The K x K Cholesky factor of Z Z^T + eps I in pivot order, into `chol` (row-major, upper part
+// zero), and its order (row_math.h's cholesky_inplace). Row a of the Gram is one pass over z_a
+// per four directions, z_a itself loaded once.
 template <typename T, typename Z>
-inline void factor_gram(const Z* const* dirs, int K, int64_t D, accumulate_t<T> eps, accumulate_t<T>* chol) {
+inline void factor_gram(const Z* const* dirs, int K, int64_t D, accumulate_t<T> eps,
+                        accumulate_t<T>* chol, int* order) {
   for (int a = 0; a < K; ++a) {
     dots_blocks<T, true>(dirs[a], dirs, a + 1, D, chol + a * K);
     chol[a * K + a] += eps;
   }
-  cholesky_inplace(chol, K, eps);
+  cholesky_inplace(chol, K, eps, order);
+}
+
+template <typename A>
+inline bool all_finite(const A* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(v[i])) return false;
+  return true;
+}
+
+// A z row's directions divided by a power of two (row_math.h's direction_scale), for the rows
+// whose factor or solution overflows unscaled. The slow path: a copy of the K x D directions,
+// made at most once per work item; the fast path never touches it.
+template <typename T, typename Z>
+struct ScaledDirections {
+  using acc_t = accumulate_t<T>;
+  std::vector<Z> data;
+  std::vector<const Z*> dirs;
+
+  // The largest |z| entry of the directions.
+  static acc_t largest(const Z* const* dirs, int K, int64_t D) {
+    acc_t amax = 0;
+    for (int k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t v = std::abs(static_cast<acc_t>(dirs[k][d]));
+        amax = v > amax || v != v ? v : amax;  // a NaN is kept: no scale then
+      }
+    return amax;
+  }
+  // dirs / m (exact: a power of two, within the range of Z for bfloat16, float and double; half
+  // never gets here, its |z|^2 cannot overflow float).
+  void assign(const Z* const* src, int K, int64_t D, acc_t inv_m) {
+    data.resize(static_cast<size_t>(K) * D);
+    dirs.resize(K);
+    for (int k = 0; k < K; ++k) {
+      Z* out = data.data() + k * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<Z>(static_cast<acc_t>(src[k][d]) * inv_m);
+      dirs[k] = out;
+    }
+  }
+};
+
+// The forward's scaled path for a work item: its directions divided by direction_scale's m
+// (into `scaled`) and factored again, into L and order. Out of line, as is backward_scale: the
+// rare path's code stays out of the row loops, whose dot products the compiler then inlines
+// (with it inline, the forward was ~30% slower at K = 4 in the DEFAULT build).
+template <typename T, typename Z>
+C10_NOINLINE DirectionScale<accumulate_t<T>> forward_scale(const Z* const* dirs, int K, int64_t D,
+                                                            accumulate_t<T> eps, ScaledDirections<T, Z>& scaled,
+                                                            accumulate_t<T>* L, int* order) {
+  const DirectionScale<accumulate_t<T>> sc = direction_scale(ScaledDirections<T, Z>::largest(dirs, K, D), D, eps);
+  scaled.assign(dirs, K, D, sc.inv_m);
+  factor_gram<T>(scaled.dirs.data(), K, D, sc.eps, L, order);
+  return sc;
+}
+
+// The backward's scaled path: the directions divided by normalizing_scale's m (into `scaled`)
+// and the factor L (K x K) by m; returns 1 / m.
+template <typename T, typename Z>
+C10_NOINLINE accumulate_t<T> backward_scale(const Z* const* dirs, int K, int64_t D, ScaledDirections<T, Z>& scaled,
+                                            accumulate_t<T>* L) {
+  const accumulate_t<T> inv_m = normalizing_scale(ScaledDirections<T, Z>::largest(dirs, K, D)).inv_m;
+  scaled.assign(dirs, K, D, inv_m);
+  for (int i = 0; i < K * K; ++i) L[i] *= inv_m;
+  return inv_m;
 }
 
 // Items per z row: enough for any thread count we meet (>= 64 items in all), each with enough
@@ -492,7 +558,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
     at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
       std::vector<const T*> z_rows(K);
       WidenedDirections<T> widened;
-      std::vector<acc_t> L(static_cast<size_t>(K) * K), c(K), w(K);
+      std::vector<acc_t> L(static_cast<size_t>(K) * K), c(K), w(K), work(K);
+      std::vector<int> order(K);
+      ScaledDirections<T, Z> scaled_dirs;
       const T* streams[kMaxPrefetchedDirections + 2];
       const RowCursor cursor{grid, chunks, end};
       for (int64_t item = begin; item < end; ++item) {
@@ -505,17 +573,40 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
         } else {
           dirs = widened.assign(z_rows.data(), K, D);
         }
-        factor_gram<T>(dirs, K, D, e, L.data());
-        if (r.begin == 0) std::copy(L.begin(), L.end(), chol_data + r.group * K * K);
+        factor_gram<T>(dirs, K, D, e, L.data(), order.data());
+        // Where the factor overflowed (|z|^2 beyond the accumulate type) or, below, a row's
+        // solution did (z.x), that row and the rest of the item work with Z / m, eps / m^2
+        // (row_math.h): c = c' / m, and the factor returned is m L'.
+        bool scaled = false;
+        acc_t m = 1, inv_m = 1;
+        const auto scale_item = [&] {
+          const DirectionScale<acc_t> sc = forward_scale<T>(dirs, K, D, e, scaled_dirs, L.data(), order.data());
+          scaled = true;
+          m = sc.m;
+          inv_m = sc.inv_m;
+        };
+        if (!all_finite(L.data(), static_cast<int64_t>(K) * K)) scale_item();
+        if (r.begin == 0) {
+          acc_t* chol_out = chol_data + r.group * K * K;
+          factor_rows_by_direction(L.data(), order.data(), K, chol_out);
+          if (scaled)
+            for (int i = 0; i < K * K; ++i) chol_out[i] *= m;
+        }
         for (int64_t j = r.begin; j < r.end; ++j) {
           const RowOffsets so = decode_offsets(grid.shared, j);
           const T* xr = x_data + go.x + so.x;
           const int64_t row = go.row + so.row;
-          dots<T>(xr, dirs, K, D, c.data());
-          cholesky_solve_inplace(L.data(), K, c.data());
+          dots<T>(xr, scaled ? scaled_dirs.dirs.data() : dirs, K, D, c.data());
+          pivoted_solve_inplace(L.data(), order.data(), K, c.data(), work.data());
+          if (!scaled && !all_finite(c.data(), K)) {
+            scale_item();
+            --j;  // the row again, scaled
+            continue;
+          }
           for (int k = 0; k < K; ++k) {
-            coeff_data[row * K + k] = c[k];
-            w[k] = s * c[k];
+            const acc_t ck = scaled ? c[k] * inv_m : c[k];
+            coeff_data[row * K + k] = ck;
+            w[k] = s * ck;
           }
           const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, nullptr, z_data, streams);
           subtract_combination<T, kHw>(xr, dirs, w.data(), K, D, y_data + row * D, next, stream);
@@ -682,7 +773,9 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
     at::parallel_for(0, items, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
       std::vector<const T*> z_rows(K);
       WidenedDirections<T> widened;
-      std::vector<acc_t> u(K);
+      std::vector<acc_t> u(K), L(static_cast<size_t>(K) * K), work(K);
+      std::vector<int> order(K);
+      ScaledDirections<T, Z> scaled_dirs;
       const T* streams[kMaxPrefetchedDirections + 2];
       const RowCursor cursor{grid, chunks, end};
       for (int64_t item = begin; item < end; ++item) {
@@ -695,7 +788,13 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
         } else {
           dirs = widened.assign(z_rows.data(), K, D);
         }
-        const acc_t* L = chol_data + r.group * K * K;
+        const acc_t* chol_m = chol_data + r.group * K * K;
+        factor_order(chol_m, K, order.data());
+        factor_in_pivot_order(chol_m, order.data(), K, L.data());
+        // Where a row's Z g overflows, that row and the rest of the item solve with Z / m and
+        // L / m (m a power of two bringing the largest |z| entry to [1, 2)): u = u' / m.
+        bool scaled = false;
+        acc_t inv_m = 1;
         acc_t* acc_dz = partial_dz ? dz_part_data + item * K * D : nullptr;
         acc_t gdotp_sum = 0;
         for (int64_t j = r.begin; j < r.end; ++j) {
@@ -703,8 +802,16 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
           const T* gr = g_data + go.g + so.g;
           const T* xr = x_data + go.x + so.x;
           const int64_t row = go.row + so.row;
-          dots<T>(gr, dirs, K, D, u.data());
-          cholesky_solve_inplace(L, K, u.data());
+          dots<T>(gr, scaled ? scaled_dirs.dirs.data() : dirs, K, D, u.data());
+          pivoted_solve_inplace(L.data(), order.data(), K, u.data(), work.data());
+          if (!scaled && !all_finite(u.data(), K)) {
+            inv_m = backward_scale<T>(dirs, K, D, scaled_dirs, L.data());
+            scaled = true;
+            --j;  // the row again, scaled
+            continue;
+          }
+          if (scaled)
+            for (int k = 0; k < K; ++k) u[k] *= inv_m;
           T* dz_row = direct_dz ? dz_data + r.group * K * D : nullptr;
           const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, g_data, z_data, streams);
           gdotp_sum += backward_row<T, kHw>(gr, xr, dirs, coeff_data + row * K, u.data(), K, D, s,
