@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import purified_ops
-from purified_ops import _extension, cli, testing
+from purified_ops import _extension, _settings, cli, testing
 from purified_ops.testing import Backend, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +174,7 @@ def test_accuracy_cases_pass_with_each_cpu_capability(capability):
     """`verify --quick` with the CPU kernels of each capability forced at import time (a fresh
     process each): the ill-conditioned, dependent-directions and large-magnitude cases pass with
     the DEFAULT (no AVX, no FMA), AVX2 and AVX-512 kernels alike."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", _extension.CAPABILITY_ENV: capability}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", _settings.CPU_CAPABILITY: capability}
     proc = subprocess.run([sys.executable, "-m", "purified_ops", "verify", "--quick", "--device", "cpu",
                            "--dtypes", "float32", "float64", "--json"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
