@@ -89,15 +89,26 @@ def cold_overhead(reps):
     s = torch.tensor(1.0)
     y0, c0, l0 = OPS.purify_forward(xd, zd, s, 1e-6)
     dx0, dz0, ds0 = OPS.purify_backward(gy, xd, zd, s, c0, l0, True)
+    def ops_alloc():
+        _, c, l = OPS.purify_forward(xd, zd, s, 1e-6)
+        OPS.purify_backward(gy, xd, zd, s, c, l, True)
+
     cases = {
         "kernels": lambda: (OPS.purify_forward_out(xd, zd, s, 1e-6, y0, c0, l0),
                             OPS.purify_backward_out(gy, xd, zd, s, c0, l0, True, dx0, dz0, ds0)),
+        "ops (outputs allocated)": ops_alloc,
+        "public forward, no autograd": lambda: _no_grad(purified_ops.purify, x, z),
         "public": lambda: torch.autograd.grad(purified_ops.purify(x, z), (x, z), gy),
         "x * 2 (torch)": lambda: torch.autograd.grad(x * 2.0, (x,), gy),
     }
     hot = interleaved(cases, reps)
     cold = interleaved(cases, reps, before=lambda _: b.copy_(a))
     return hot, cold
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
 
 
 def kernel_cpu_ns_per_row(dtype, N, K, D=1024, reps=7, inner=20):
