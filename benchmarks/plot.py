@@ -4,7 +4,10 @@
 
 writes, per device and dtype, `<stem>_bandwidth.png` (achieved GB/s against D, one line per
 provider and mode, the copy bandwidth dashed) and `<stem>_speedup.png` (speedup of the fused op
-over the eager formula and over torch.compile, one bar group per size, K and mode).
+over the eager formula and over torch.compile, one bar group per size, K and mode). With --step
+(the CSV of `purified-ops bench --preset cpu-step`), `<stem>.png` instead: the training step's
+% of copy bandwidth for the public step, the kernels alone and torch.compile, per dtype, N and
+K, for the device of the newest row.
 """
 import argparse
 import csv
@@ -102,14 +105,54 @@ def plot_speedup(rows, title, path):
     plt.close(fig)
 
 
+STEP_PROVIDERS = (("purified_ops", "public step"), ("purified_ops_kernel", "kernels alone"), ("compile", "torch.compile"))
+
+
+def plot_step(rows, path):
+    """% of copy bandwidth of full steps, one panel per dtype, a bar group per (N, K)."""
+    device = max(rows, key=lambda r: r["timestamp"])["device_name"]
+    rows = [r for r in rows if r["device_name"] == device and r["mode"] == "full"]
+    dtypes = sorted({r["dtype"] for r in rows}, key=lambda d: d != "float32")
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(5.5 * len(dtypes), 3.8), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        sel = [r for r in rows if r["dtype"] == dtype]
+        groups = sorted({(r["N"], r["K"], r["D"]) for r in sel})
+        width = 0.8 / len(STEP_PROVIDERS)
+        for i, (provider, label) in enumerate(STEP_PROVIDERS):
+            vals = []
+            for g in groups:
+                match = [r for r in sel if r["provider"] == provider and (r["N"], r["K"], r["D"]) == g]
+                vals.append(match[0]["pct_of_copy"] if match else 0)
+            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=label,
+                   color=COLORS.get(provider))
+        ax.axhline(100, color="k", lw=0.8, ls="--")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        ax.set_xticklabels([f"N={n}\nK={k}" + (f"\nD={d}" if d != 1024 else "") for n, k, d in groups], fontsize=8)
+        ax.set_ylabel("% of copy bandwidth")
+        ax.set_title(f"{dtype}, forward + backward" + (", D=1024" if {g[2] for g in groups} == {1024} else ""),
+                     fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{device}, torch {rows[0]['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv")
     parser.add_argument("--out", default=None, help="folder for the PNGs (default: the CSV's)")
+    parser.add_argument("--step", action="store_true", help="the training-step plot (preset cpu-step)")
     args = parser.parse_args(argv)
     rows = load(args.csv)
     out = args.out or os.path.dirname(os.path.abspath(args.csv))
     stem = os.path.splitext(os.path.basename(args.csv))[0]
+    if args.step:
+        path = os.path.join(out, f"{stem}.png")
+        plot_step(rows, path)
+        print(path)
+        return
     written = []
     for (device, dtype) in sorted({(r["device_name"], r["dtype"]) for r in rows}):
         sel = [r for r in rows if r["device_name"] == device and r["dtype"] == dtype]

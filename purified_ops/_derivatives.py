@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch._functorch.utils import enable_single_level_autograd_function
+from torch._C._functorch import get_single_level_autograd_function_allowed, set_single_level_autograd_function_allowed
 from torch.autograd import forward_ad as _fwad
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
 
@@ -25,15 +25,15 @@ def _transforms_active() -> bool:
 @dataclass(frozen=True)
 class _Dispatch:
     """Where :class:`_PurifyAutograd`'s forward continues: the namespace's ops (the library's, or
-    the emulated CUDA ones) and the dispatch keys below the Autograd kernel that called it."""
+    the emulated CUDA ones), called with the dispatch keys below the Autograd kernel that called
+    it (``keyset``, that kernel's)."""
 
     forward: torch._ops.OpOverload
     backward: torch._ops.OpOverload
-    keyset: torch._C.DispatchKeySet
 
-    def below_autograd(self, *args):
+    def below_autograd(self, keyset, *args):
         with torch._C._AutoDispatchBelowAutograd():
-            return self.forward.redispatch(self.keyset & torch._C._after_autograd_keyset, *args)
+            return self.forward.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
 class _PurifyAutograd(torch.autograd.function._SingleLevelFunction):
@@ -52,15 +52,15 @@ class _PurifyAutograd(torch.autograd.function._SingleLevelFunction):
     """
 
     @staticmethod
-    def forward(x, z, strength, eps, dispatch: _Dispatch):
+    def forward(x, z, strength, eps, dispatch: _Dispatch, keyset):
         # Continues the dispatch below autograd with grad modes on, as functorch's own
         # single-level Functions do: a transform below this level then records the op too.
         with torch.enable_grad(), _set_fwd_grad_enabled(True):
-            return dispatch.below_autograd(x, z, strength, eps)
+            return dispatch.below_autograd(keyset, x, z, strength, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, z, strength, eps, dispatch = inputs
+        x, z, strength, eps, dispatch, _ = inputs
         _, coeff, chol = output
         ctx.mark_non_differentiable(coeff, chol)
         ctx.set_materialize_grads(False)
@@ -71,17 +71,17 @@ class _PurifyAutograd(torch.autograd.function._SingleLevelFunction):
     @staticmethod
     def backward(ctx, grad_y, _grad_coeff, _grad_chol):
         x, z, strength, coeff, chol = ctx.saved_tensors
-        _, need_z, need_s, _, _ = ctx.needs_input_grad
+        _, need_z, need_s, _, _, _ = ctx.needs_input_grad
         if grad_y is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if torch.is_grad_enabled() or _transforms_active():
             dx, dz, ds = reference.purify_backward(grad_y, x, z, strength, ctx.eps)
-            return dx.to(x.dtype), dz.to(z.dtype), ds, None, None
+            return dx.to(x.dtype), dz.to(z.dtype), ds, None, None, None
         dx, dz, ds = ctx.backward_op(grad_y.to(x.dtype), x, z, strength, coeff, chol, need_z)
-        return dx, dz if need_z else None, ds if need_s else None, None, None
+        return dx, dz if need_z else None, ds if need_s else None, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_t, z_t, strength_t, _eps_t, _dispatch_t):
+    def jvp(ctx, x_t, z_t, strength_t, _eps_t, _dispatch_t, _keyset_t):
         x, z, strength = ctx.saved_tensors
         return reference.purify_jvp(x, z, strength, ctx.eps, x_t, z_t, strength_t), None, None
 
@@ -90,12 +90,19 @@ def _autograd_kernel(forward: torch._ops.OpOverload, backward: torch._ops.OpOver
     """The Autograd kernel of ``forward``: the op alone where nothing is differentiated (no
     Python Function on the inference path), else :class:`_PurifyAutograd`."""
 
+    dispatch = _Dispatch(forward, backward)
+
     def kernel(keyset, x, z, strength, eps):
-        dispatch = _Dispatch(forward, backward, keyset)
         if _transforms_active() or (torch.is_grad_enabled() and torch._C._any_requires_grad(x, z, strength)):
-            with enable_single_level_autograd_function():
-                return _PurifyAutograd.apply(x, z, strength, eps, dispatch)
-        return dispatch.below_autograd(x, z, strength, eps)
+            # torch._functorch.utils.enable_single_level_autograd_function, without a generator
+            # context manager's cost on every call.
+            allowed = get_single_level_autograd_function_allowed()
+            set_single_level_autograd_function_allowed(True)
+            try:
+                return _PurifyAutograd.apply(x, z, strength, eps, dispatch, keyset)
+            finally:
+                set_single_level_autograd_function_allowed(allowed)
+        return dispatch.below_autograd(keyset, x, z, strength, eps)
 
     return kernel
 

@@ -131,6 +131,7 @@ class Measurement:
     times_ms: list[float]
     saved_mb: float
     peak_mb: float
+    load: tuple[float, float] = (math.nan, math.nan)  # the machine's load average before and after the timing
 
     @property
     def median_ms(self) -> float:
@@ -295,6 +296,15 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none): CPU figures from a loaded machine
+    (other processes on its cores) are not comparable with a quiet one's, so every row keeps it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return math.nan
+
+
 def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
@@ -327,15 +337,17 @@ def measure_case(case: Case, providers: Iterable[str] = PROVIDERS, reps: int = 3
         raise RuntimeError(f"the copy reference failed on {case}")
     timed = _timer(case.device)
     samples: dict[str, list[float]] = {p: [] for p in runs}
+    load_before = load_average()
     for r in range(reps):
         for p in runs:
             samples[p].append(timed(runs[p][r % copies]))
+    load = (load_before, load_average())
     x, z = (t.detach().requires_grad_(True) for t in sets[0][:2])
     results = []
     for p in runs:
         saved = sum(saved_storages(functions[p], x, z)[1].values()) / 2**20 if p in functions else 0.0
         peak = _peak_bytes(runs[p][0], case.device) / 2**20
-        results.append(Measurement(case, p, samples[p], saved, peak))
+        results.append(Measurement(case, p, samples[p], saved, peak, load))
     return results
 
 
@@ -373,7 +385,8 @@ def sweep(cases: Iterable[Case], providers: Iterable[str] = PROVIDERS, *, reps: 
             upsert_csv(path, new)
         rows += new
         if new:
-            log(f"[{time.perf_counter() - t0:.0f} s] {case.dtype} N={case.N} D={case.D} K={case.K} {case.mode}: " +
+            log(f"[{time.perf_counter() - t0:.0f} s] {case.dtype} N={case.N} D={case.D} K={case.K} {case.mode} "
+                f"(load {new[0]['load_before']:.2f}-{new[0]['load_after']:.2f}): " +
                 ", ".join(f"{r['provider']} {r['gbps']:.1f} GB/s ({r['pct_of_copy']:.0f}% copy, "
                           f"x{r['speedup_vs_compile']:.2f} compile)" for r in new))
     for case in skipped:
@@ -389,7 +402,7 @@ def copy_bytes(case: Case) -> int:
 CSV_KEY = ("device_name", "provider", "mode", "dtype", "N", "D", "K")
 CSV_FIELDS = CSV_KEY + ("median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "copy_gbps",
                         "speedup_vs_eager", "speedup_vs_compile", "saved_mb", "peak_mb", "threads", "torch", "cuda",
-                        "purified_ops", "timestamp")
+                        "purified_ops", "timestamp", "load_before", "load_after")
 
 
 def device_name(device: str) -> str:
@@ -427,7 +440,7 @@ def to_rows(results: list[Measurement]) -> list[dict]:
                 "speedup_vs_compile": ms["compile"].median_ms / m.median_ms if "compile" in ms else float("nan"),
                 "threads": torch.get_num_threads(), "torch": torch.__version__,
                 "cuda": torch.version.cuda if case.device == "cuda" else "", "purified_ops": __version__,
-                "timestamp": stamp,
+                "timestamp": stamp, "load_before": m.load[0], "load_after": m.load[1],
             }
             rows.append(row)
     return rows
@@ -451,13 +464,13 @@ def upsert_csv(path: str, rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     head = ("shape", "dtype", "K", "mode", "provider", "median ms [p20, p80]", "GB/s", "% copy",
-            "copy GB/s", "x eager", "x compile", "peak MB", "saved MB")
+            "copy GB/s", "x eager", "x compile", "peak MB", "saved MB", "load")
     lines = [head]
     for r in rows:
         lines.append((f"{r['N']}x{r['D']}", r["dtype"], str(r["K"]), r["mode"], r["provider"],
                       f"{r['median_ms']:.3f} [{r['p20_ms']:.3f}, {r['p80_ms']:.3f}]", f"{r['gbps']:.1f}",
                       f"{r['pct_of_copy']:.0f}%", f"{r['copy_gbps']:.1f}", f"{r['speedup_vs_eager']:.2f}", f"{r['speedup_vs_compile']:.2f}",
-                      f"{r['peak_mb']:.1f}", f"{r['saved_mb']:.1f}"))
+                      f"{r['peak_mb']:.1f}", f"{r['saved_mb']:.1f}", f"{r['load_before']:.2f}-{r['load_after']:.2f}"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
 
@@ -477,6 +490,8 @@ DEFAULTS = dict(dtypes=["float32"], N=[2048, 8192], D=[1024], K=[1, 4], modes=li
 PRESETS = {
     "cuda": dict(dtypes=["bfloat16", "float32"], N=[32768], D=[256, 1024, 4096, 16384], K=[1, 4, 16],
                  modes=["forward", "backward"], reps=20, max_gib=8.0, compile_dynamic=True),
+    # The CPU training step of issue 22's table (benchmarks/run_cpu.sh; goals in benchmarks/summarize.py).
+    "cpu-step": dict(dtypes=["float32", "bfloat16"], N=[2048, 8192], D=[1024], K=[1, 4], modes=["full"], reps=40),
 }
 DRY_RUN = dict(N=[64], D=[256, 1000], reps=3)
 

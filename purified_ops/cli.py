@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upsert the rows into these long-format CSVs, case by case (their folders must exist)")
     bench.add_argument("--preset", choices=sorted(PRESETS),
                        help="a named sweep (dtypes, N, D, K, modes, reps, max-gib, compile-dynamic; flags "
-                            "given override it); 'cuda' is the GPU benchmark of benchmarks/gpu_check.sh")
+                            "given override it); 'cuda' is the GPU benchmark of benchmarks/gpu_check.sh, "
+                            "'cpu-step' the CPU training step of benchmarks/run_cpu.sh")
     bench.add_argument("--dry-run", action="store_true",
                        help="the sweep at tiny sizes (N=64, D 256 and 1000, 3 reps): a check of the run, not numbers")
     bench.add_argument("--budget-s", type=arg.real(0, open_lo=True), default=None,

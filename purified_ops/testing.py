@@ -22,8 +22,8 @@ from . import _extension, reference
 from .ops import PurifyFunction, available_backends, build_info, emulated_cuda_ops, purify
 
 __all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_roundoff", "gram_condition",
-           "conditioned_row_bound", "span_condition", "dependent_row_bound", "truth_rank_deficient",
-           "rank_deficient_bound", "row_err",
+           "conditioned_row_bound", "error_scales", "span_condition", "dependent_row_bound", "truth_rank_deficient",
+           "rank_deficient_bound", "row_err", "magnitude_errors",
            "Backend", "Row", "VerifyReport", "discover_backends", "verify", "DTYPES",
            "ROUNDING_BIAS", "Rounding", "rounding", "rounding_of_16bit_outputs"]
 
@@ -65,10 +65,34 @@ def gram_condition(x, z, eps) -> torch.Tensor:
 
 
 def conditioned_row_bound(dtype, kappa, strength=1.0):
-    """Bound on the per-row error relative to |x|: rounding in G = Z Z^T + eps I is amplified by
-    its condition number kappa in any evaluation (K >= D, nearly dependent z), so the bound grows
-    with it: ``(ROW_TOLERANCE + 8 u kappa) max(1, |s|)``."""
+    """Bound on the per-row error of the output and of every gradient relative to its scale
+    (:func:`error_scales`: |x| for y, |g| for dx, |s| (|c| |g| + |u| |x|) for dz, and for
+    dstrength, one sum over the rows, sum |g_i p_i|): rounding in G = Z Z^T + eps I is amplified by
+    its condition number kappa in any evaluation (near-square K, D; nearly dependent z), so the
+    bound grows with it: ``(ROW_TOLERANCE + 8 u kappa) max(1, |s|)``, u the unit roundoff of the
+    accumulate dtype. Measured worst (float32; K = 1 .. 16 with D = K + 1 .. 1000, random and
+    nearly dependent directions, cond(G) up to ~7e6, four seeds of 32 rows each; fused CPU kernels
+    of each capability, the float32 reference, the emulated CUDA kernels alike): 0.4 of the bound
+    for dz, 0.17 for y and dx, 0.005 for dstrength."""
     return (ROW_TOLERANCE[dtype] + 8 * unit_roundoff(dtype) * kappa) * max(1.0, abs(float(strength)))
+
+
+def error_scales(x, z, grad_y, strength=1.0, eps=1e-6):
+    """What :func:`conditioned_row_bound` is relative to, in float64 from the same (rounded) inputs,
+    z broadcast as purify broadcasts it: per row of x, ``kappa`` (cond(G)) and the scales of y
+    (|x|), dx (|g|) and dz (``|s| (|c| |g| + |u| |x|)``, c = G^{-1} Z x, u = G^{-1} Z g: the size of
+    the two terms dz sums, which cancel where x and g lie in the span); and for dstrength, one sum
+    over all rows, ``sum |g_i p_i|`` with p = Z^T c. Returns a dict of those."""
+    xd, gd = x.double(), grad_y.double()
+    zd = reference.as_directions(x, z).double()
+    gram = zd @ zd.transpose(-1, -2) + eps * torch.eye(zd.shape[-2], dtype=torch.float64, device=zd.device)
+    c = torch.linalg.solve(gram, (zd @ xd.unsqueeze(-1))).squeeze(-1)
+    u = torch.linalg.solve(gram, (zd @ gd.unsqueeze(-1))).squeeze(-1)
+    p = (c.unsqueeze(-2) @ zd).squeeze(-2)
+    s = abs(float(strength))
+    return {"kappa": torch.linalg.cond(gram).expand(x.shape[:-1]), "y": xd.norm(dim=-1), "dx": gd.norm(dim=-1),
+            "dz": s * (c.norm(dim=-1) * gd.norm(dim=-1) + u.norm(dim=-1) * xd.norm(dim=-1)),
+            "ds": (gd * p).abs().sum()}
 
 
 def span_condition(z, rank: int) -> torch.Tensor:
@@ -79,16 +103,16 @@ def span_condition(z, rank: int) -> torch.Tensor:
     return (sv[..., 0] / sv[..., rank - 1]).square()
 
 
-def dependent_row_bound(dtype, k: int, d: int, kappa):
+def dependent_row_bound(dtype, k: int, kappa):
     """Bound on the per-row error of y relative to |x| where directions depend on others (rank <
     K, or K > D) with |z|^2 >> eps, kappa the condition of their span (``span_condition``):
-    ``ROW_TOLERANCE + 8 (K u kappa + sqrt(D u))``. K u kappa: the factor's rounding, amplified
-    by the span's conditioning. sqrt(D u): the factor drops a direction once its pivot is below
-    4 K u G_jj; one kept just above that is resolved only to about sqrt(u / (4 K u)) of itself
-    against a Gram whose rounding grows like sqrt(D) u. The measured worst (tests' cases, 512
-    rows each) is about half of the bound."""
-    u = unit_roundoff(dtype)
-    return ROW_TOLERANCE[dtype] + 8 * (k * u * kappa + math.sqrt(d * u))
+    ``ROW_TOLERANCE + 8 K u kappa``, the factor's rounding amplified by the span's conditioning.
+    It holds because the factorization pivots (docs/DESIGN.md section 2): measured worst (float32,
+    K = 4 .. 100 of rank 1 .. 50 in D = 8 .. 64, 64 to 2048 rows, three seeds each; fused CPU
+    kernels of each capability, the float32 reference, the emulated CUDA kernels alike) under a
+    twentieth of the bound; without pivoting one row in ~1000 was off by up to 0.27 |x| at span
+    condition 1.4."""
+    return ROW_TOLERANCE[dtype] + 8 * k * unit_roundoff(dtype) * kappa
 
 
 def truth_rank_deficient(x, z, strength=1.0, eps=1e-6):
@@ -120,6 +144,25 @@ def sum_err(out, ref, terms) -> float:
 def row_err(out, ref, x) -> torch.Tensor:
     """Per-row ||out - ref|| / ||x||."""
     return (out.double() - ref.double()).norm(dim=-1) / (x.double().norm(dim=-1) + 1e-300)
+
+
+def magnitude_errors(run, x0, z0, grad_y, strength, eps, z_exp: int, x_exp: int = 0) -> dict:
+    """Errors of y and every gradient for z = z0 2^z_exp and x = x0 2^x_exp (exact in their dtype):
+    ``run(x, z, grad_y, strength) -> (y, dx, dz, dstrength)``. The truth is the float64 op on
+    (x0, z0) with eps 2^(-2 z_exp) (the op is invariant to scaling z with eps by the square, and
+    linear in x; eps no smaller than float64's smallest normal, which changes nothing there) and
+    the outputs are scaled back by the same powers of two (exact). Returns the relative errors
+    (dstrength: against the sum of its terms, as :func:`sum_err`) by name, and ``"finite"``: whether
+    every output is finite."""
+    x, z = x0 * 2.0 ** x_exp, z0 * 2.0 ** z_exp
+    outs = run(x, z, grad_y, strength)
+    eps0 = max(eps * 2.0 ** (-2 * z_exp), torch.finfo(torch.float64).tiny)
+    true, ds_terms = _float64_truth(x0, z0, strength, grad_y, eps0)
+    back = (2.0 ** -x_exp, 1.0, 2.0 ** (z_exp - x_exp), 2.0 ** -x_exp)
+    errors = {name: rel_err(o.double() * f, t) for name, o, t, f in zip(("y", "dx", "dz"), outs, true, back)}
+    errors["dstrength"] = sum_err(outs[3].double() * back[3], true[3], ds_terms)
+    errors["finite"] = all(bool(torch.isfinite(o).all()) for o in outs)
+    return errors
 
 
 # ---- backends -------------------------------------------------------------------------------------
@@ -262,6 +305,7 @@ class VerifyReport:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_capability: str | None = None  # the CPU kernels' capability here (DEFAULT, AVX2, AVX512)
 
     @property
     def passed(self) -> bool:
@@ -288,7 +332,8 @@ class VerifyReport:
         rows = [{**dataclasses.asdict(r), "error": finite(r.error), "tolerance": finite(r.tolerance)}
                 for r in self.rows]
         return {"passed": self.passed, "verdict": self.verdict, "device": self.device, "dtypes": self.dtypes,
-                "quick": self.quick, "backends": self.backends, "seconds": round(self.seconds, 3),
+                "quick": self.quick, "backends": self.backends, "cpu_capability": self.cpu_capability,
+                "seconds": round(self.seconds, 3),
                 "notes": self.notes, "rows": rows}
 
     def to_json(self) -> str:
@@ -321,9 +366,10 @@ class _Plan:
     gradcheck_shapes: tuple   # (x shape, z shape) pairs, float64
     opcheck_samples: int      # 0: no opcheck (its first call imports torch's test machinery, seconds)
     determinism: tuple        # (K, x shape, z shape)
+    magnitude_ks: tuple = (1, 4)  # K of the large-|z| and large-x cases
 
 
-FULL = _Plan(ks=(1, 2, 4, 16, 24), ds=(1, 7, 1000), layouts=LAYOUTS,
+FULL = _Plan(ks=(1, 2, 4, 16, 24), ds=(1, 7, 1000), layouts=LAYOUTS, magnitude_ks=(1, 2, 4, 16, 24),
              gradcheck_shapes=(((4, 7), (4, 7)), ((3, 4, 6), (3, 1, 2, 6)), ((5, 6), (1, 3, 6)),
                                ((2, 2, 24), (1, 2, 18, 24))),  # the last: K > 16, below D
              opcheck_samples=4,
@@ -359,11 +405,11 @@ def _strength(dtype, device, value=STRENGTH):
     return torch.tensor(value, dtype=reference.accumulate_dtype(dtype), device=device)
 
 
-def _float64_truth(x, z, s, g):
+def _float64_truth(x, z, s, g, eps=None):
     """(y, dx, dz, ds) in float64 from the same rounded inputs, and the terms g * p whose sum is
     -ds (p = Z^T c, the removed part: (x - y) / s)."""
     x64, z64, s64 = (t.detach().double().requires_grad_() for t in (x, z, s))
-    y = truth(x64, z64, s64, EPS)
+    y = truth(x64, z64, s64, EPS if eps is None else eps)
     grads = torch.autograd.grad(y, (x64, z64, s64), g.double())
     return (y.detach(), *grads), g.double() * (x64.detach() - y.detach()) / s64.detach()
 
@@ -441,6 +487,121 @@ def _dependent_case(backend: Backend, dtype):
         worst.append((ratio[i].item(), where, err[i].item(), bound[i].item()))
     ratio, where, err, tol = max(worst)
     return Row(backend.name, "K=4 D=1000 nearly dependent z, y per row / |x|", _dtype_name(dtype), err, tol,
+               ratio <= 1, where)
+
+
+# Powers of two for the large-magnitude cases, per accumulate dtype: (z exponent, x exponent).
+# |z| 2^70 (~1e21): |z|^2 overflows float32; x 2^80 with z 2^30: z.x overflows float32. float64:
+# |z| 2^600 (~4e180) and x 2^700 with z 2^350.
+_MAGNITUDES = {torch.float32: ((70, 0), (30, 80)), torch.float64: ((600, 0), (350, 700))}
+
+
+def _magnitude_case(backend: Backend, k, dtype):
+    """Large directions, and large x with moderate directions (K well below D): y and every
+    gradient against the float64 truth of the same inputs scaled down by powers of two (exact), as
+    relative errors against the dtype's bound (float16 inputs are skipped: nothing they hold
+    overflows float32)."""
+    rows = []
+    acc = reference.accumulate_dtype(dtype)
+    d = 7 if k < 7 else 4 * k  # K well below D: G well conditioned however large |z|
+    for i, (z_exp, x_exp) in enumerate(_MAGNITUDES[acc]):
+        case = f"K={k} D={d} |z| ~ 2^{z_exp}" + (f", |x| ~ 2^{x_exp}" if x_exp else "")
+        if dtype == torch.float16:
+            continue
+        g = torch.Generator().manual_seed(97 * k + i)
+        x0, z0, gy = (torch.randn(*shape, generator=g).to(backend.device, dtype) for shape in ((5, d), (5, k, d), (5, d)))
+        s = _strength(dtype, backend.device)
+        errors = []
+        for entry, run in _magnitude_runs(backend):
+            found = magnitude_errors(run, x0, z0, gy, s, EPS, z_exp, x_exp)
+            if not found.pop("finite"):
+                errors.append((math.inf, f"non-finite output, {entry}"))
+            errors.extend((e, f"{name}, {entry}") for name, e in found.items())
+        err, where = _worst(errors)
+        tol = TOLERANCE[dtype]
+        rows.append(Row(backend.name, case, _dtype_name(dtype), err, tol, err <= tol, where))
+    return rows
+
+
+def _magnitude_runs(backend: Backend):
+    """(entry name, run(x, z, grad_y, strength) -> (y, dx, dz, ds)) for the raw ops and, for a
+    public backend, purify (PurifyFunction)."""
+    def raw(x, z, gy, s):
+        y, coeff, chol = backend.forward(x, z, s, EPS)
+        return (y, *backend.backward(gy, x, z, s, coeff, chol, True))
+
+    yield "raw ops", raw
+    if backend.public:
+        def public(x, z, gy, s):
+            xr, zr, sr = (t.detach().requires_grad_() for t in (x, z, s))
+            out = purify(xr, zr, strength=sr, eps=EPS, backend=backend.name)
+            return (out.detach(), *torch.autograd.grad(out, (xr, zr, sr), gy))
+
+        yield "purify", public
+
+
+def _conditioned_inputs(dtype, device):
+    """(name, x, z, grad_y): 64 rows of random K = 16 directions in D = 17 (near-square: cond(G)
+    from ~1e2 to ~1e6), and 64 rows of K = 8 in D = 32 whose last four directions are the first
+    four plus 10^-3 .. 10^-1 of noise (nearly dependent: cond(G) up to ~1e6)."""
+    g = torch.Generator().manual_seed(17)
+    near = (torch.randn(64, 17, generator=g), torch.randn(64, 16, 17, generator=g), torch.randn(64, 17, generator=g))
+    z = torch.randn(64, 8, 32, generator=g)
+    delta = 10 ** (-1 - 2 * torch.rand(64, 1, 1, generator=g))
+    z = torch.cat([z[:, :4], z[:, :4] + delta * torch.randn(64, 4, 32, generator=g)], dim=1)
+    nearly = (torch.randn(64, 32, generator=g), z, torch.randn(64, 32, generator=g))
+    for name, tensors in (("K=16 D=17", near), ("K=8 D=32 nearly dependent", nearly)):
+        yield (name, *(t.to(device, dtype) for t in tensors))
+
+
+def _conditioned_case(backend: Backend, dtype):
+    """Ill-conditioned G (near-square K, D; nearly dependent directions): the per-row error of y and
+    of every gradient relative to its scale against conditioned_row_bound (cond(G) of the row;
+    dstrength, one sum, against the largest cond(G) of the call); the row nearest its bound."""
+    worst = []
+    for name, x, z, gy in _conditioned_inputs(dtype, backend.device):
+        s = _strength(dtype, backend.device)
+        scales = error_scales(x, z, gy, s, EPS)
+        bound = conditioned_row_bound(dtype, scales["kappa"], STRENGTH)
+        (ty, tdx, tdz, tds), _ = _float64_truth(x, z, s, gy)
+        for entry, run in _magnitude_runs(backend):
+            y, dx, dz, ds = run(x, z, gy, s)
+            errors = {"y": (y.double() - ty).norm(dim=-1) / scales["y"],
+                      "dx": (dx.double() - tdx).norm(dim=-1) / scales["dx"],
+                      "dz": (dz.double() - tdz).flatten(-2).norm(dim=-1) / scales["dz"]}
+            for what, err in errors.items():
+                ratio = torch.nan_to_num(err / bound, nan=math.inf)
+                i = int(ratio.argmax())
+                worst.append((ratio[i].item(), f"{what}, {name}, {entry}, row {i}", err[i].item(), bound[i].item()))
+            ds_err = (ds.double() - tds).abs().item() / scales["ds"].item()
+            ds_bound = bound.max().item()
+            worst.append((ds_err / ds_bound, f"dstrength, {name}, {entry}", ds_err, ds_bound))
+    ratio, where, err, tol = max(worst, key=lambda w: math.inf if math.isnan(w[0]) else w[0])
+    return Row(backend.name, "ill-conditioned G, y and gradients per row / scale", _dtype_name(dtype), err, tol,
+               ratio <= 1, where)
+
+
+def _dependent_directions_case(backend: Backend, dtype):
+    """Exactly dependent directions, K = 16 of rank 5 in D = 32, 512 rows: y per row relative to
+    |x| against dependent_row_bound (kappa: the condition of the span)."""
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(512, 16, 5, generator=g) @ torch.randn(512, 5, 32, generator=g)
+    x = torch.randn(512, 32, generator=g)
+    x, z = x.to(backend.device, dtype), z.to(backend.device, dtype)
+    ref = truth(x, z, STRENGTH, EPS)
+    bound = dependent_row_bound(dtype, 16, span_condition(z, 5))
+    s = _strength(dtype, backend.device)
+    outputs = [("y, raw ops", backend.forward(x, z, s, EPS)[0])]
+    if backend.public:
+        outputs.append(("y, purify", purify(x, z, strength=STRENGTH, eps=EPS, backend=backend.name)))
+    worst = []
+    for where, y in outputs:
+        err = row_err(y, ref, x)
+        ratio = torch.nan_to_num(err / bound, nan=math.inf)
+        i = int(ratio.argmax())
+        worst.append((ratio[i].item(), f"{where}, row {i}", err[i].item(), bound[i].item()))
+    ratio, where, err, tol = max(worst)
+    return Row(backend.name, "K=16 D=32 rank 5 dependent z, y per row / |x|", _dtype_name(dtype), err, tol,
                ratio <= 1, where)
 
 
@@ -582,6 +743,16 @@ NOTES = [
     "to |x| against the float64 reference, bound (r + 8 u kappa) max(1, |s|), kappa = cond(G) of the row, r: "
     "float64 1e-9, float32 2e-5, float16 4e-3, bfloat16 3e-2 (the bound of the property tests); the table "
     "shows the row nearest its bound",
+    "large |z|, |x|: z scaled by 2^70 (float32, bfloat16; |z|^2 overflows float32) or 2^600 (float64), and x "
+    "by 2^80 with z by 2^30 (z.x overflows float32; float64: 2^700 and 2^350): y and every gradient against "
+    "the float64 truth of the inputs scaled back by the same powers of two (exact), with the bounds above",
+    "ill-conditioned G: 64 rows of random K = 16 directions in D = 17 (cond(G) ~1e2 to ~1e6) and 64 rows of "
+    "K = 8 in D = 32 with four directions 1e-3 to 1e-1 away from the other four: per row the error of y, dx "
+    "and dz relative to their scales (|x|, |g|, |s| (|c| |g| + |u| |x|)), dstrength's relative to sum |g_i p_i|, "
+    "against (r + 8 u kappa) max(1, |s|), kappa = cond(G) (docs/DESIGN.md); the table shows the row nearest "
+    "its bound",
+    "dependent z: z = A B of rank 5, K = 16, D = 32, 512 rows: the per-row error of y relative to |x| against "
+    "r + 8 K u kappa, kappa the condition of the span of z's rows",
     "gradcheck / gradgradcheck: torch.autograd's, fast mode (a random projection of the Jacobian), default "
     "tolerances (atol 1e-5, rtol 1e-3), float64, eps 1e-3; "
     "opcheck: torch.library.opcheck's schema, fake-tensor, autograd-registration and AOT-dispatch tests; "
@@ -605,6 +776,12 @@ def _tasks(backends, dtypes, plan):
                         add(f"K={k} D={d} rank-deficient", dn,
                             lambda b=b, k=k, d=d, t=dtype: [_rank_deficient_case(b, k, d, t)])
             add("nearly dependent z", dn, lambda b=b, t=dtype: [_dependent_case(b, t)])
+            add("ill-conditioned G", dn, lambda b=b, t=dtype: [_conditioned_case(b, t)])
+            if dtype in (torch.float32, torch.float64):
+                add("dependent z", dn, lambda b=b, t=dtype: [_dependent_directions_case(b, t)])
+            if dtype != torch.float16:
+                for k in plan.magnitude_ks:
+                    add(f"K={k} large |z|, |x|", dn, lambda b=b, k=k, t=dtype: _magnitude_case(b, k, t))
         for shapes in plan.gradcheck_shapes:
             add("gradcheck", "float64", lambda b=b, shapes=shapes: [_gradcheck_case(b, shapes, False)])
             if b.public:
@@ -644,7 +821,7 @@ def verify(device: str = "all", dtypes=None, quick: bool = False, *, backends: l
         raise ValueError(f"verify: dtypes must be among {list(DTYPES)}, got {names}")
     chosen = discover_backends(device) if backends is None else list(backends)
     report = VerifyReport(device=device, dtypes=names, quick=quick, backends=[b.name for b in chosen],
-                          notes=list(NOTES))
+                          notes=list(NOTES), cpu_capability=build_info().get("cpu_capability"))
     if backends is None and device in ("cuda", "all") and (image_row := _cuda_image_row()) is not None:
         report.rows.append(image_row)
     if not chosen:

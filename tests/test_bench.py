@@ -41,6 +41,7 @@ def test_sweep_rows_and_csv_upsert(tmp_path):
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["copy_gbps"] > 0
         assert r["speedup_vs_compile"] != r["speedup_vs_compile"]  # NaN: compile was not measured
         assert r["cuda"] == "" and r["device_name"]
+        assert r["load_before"] >= 0 and r["load_after"] >= 0  # the machine's load average, kept with each row
     path = tmp_path / "r.csv"
     bench.upsert_csv(str(path), rows)
     bench.upsert_csv(str(path), rows[:2])  # same keys: replaced, not appended
@@ -156,3 +157,45 @@ def test_benchmarking_compile_leaves_torch_settings_alone():
     rows = bench.sweep(cases, ["compile"], reps=2, warmup=1, log=lambda _: None)
     assert {r["provider"] for r in rows} == {"compile"}  # compiled and replayed (no donated buffers)
     assert current() == before
+
+
+def _step_rows(device, public_pct, kernel_ms, public_ms, vs_compile):
+    """Rows of the cpu-step preset for one device, every case alike."""
+    rows = []
+    for (dtype, n, k) in [(d, n, k) for d in ("float32", "bfloat16") for n in (2048, 8192) for k in (1, 4)]:
+        base = dict(device_name=device, mode="full", dtype=dtype, N=n, D=1024, K=k, torch="t", timestamp="2030",
+                    load_before=0.5, load_after=0.6, p20_ms=1, p80_ms=1, gbps=1, copy_gbps=1, speedup_vs_eager=1)
+        rows.append({**base, "provider": "purified_ops", "pct_of_copy": public_pct, "median_ms": public_ms,
+                     "speedup_vs_compile": vs_compile})
+        rows.append({**base, "provider": "purified_ops_kernel", "pct_of_copy": 100, "median_ms": kernel_ms,
+                     "speedup_vs_compile": vs_compile * public_ms / kernel_ms})
+        rows.append({**base, "provider": "compile", "pct_of_copy": 40, "median_ms": public_ms * vs_compile,
+                     "speedup_vs_compile": 1.0})
+    return rows
+
+
+def test_step_table_checks_the_goals(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize", Path(__file__).parents[1] / "benchmarks" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    # Every goal met: 90% of copy, 1.05x the kernels' time, 1.3x compile.
+    lines, goals = summarize.step_table(_step_rows("cpu A", 90, 1.0, 1.05, 1.3), "cpu A")
+    assert len(lines) == 3 + 8 and len(goals) == 10 and all(ok for _, ok in goals)
+    # 80% of copy misses the K = 1 goal (85%) but meets K = 4's (75%); 1.2x the kernels' time and
+    # 1.2x compile miss N 2048's goals; rows of another device are not read.
+    rows = _step_rows("cpu B", 80, 1.0, 1.2, 1.2) + _step_rows("cpu A", 10, 1.0, 9.0, 0.1)
+    _, goals = summarize.step_table(rows, "cpu B")
+    missed = {g for g, ok in goals if not ok}
+    assert missed == {"float32 N 8192 K 1: >= 85% of copy", "bfloat16 N 8192 K 1: >= 85% of copy",
+                      "float32 N 2048 K 1: within 10% of the kernels alone",
+                      "float32 N 2048 K 1: >= 1.25x torch.compile"}, missed
+    path = tmp_path / "cpu_step.csv"
+    bench.upsert_csv(str(path), rows)
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "summarize.py"), "--step",
+                          str(path), "--device", "cpu B"], capture_output=True, text=True, check=True).stdout
+    assert "Goals met: 6 of 10." in out and "| bfloat16 | 8192 | 4 | 80% (1.20 ms) | 100% (1.00 ms)" in out
+    plotted = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "plot.py"), "--step",
+                              str(path), "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert plotted.split() == [str(tmp_path / "cpu_step.png")] and (tmp_path / "cpu_step.png").stat().st_size > 1000

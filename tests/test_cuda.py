@@ -19,7 +19,8 @@ import torch
 import purified_ops
 from purified_ops import ops as ops_layer
 from purified_ops import reference
-from purified_ops.testing import DTYPES, TOLERANCE, Backend, rel_err, rounding_of_16bit_outputs, unit_roundoff
+from purified_ops.testing import (DTYPES, TOLERANCE, Backend, magnitude_errors, rel_err, rounding_of_16bit_outputs,
+                                  sum_err, unit_roundoff)
 
 HAVE_GPU = "cuda" in purified_ops.available_backends()
 needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the CUDA build of purified_ops")
@@ -108,12 +109,15 @@ def check_against_reference(x, z, s=0.8, eps=1e-4, seed=0, ops=None):
     assert rel_err(dx.cpu(), rdx) <= tol, ("dx", rel_err(dx.cpu(), rdx), tol)
     assert rel_err(dz.cpu(), rdz) <= tol, ("dz", rel_err(dz.cpu(), rdz), tol)
     assert abs(ds.item() - rds.item()) <= 10 * tol * max(1.0, abs(rds.item())), ("ds", ds.item(), rds.item())
-    # chol really is the factor of Z Z^T + eps I (lower, per z row)
+    # chol really is the factor of Z Z^T + eps I per z row, in direction rows (docs/DESIGN.md
+    # section 2): lower triangular in its pivot order, M M^T = G in direction order
     zd = z.double()
     gram = zd @ zd.transpose(-1, -2) + eps * torch.eye(z.shape[-2], dtype=torch.float64, device=z.device)
-    L = chol.double()
+    M = chol.double().cpu()
+    order = reference.factor_order(M)
+    L = M.gather(-2, order.unsqueeze(-1).expand(*order.shape, M.shape[-1]))
     assert torch.equal(L, L.tril())
-    assert rel_err(L @ L.transpose(-1, -2), gram) <= max(tol, 1e-5)
+    assert rel_err(M @ M.transpose(-1, -2), gram.cpu()) <= max(tol, 1e-5)
     return y, dx, dz, ds
 
 
@@ -240,6 +244,67 @@ def test_empty_tensors(target):
         y, coeff, chol, dx, dz, ds = run_ops(x, z, 1.0, 1e-6, torch.randn_like(x), ops=target.ops)
         assert y.shape == x.shape and dx.shape == x.shape and dz.shape == z.shape
         assert ds.item() == 0.0
+
+
+# (z exponent, x exponent): |z|^2 overflows float32 from |z| ~ 2^64, float64 from ~2^512; z.x
+# overflows float32 at 2^30 x 2^80 (docs/DESIGN.md, "The scale of z").
+MAGNITUDES = {torch.float32: [(66, 0), (125, 0), (30, 80)], torch.bfloat16: [(70, 0), (30, 80)],
+              torch.float64: [(600, 0), (350, 700)]}
+
+
+def _raw_run(ops):
+    def run(x, z, g, s):
+        y, coeff, chol = ops.purify_forward(x, z, s, 1e-6)
+        return (y, *ops.purify_backward(g, x, z, s, coeff, chol, True))
+    return run
+
+
+@pytest.mark.parametrize("layout", ["rows", "shared z", "long rows"])
+@pytest.mark.parametrize("K", [1, 4, 16, 20])
+@pytest.mark.parametrize("dtype", list(MAGNITUDES), ids=str)
+def test_large_directions_and_features(target, dtype, K, layout):
+    """The scaled path of the fused kernels (first row of an item, rows of a shared z, rows longer
+    than a tile) and the scaled K > 16 path: y and every gradient right, by the truth of the
+    inputs scaled back by powers of two."""
+    if layout == "long rows" and (dtype != torch.float32 or K not in (4, 16)):
+        pytest.skip("one dtype: the tile logic is dtype-independent")
+    D = 4100 if layout == "long rows" else 24
+    shapes = ((2, 5, D), (2, 1, K, D)) if layout == "shared z" else ((3, D), (3, K, D))
+    g = torch.Generator().manual_seed(K + D)
+    x0, z0 = (torch.randn(*sh, generator=g).to(target.device, dtype) for sh in shapes)
+    gy = torch.randn(*shapes[0], generator=g).to(target.device, dtype)
+    s = torch.tensor(0.75, dtype=reference.accumulate_dtype(dtype), device=target.device)
+    # row norms stay representable (the factor returned for the backward has entries ~|z_k|)
+    magnitudes = [(100, 0), (30, 80)] if layout == "long rows" else MAGNITUDES[dtype]
+    for z_exp, x_exp in magnitudes:
+        errors = magnitude_errors(_raw_run(target.ops), x0, z0, gy, s, 1e-6, z_exp, x_exp)
+        assert errors.pop("finite"), (z_exp, x_exp)
+        for name, err in errors.items():
+            assert err <= TOLERANCE[dtype], f"{name}: {err:.3g} at |z| 2^{z_exp}, |x| 2^{x_exp}"
+
+
+@pytest.mark.parametrize("K", [2, 16, 20])
+def test_rows_of_one_item_at_different_scales(target, K):
+    """One shared z (|z| ~ 2^30) and rows whose z.x or z.g overflows float32 only every third row:
+    the item switches to the scaled path at such a row and keeps it for the rows after; every row
+    and the summed dz and dstrength are right (float64 holds these magnitudes: its truth is direct)."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(1, 48, 32, generator=g)
+    gy = torch.randn(1, 48, 32, generator=g)
+    z = torch.randn(1, 1, K, 32, generator=g) * 2.0 ** 30
+    x[:, 1::3] *= 2.0 ** 80
+    gy[:, 2::3] *= 2.0 ** 80
+    x, gy, z = x.to(target.device), gy.to(target.device), z.to(target.device)
+    s = torch.tensor(0.75, device=target.device)
+    y, dx, dz, ds = _raw_run(target.ops)(x, z, gy, s)
+    ry, rdx, rdz, rds = ref_all(x, z, 0.75, 1e-6, gy)
+    for name, o in (("y", y), ("dx", dx), ("dz", dz), ("ds", ds)):
+        assert torch.isfinite(o).all(), name
+    xs, gs = x.double().cpu().norm(dim=-1), gy.double().cpu().norm(dim=-1)
+    assert ((y.double().cpu() - ry).norm(dim=-1) / xs).max() <= 1e-5
+    assert ((dx.double().cpu() - rdx).norm(dim=-1) / gs).max() <= 1e-5
+    assert rel_err(dz.cpu(), rdz) <= 1e-5
+    assert sum_err(ds.cpu(), rds, gy.double().cpu() * (x.double().cpu() - ry) / 0.75) <= 1e-5
 
 
 @pytest.mark.parametrize("K", [17, 24])

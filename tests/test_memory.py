@@ -49,3 +49,21 @@ def test_cpu_output_cache_holds_up_to_its_setting(cap_mb, cached):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PURIFIED_OPS_CPU_CACHE_MB": cap_mb}).stdout
     assert int(out) == cached
+
+
+def test_cpu_output_cache_makes_room_for_the_sizes_in_use():
+    # Under a 5 MiB cap, a 2 MiB output's block is cached; a 4 MiB output freed next does not fit
+    # beside it. The block freed longest ago gives way, so the next 4 MiB output reuses the newer
+    # block (without eviction, a cache full of an earlier phase's sizes sends every output of the
+    # current size to fresh pages).
+    code = ("import torch, purified_ops as p\n"
+            "small, large = torch.randn(512, 1024), torch.randn(1024, 1024)\n"
+            "z = lambda x: x[:, None, :].flip(-1).contiguous()\n"
+            "del_small = p.purify(small, z(small)); del del_small\n"
+            "y = p.purify(large, z(large)); ptr = y.data_ptr(); del y\n"
+            "held = p.cpu_cache_bytes()\n"
+            "y = p.purify(large, z(large))\n"
+            "print(held, int(y.data_ptr() == ptr))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PURIFIED_OPS_CPU_CACHE_MB": "5"}).stdout.split()
+    assert out == [str(4 << 20), "1"]

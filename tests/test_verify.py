@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from purified_ops import cli, testing
+import purified_ops
+from purified_ops import _extension, _settings, cli, testing
 from purified_ops.testing import Backend, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,6 +18,17 @@ OPS = torch.ops.purified_ops
 
 def _key(row):
     return row.backend, row.case, row.dtype
+
+
+# The cases of docs/DESIGN.md's accuracy statement and of the scale of z (in --quick too).
+NUMERICS_CASES = ("ill-conditioned G, y and gradients per row / scale", "K=16 D=32 rank 5 dependent z, y per row / |x|",
+                  "K=4 D=7 |z| ~ 2^70", "K=4 D=7 |z| ~ 2^30, |x| ~ 2^80", "K=4 D=7 |z| ~ 2^600",
+                  "K=4 D=7 |z| ~ 2^350, |x| ~ 2^700")
+
+# The CPU kernels' capabilities that can run here (compiled, and not above what torch chose).
+USABLE_CAPABILITIES = [c for c in purified_ops.build_info().get("cpu_capabilities", ())
+                       if _extension.CPU_CAPABILITIES.index(c)
+                       <= _extension.CPU_CAPABILITIES.index(_extension.torch_cpu_capability())]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +41,7 @@ def test_passes_on_this_build(full_report):
     assert "cpu" in full_report.backends
     cases = {r.case for r in full_report.rows if r.backend == "cpu"}
     for expected in ("K=24 D=1000", "K=16 D=7 |z|^2~eps", "K=2 D=1 rank-deficient, y per row / |x|",
-                     "K=4 D=1000 nearly dependent z, y per row / |x|"):
+                     "K=4 D=1000 nearly dependent z, y per row / |x|", *NUMERICS_CASES):
         assert expected in cases
     assert any(c.startswith("gradcheck+gradgradcheck") for c in cases)
     assert any(c.startswith("opcheck purify_backward") for c in cases)
@@ -155,3 +167,20 @@ def test_the_emulated_cuda_ops_are_a_cpu_backend_where_present(monkeypatch):
     report = verify(device="cpu", dtypes=["float32"], quick=True)
     assert "cuda-emulated" in report.backends
     assert any(r.backend == "cuda-emulated" and r.case.startswith("K=24") for r in report.rows)
+
+
+@pytest.mark.parametrize("capability", USABLE_CAPABILITIES)
+def test_accuracy_cases_pass_with_each_cpu_capability(capability):
+    """`verify --quick` with the CPU kernels of each capability forced at import time (a fresh
+    process each): the ill-conditioned, dependent-directions and large-magnitude cases pass with
+    the DEFAULT (no AVX, no FMA), AVX2 and AVX-512 kernels alike."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", _settings.CPU_CAPABILITY: capability}
+    proc = subprocess.run([sys.executable, "-m", "purified_ops", "verify", "--quick", "--device", "cpu",
+                           "--dtypes", "float32", "float64", "--json"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cpu_capability"] == capability
+    cases = {r["case"] for r in report["rows"] if r["backend"] == "cpu"}
+    assert set(NUMERICS_CASES) <= cases, sorted(cases)
+    failed = [(r["case"], r["dtype"], r["detail"]) for r in report["rows"] if not r["passed"]]
+    assert not failed and proc.returncode == 0, failed

@@ -197,20 +197,20 @@ def test_dependent_directions_float32_error_within_span_conditioning(backend, ca
     x = torch.randn(n, D, generator=g)
     exact = truth_rank_deficient(x, z) if K >= D else reference.purify(x.double(), z.double())
     err = row_err(forward(x, z), exact, x)
-    bound = dependent_row_bound(torch.float32, K, D, span_condition(z, rank))
+    bound = dependent_row_bound(torch.float32, K, span_condition(z, rank))
     worst = int((err / bound).argmax())
     assert err[worst] <= bound[worst], f"row {worst}: {err[worst]:.3g} > {bound[worst]:.3g}"
 
 
 def test_factor_is_bounded_like_exact_cholesky():
     """The reference factor (the kernels' semantics) of a rank-2 Gram in float32: every entry
-    below the diagonal within sqrt(G_ii), as in exact arithmetic (an unbounded factor grew past
+    other than a pivot within sqrt(G_ii), as in exact arithmetic (an unbounded factor grew past
     1e20); two pivots per row kept (within sqrt(G_jj)), the dependent six dropped
-    (sqrt(G_jj) / u). The directions are small-integer combinations of two small-integer
-    vectors, so G is exact in float32 whatever the order of its sums (the BLAS's): its rank is
-    exactly 2, and what is left of a dependent pivot is the elimination's own rounding, a few
-    u G_jj, below the drop threshold (with random float32 directions the matmul's rounding
-    decided it in ~2% of rows)."""
+    (sqrt(G_jj) / u). The factor is in direction rows: direction i's pivot is the last nonzero
+    entry of its row, at the step it was factored (reference.factor_order). The directions are
+    small-integer combinations of two small-integer vectors, so G is exact in float32 whatever the
+    order of its sums (the BLAS's): its rank is exactly 2, and what is left of a dependent pivot
+    is the elimination's own rounding, a few u G_jj, below the drop threshold 4 K u G_jj."""
     g = torch.Generator().manual_seed(3)
     basis = torch.randint(-3, 4, (4, 2, 64), generator=g).float()
     coeffs = torch.randint(-3, 4, (4, 8, 2), generator=g).float()
@@ -221,14 +221,33 @@ def test_factor_is_bounded_like_exact_cholesky():
     gram = z @ z.transpose(-1, -2) + 1e-6 * torch.eye(8)
     chol = reference.regularized_cholesky(gram, 1e-6)
     root = torch.diagonal(gram, dim1=-2, dim2=-1).sqrt()
-    assert (chol.tril(-1).abs() <= root.unsqueeze(-1) * (1 + 1e-6)).all()
-    pivots = torch.diagonal(chol, dim1=-2, dim2=-1)
+    order = reference.factor_order(chol)
+    step = torch.argsort(order, dim=-1)  # the step at which each direction was factored
+    is_pivot = torch.nn.functional.one_hot(step, 8).bool()
+    assert (chol.abs().masked_fill(is_pivot, 0) <= root.unsqueeze(-1) * (1 + 1e-6)).all()
+    pivots = chol.gather(-1, step.unsqueeze(-1)).squeeze(-1)
     dropped = pivots == root / torch.finfo(torch.float32).eps
     assert (dropped | (pivots <= root * (1 + 1e-6))).all()
     assert (dropped.sum(-1) == 6).all(), dropped
     well = torch.randn(8, 64, dtype=torch.float64)  # well conditioned: exactly torch's factor
     g64 = well @ well.T + 1e-6 * torch.eye(8, dtype=torch.float64)
     torch.testing.assert_close(reference.regularized_cholesky(g64, 1e-6), torch.linalg.cholesky(g64))
+
+
+def test_pivoted_factor_reproduces_the_gram_in_direction_order():
+    """Two nearly parallel directions first: the factorization passes over the second (its
+    remaining pivot is ~1e-4 of its G_jj, below PIVOT_FRACTION) for the third, so the factor is
+    not lower triangular, yet M M^T = G in direction order and the solve is G's."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 32, generator=g, dtype=torch.float64), torch.randn(3, 1, 32, generator=g, dtype=torch.float64)
+    z = torch.cat([a, a + 0.01 * torch.randn(3, 1, 32, generator=g, dtype=torch.float64), b], dim=1)
+    gram = z @ z.mT + 1e-6 * torch.eye(3, dtype=torch.float64)
+    chol = reference.regularized_cholesky(gram, 1e-6)
+    assert (reference.factor_order(chol) == torch.tensor([0, 2, 1])).all()
+    assert not torch.equal(chol, chol.tril())
+    torch.testing.assert_close(chol @ chol.mT, gram)
+    rhs = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(reference.cholesky_solve(chol, rhs), torch.linalg.solve(gram, rhs))
 
 
 # ---- Repeated directions and tiny eps in the reference and the double backward -------------

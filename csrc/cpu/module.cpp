@@ -5,6 +5,7 @@
 // one output cache.
 #include <torch/extension.h>
 
+#include "bf16_conversion.h"
 #include "output_cache.h"
 #include "streaming_stores.h"
 
@@ -22,14 +23,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Bytes the CPU output cache holds for reuse.");
   m.def("set_output_cache_limit", &purified_ops::set_cpu_output_cache_limit,
         "The most bytes the CPU output cache keeps for reuse (0: none).");
-  m.def("set_streaming_stores", [](bool always) {
-    purified_ops::set_streaming_stores(always ? purified_ops::StreamingStores::kAlways
-                                              : purified_ops::StreamingStores::kNever);
-  }, "Non-temporal stores for every output (True) or none (False), instead of by size.");
+  m.def("set_streaming_stores", [](std::optional<bool> always) {
+    purified_ops::set_streaming_stores(!always.has_value() ? purified_ops::StreamingStores::kBySize
+                                       : *always           ? purified_ops::StreamingStores::kAlways
+                                                           : purified_ops::StreamingStores::kNever);
+  }, "Non-temporal stores for every output (True), none (False), or by size (None, the default).",
+        pybind11::arg("always"));
+  m.def("set_bf16_hardware_conversion", &purified_ops::set_bf16_hardware_conversion,
+        "Rounds float to bfloat16 with the CPU's AVX512_BF16 instruction (True, where it has it; the "
+        "default) or in software (False); the outputs are bitwise the same.");
+  m.def("bf16_hardware_conversion", &purified_ops::bf16_hardware_conversion,
+        "Whether float rounds to bfloat16 with the CPU's AVX512_BF16 instruction now.");
   m.def("build_info", [] {
     pybind11::dict info;
     info["cpu_capability"] = PURIFIED_OPS_CPU_CAPABILITY;
     info["cxx_flags"] = PURIFIED_OPS_CXX_FLAGS;
+    info["cpu_bf16_conversion"] = purified_ops::cpu_has_bf16_conversion() ? "avx512_bf16" : "software";
 #ifdef _OPENMP
     info["openmp"] = true;
 #else

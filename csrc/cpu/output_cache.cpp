@@ -5,8 +5,10 @@
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <list>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -38,8 +40,10 @@ class OutputCache final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.find(size);
       if (it != free_.end() && !it->second.empty()) {
-        ptr = it->second.back();
+        const auto block = it->second.back();  // the most recently freed block of this size
         it->second.pop_back();
+        ptr = block->ptr;
+        by_age_.erase(block);
         cached_ -= size;
       }
     }
@@ -63,11 +67,12 @@ class OutputCache final : public c10::Allocator {
   std::size_t empty() {
     std::lock_guard<std::mutex> lock(mutex_);
     std::size_t released = 0;
-    for (auto& [size, ptrs] : free_) {
-      for (void* p : ptrs) std::free(p);
-      released += size * ptrs.size();
-      ptrs.clear();
+    for (const Block& b : by_age_) {
+      std::free(b.ptr);
+      released += b.size;
     }
+    by_age_.clear();
+    free_.clear();
     cached_ = 0;
     return released;
   }
@@ -98,21 +103,38 @@ class OutputCache final : public c10::Allocator {
     delete block;
   }
 
+  // A freed block is kept if it fits under the cap, evicting the blocks freed longest ago: the
+  // sizes a loop uses now are the ones it frees last, and a cache full of an earlier phase's
+  // sizes (another batch size, an evaluation pass) would otherwise send every new block to
+  // fresh pages.
   void put(void* ptr, std::size_t size) {
+    std::vector<void*> evicted;
+    bool kept = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + size <= cap_.load(std::memory_order_relaxed)) {
-        free_[size].push_back(ptr);
+      const std::size_t cap = cap_.load(std::memory_order_relaxed);
+      if (size <= cap) {
+        while (cached_ + size > cap) {
+          const Block oldest = by_age_.front();
+          auto& same_size = free_[oldest.size];
+          same_size.erase(std::find(same_size.begin(), same_size.end(), by_age_.begin()));
+          by_age_.pop_front();
+          cached_ -= oldest.size;
+          evicted.push_back(oldest.ptr);
+        }
+        free_[size].push_back(by_age_.insert(by_age_.end(), Block{ptr, size}));
         cached_ += size;
-        return;
+        kept = true;
       }
     }
-    std::free(ptr);
+    for (void* p : evicted) std::free(p);  // outside the lock
+    if (!kept) std::free(ptr);
   }
 
   std::atomic<std::size_t> cap_{kDefaultCap};
   std::mutex mutex_;
-  std::map<std::size_t, std::vector<void*>> free_;
+  std::list<Block> by_age_;  // the cached blocks, freed longest ago first
+  std::map<std::size_t, std::vector<std::list<Block>::iterator>> free_;  // by size, oldest first
   std::size_t cached_ = 0;
   int64_t in_use_ = 0;  // only tracked while the profiler records memory
 };

@@ -5,8 +5,9 @@
 // as much as the kernel itself (measured: 20 ms of a 30 ms backward at 8192 x 1024 float32).
 // Like torch's CUDA allocator, this keeps freed blocks for reuse, up to a cap
 // (512 MiB unless set: PURIFIED_OPS_CPU_CACHE_MB, parsed by purified_ops/_settings.py and set
-// when the module is loaded; 0 turns it off), in 2 MiB-aligned blocks with transparent huge
-// pages requested. Blocks below 1 MiB go to torch's allocator.
+// when the module is loaded; 0 turns it off; the blocks freed longest ago make room for newer
+// ones), in 2 MiB-aligned blocks with transparent huge pages requested. Blocks below 1 MiB go to
+// torch's allocator.
 #pragma once
 
 #include <ATen/core/Tensor.h>

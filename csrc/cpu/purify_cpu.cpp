@@ -3,9 +3,16 @@
 // Work is split into items: one z row (group) and a fixed share of the x rows it serves.
 // Per item the K x K Gram of z is factored once; per x row, the K dot products are one pass
 // over the row and the output is a second pass while the row is still in L1/L2, so no N x D
-// intermediate is written. 16-bit inputs are widened to float32 in registers only.
+// intermediate is written. 16-bit inputs are widened to float32 in registers; a 16-bit z row
+// is widened once per item into a per-thread float buffer (WidenedDirections), which every
+// later pass reads instead of converting it again.
 // dz of a z row shared by many x rows is summed in float32 (float64) per item and the item
 // partials in a fixed order, so results do not depend on the thread count.
+//
+// The loops over D keep the directions' coefficients, pointers and accumulators in registers
+// for K <= kMaxFixedK (loop bodies with compile-time indices, static_for); a larger K runs the
+// same operations in the same order with run-time indices. Every output is bitwise the same
+// either way: each value is computed by the same operations in the same order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -17,6 +24,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -25,6 +34,7 @@
 
 #include "../purify_host.h"
 #include "../row_math.h"
+#include "bf16_conversion.h"
 #include "output_cache.h"
 #include "streaming_stores.h"
 
@@ -33,15 +43,53 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Loads and stores one block of T as accumulate-type vectors (two for 16-bit T).
-template <typename T>
+// Calls f(std::integral_constant<int, I>{}) for I = 0 .. N-1, in order: a loop body with
+// compile-time indices, so that arrays of vectors indexed by them live in registers (with
+// run-time indices the compiler keeps them in memory: a store and a load per multiply-add).
+template <typename F, int... I>
+inline void static_for_each(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+inline void static_for(F&& f) {
+  static_for_each(f, std::make_integer_sequence<int, N>{});
+}
+
+// Directions up to this many get loops with compile-time K.
+constexpr int kMaxFixedK = 4;
+
+// For the per-vector helpers, which the compiler would otherwise sometimes call (a call per
+// vector: the bfloat16 store, with its inline assembly, was not inlined).
+#if defined(__GNUC__) || defined(__clang__)
+#define PURIFY_VECTOR_INLINE inline __attribute__((always_inline))
+#else
+#define PURIFY_VECTOR_INLINE inline
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+// VCVTNE2PS2BF16 (AVX512_BF16): 32 floats to bfloat16, rounded to nearest even. It differs from
+// at::vec's rounding only where a value is subnormal (it flushes those to zero) or NaN (it keeps
+// the payload; at::vec writes 0xffff). Inline assembly: the instruction runs only where
+// bf16_hardware_conversion() said so, and no other code of this module is compiled for it.
+PURIFY_VECTOR_INLINE __m512i bf16_hardware(const __m512& lo, const __m512& hi) {
+  __m512i r;
+  asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(hi), "v"(lo));
+  return r;
+}
+// _mm512_fpclass_ps_mask classes: quiet NaN, subnormal, signalling NaN.
+constexpr int kNaNOrSubnormal = 0x01 | 0x20 | 0x80;
+#endif
+
+// Loads and stores one block of T as accumulate-type vectors (kSub of them: two for 16-bit T).
+// kHw: 16-bit stores round with the CPU's bfloat16 conversion (bf16_hardware_conversion()).
+template <typename T, bool kHw = false>
 struct Block {
   using acc_t = accumulate_t<T>;
   using AVec = Vectorized<acc_t>;
   static constexpr int64_t kSize = Vectorized<T>::size();
   static constexpr int kSub = static_cast<int>(kSize / AVec::size());
 
-  static inline void load(const T* p, AVec* out) {
+  static PURIFY_VECTOR_INLINE void load(const T* p, AVec* out) {
     if constexpr (kSub == 1) {
       out[0] = AVec::loadu(p);
     } else {
@@ -50,23 +98,37 @@ struct Block {
       out[1] = std::get<1>(halves);
     }
   }
-  static inline void store(T* p, const AVec* in) {
+  // One block of a widened row (WidenedDirections): the same values as load() of the 16-bit row.
+  template <typename U = T, std::enable_if_t<!std::is_same_v<U, accumulate_t<U>>, int> = 0>
+  static PURIFY_VECTOR_INLINE void load(const acc_t* p, AVec* out) {
+    for (int s = 0; s < kSub; ++s) out[s] = AVec::loadu(p + s * AVec::size());
+  }
+  static PURIFY_VECTOR_INLINE Vectorized<T> to_16bit(const AVec* in) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kHw && std::is_same_v<T, c10::BFloat16>) {
+      if ((_mm512_fpclass_ps_mask(in[0], kNaNOrSubnormal) | _mm512_fpclass_ps_mask(in[1], kNaNOrSubnormal)) == 0)
+        return bf16_hardware(in[0], in[1]);
+    }
+#endif
+    return at::vec::convert_from_float<T>(in[0], in[1]);
+  }
+  static PURIFY_VECTOR_INLINE void store(T* p, const AVec* in) {
     if constexpr (kSub == 1) {
       in[0].store(p);
     } else {
-      at::vec::convert_from_float<T>(in[0], in[1]).store(p);
+      to_16bit(in).store(p);
     }
   }
   // A non-temporal store (p aligned to the vector size): the line is written without first
   // being read, a third less traffic for outputs that will not be read again from cache.
-  static inline void store_stream(T* p, const AVec* in) {
+  static PURIFY_VECTOR_INLINE void store_stream(T* p, const AVec* in) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, float>) {
       _mm512_stream_ps(p, in[0]);
     } else if constexpr (std::is_same_v<T, double>) {
       _mm512_stream_pd(p, in[0]);
     } else {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(in[0], in[1]));
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), to_16bit(in));
     }
 #elif defined(CPU_CAPABILITY_AVX2)
     if constexpr (std::is_same_v<T, float>) {
@@ -74,13 +136,13 @@ struct Block {
     } else if constexpr (std::is_same_v<T, double>) {
       _mm256_stream_pd(p, in[0]);
     } else {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(in[0], in[1]));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_16bit(in));
     }
 #else
     store(p, in);
 #endif
   }
-  static inline void store_to(T* p, const AVec* in, bool stream) {
+  static PURIFY_VECTOR_INLINE void store_to(T* p, const AVec* in, bool stream) {
     if (stream) {
       store_stream(p, in);
     } else {
@@ -89,16 +151,63 @@ struct Block {
   }
 };
 
-// The last-level cache as the OS reports it (a VM's share can be far below what cpuid says).
+// A z row's K directions as the kernels read them: the rows of z themselves for float and
+// double; for 16-bit T, widened to float once per item into a per-thread buffer (values and
+// block layout as Block<T>::load gives them), so that the passes over them (the Gram, the dot
+// products and the output of every x row the z row serves) load floats instead of converting
+// each time. Rows above kMaxWidened elements in all are read (and converted) in place.
+template <typename T>
+struct WidenedDirections {
+  using acc_t = accumulate_t<T>;
+  static constexpr bool kWidens = !std::is_same_v<T, acc_t>;
+  static constexpr int64_t kMaxWidened = int64_t{1} << 18;  // 1 MiB of float per thread
+  std::vector<acc_t> buffer;
+  std::vector<const acc_t*> rows;
+
+  static bool fits(int K, int64_t D) { return kWidens && static_cast<int64_t>(K) * D <= kMaxWidened; }
+
+  const acc_t* const* assign(const T* const* dirs, int K, int64_t D) {
+    using B = Block<T>;
+    constexpr int64_t kAlign = 64 / static_cast<int64_t>(sizeof(acc_t));
+    const int64_t stride = (D + kAlign - 1) / kAlign * kAlign;  // rows start on a cache line
+    buffer.resize(static_cast<size_t>(K * stride + kAlign));
+    acc_t* base = buffer.data();
+    while (reinterpret_cast<uintptr_t>(base) % 64 != 0) ++base;
+    rows.resize(K);
+    for (int k = 0; k < K; ++k) {
+      acc_t* out = base + k * stride;
+      typename B::AVec v[B::kSub];
+      int64_t d = 0;
+      for (; d + B::kSize <= D; d += B::kSize) {
+        B::load(dirs[k] + d, v);
+        for (int s = 0; s < B::kSub; ++s) v[s].store(out + d + s * B::AVec::size());
+      }
+      for (; d < D; ++d) out[d] = static_cast<acc_t>(dirs[k][d]);
+      rows[k] = out;
+    }
+    return rows.data();
+  }
+};
+
+// The last-level cache this machine may count on: what the OS reports (a VM's share can be far
+// below what cpuid says), and at most kCachePerCore per online CPU, since a VM may also be told
+// the host's whole cache (measured: a 2-CPU VM told 480 MiB, where outputs of 16 MiB and more
+// were written faster with non-temporal stores, and of 8 MiB as fast or slower;
+// benchmarks/README.md).
+constexpr int64_t kCachePerCore = int64_t{8} << 20;
+
 inline int64_t last_level_cache_bytes() {
+  int64_t bytes = int64_t{8} << 20;
   if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
     long kib = 0;
     const int n = std::fscanf(f, "%ldK", &kib);
     std::fclose(f);
-    if (n == 1 && kib > 0) return static_cast<int64_t>(kib) << 10;
+    if (n == 1 && kib > 0) bytes = static_cast<int64_t>(kib) << 10;
+  } else if (const long v = sysconf(_SC_LEVEL3_CACHE_SIZE); v > 0) {
+    bytes = static_cast<int64_t>(v);
   }
-  const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  return v > 0 ? static_cast<int64_t>(v) : int64_t{8} << 20;
+  const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  return cpus > 0 ? std::min(bytes, kCachePerCore * cpus) : bytes;
 }
 
 // Whether to write outputs with non-temporal stores: only when they are larger than half the
@@ -155,59 +264,117 @@ inline acc_t sum_lanes(const Vectorized<acc_t>& v) {
 }
 
 // out[k] = <v, dirs[k]> for k < NB, in one pass over v (two accumulator chains for latency).
-template <typename T, int NB>
-inline void dots_block(const T* v, const T* const* dirs, int64_t D, accumulate_t<T>* out) {
+// kSelf: dirs[NB - 1] is v itself (a Gram's diagonal), loaded once. V and Z are T (rows read
+// in place) or accumulate_t<T> (widened rows), in T's block layout either way.
+template <typename T, int NB, bool kSelf, typename V, typename Z>
+inline void dots_block(const V* v, const Z* const* dirs, int64_t D, accumulate_t<T>* out) {
   using B = Block<T>;
   using AVec = typename B::AVec;
-  AVec acc0[NB][B::kSub], acc1[NB][B::kSub];
-  for (int k = 0; k < NB; ++k)
-    for (int s = 0; s < B::kSub; ++s) acc0[k][s] = acc1[k][s] = AVec(0);
-  int64_t d = 0;
-  AVec vv[B::kSub], zz[B::kSub];
-  for (; d + 2 * B::kSize <= D; d += 2 * B::kSize) {
+  using acc_t = accumulate_t<T>;
+  constexpr int S = B::kSub;
+  const Z* z[NB];
+  AVec acc0[NB][S], acc1[NB][S];
+  static_for<NB>([&](auto k) {
+    z[k] = dirs[k];
+    static_for<S>([&](auto s) { acc0[k][s] = acc1[k][s] = AVec(0); });
+  });
+  const auto accumulate = [&](int64_t d, AVec(&acc)[NB][S]) {
+    AVec vv[S];
     B::load(v + d, vv);
-    for (int k = 0; k < NB; ++k) {
-      B::load(dirs[k] + d, zz);
-      for (int s = 0; s < B::kSub; ++s) acc0[k][s] = at::vec::fmadd(vv[s], zz[s], acc0[k][s]);
-    }
-    B::load(v + d + B::kSize, vv);
-    for (int k = 0; k < NB; ++k) {
-      B::load(dirs[k] + d + B::kSize, zz);
-      for (int s = 0; s < B::kSub; ++s) acc1[k][s] = at::vec::fmadd(vv[s], zz[s], acc1[k][s]);
-    }
+    static_for<NB>([&](auto k) {
+      if constexpr (kSelf && decltype(k)::value == NB - 1) {
+        static_for<S>([&](auto s) { acc[k][s] = at::vec::fmadd(vv[s], vv[s], acc[k][s]); });
+      } else {
+        AVec zz[S];
+        B::load(z[k] + d, zz);
+        static_for<S>([&](auto s) { acc[k][s] = at::vec::fmadd(vv[s], zz[s], acc[k][s]); });
+      }
+    });
+  };
+  int64_t d = 0;
+  for (; d + 2 * B::kSize <= D; d += 2 * B::kSize) {
+    accumulate(d, acc0);
+    accumulate(d + B::kSize, acc1);
   }
   if (d + B::kSize <= D) {
-    B::load(v + d, vv);
-    for (int k = 0; k < NB; ++k) {
-      B::load(dirs[k] + d, zz);
-      for (int s = 0; s < B::kSub; ++s) acc0[k][s] = at::vec::fmadd(vv[s], zz[s], acc0[k][s]);
-    }
+    accumulate(d, acc0);
     d += B::kSize;
   }
-  for (int k = 0; k < NB; ++k) {
+  static_for<NB>([&](auto k) {
     AVec total = acc0[k][0] + acc1[k][0];
-    for (int s = 1; s < B::kSub; ++s) total = total + acc0[k][s] + acc1[k][s];
-    accumulate_t<T> r = sum_lanes(total);
-    for (int64_t t = d; t < D; ++t)
-      r += static_cast<accumulate_t<T>>(v[t]) * static_cast<accumulate_t<T>>(dirs[k][t]);
+    static_for<S - 1>([&](auto s) { total = total + acc0[k][s + 1] + acc1[k][s + 1]; });
+    acc_t r = sum_lanes(total);
+    for (int64_t t = d; t < D; ++t) r += static_cast<acc_t>(v[t]) * static_cast<acc_t>(z[k][t]);
     out[k] = r;
+  });
+}
+
+// dots_block over n directions, at most four per pass; the last pass takes the rest.
+template <typename T, bool kSelf, typename V, typename Z>
+inline void dots_blocks(const V* v, const Z* const* dirs, int n, int64_t D, accumulate_t<T>* out) {
+  int k = 0;
+  for (; n - k > 4; k += 4) dots_block<T, 4, false>(v, dirs + k, D, out + k);
+  switch (n - k) {
+    case 4: dots_block<T, 4, kSelf>(v, dirs + k, D, out + k); break;
+    case 3: dots_block<T, 3, kSelf>(v, dirs + k, D, out + k); break;
+    case 2: dots_block<T, 2, kSelf>(v, dirs + k, D, out + k); break;
+    case 1: dots_block<T, 1, kSelf>(v, dirs + k, D, out + k); break;
+    default: break;
   }
 }
 
-// out[k] = <v, dirs[k]> for k < n, directions taken four at a time.
-template <typename T>
-inline void dots(const T* v, const T* const* dirs, int n, int64_t D, accumulate_t<T>* out) {
-  int k = 0;
-  for (; k + 4 <= n; k += 4) dots_block<T, 4>(v, dirs + k, D, out + k);
-  for (; k + 2 <= n; k += 2) dots_block<T, 2>(v, dirs + k, D, out + k);
-  if (k < n) dots_block<T, 1>(v, dirs + k, D, out + k);
+// out[k] = <v, dirs[k]> for k < n.
+template <typename T, typename V, typename Z>
+inline void dots(const V* v, const Z* const* dirs, int n, int64_t D, accumulate_t<T>* out) {
+  dots_blocks<T, false>(v, dirs, n, D, out);
 }
 
-// y = x - sum_k w[k] dirs[k]
-template <typename T>
-inline void subtract_combination(const T* x, const T* const* dirs, const accumulate_t<T>* w,
-                                 int K, int64_t D, T* y, const NextRow<T>& next, bool stream) {
-  using B = Block<T>;
+// y = x - sum_k w[k] dirs[k], for K = NK directions (coefficients and pointers in registers).
+template <typename T, bool kHw, int NK, typename Z>
+inline void subtract_fixed(const T* x, const Z* const* dirs, const accumulate_t<T>* w, int64_t D, T* y,
+                           const NextRow<T>& next, bool stream) {
+  using B = Block<T, kHw>;
+  using AVec = typename B::AVec;
+  using acc_t = accumulate_t<T>;
+  constexpr int S = B::kSub;
+  const Z* z[NK];
+  AVec neg_w[NK];
+  static_for<NK>([&](auto k) {
+    z[k] = dirs[k];
+    neg_w[k] = AVec(-w[k]);
+  });
+  int64_t d = 0;
+  for (; d + B::kSize <= D; d += B::kSize) {
+    next.prefetch(d);
+    AVec a[S];
+    B::load(x + d, a);
+    static_for<NK>([&](auto k) {
+      AVec zz[S];
+      B::load(z[k] + d, zz);
+      static_for<S>([&](auto s) { a[s] = at::vec::fmadd(neg_w[k], zz[s], a[s]); });
+    });
+    B::store_to(y + d, a, stream);
+  }
+  for (; d < D; ++d) {
+    acc_t r = static_cast<acc_t>(x[d]);
+    for (int k = 0; k < NK; ++k) r = std::fma(-w[k], static_cast<acc_t>(z[k][d]), r);
+    y[d] = static_cast<T>(r);
+  }
+}
+
+// y = x - sum_k w[k] dirs[k], any K.
+template <typename T, bool kHw, typename Z>
+inline void subtract_combination(const T* x, const Z* const* dirs, const accumulate_t<T>* w, int K, int64_t D,
+                                 T* y, const NextRow<T>& next, bool stream) {
+  switch (K) {
+    case 1: return subtract_fixed<T, kHw, 1>(x, dirs, w, D, y, next, stream);
+    case 2: return subtract_fixed<T, kHw, 2>(x, dirs, w, D, y, next, stream);
+    case 3: return subtract_fixed<T, kHw, 3>(x, dirs, w, D, y, next, stream);
+    case 4: return subtract_fixed<T, kHw, 4>(x, dirs, w, D, y, next, stream);
+    default: break;
+  }
+  static_assert(kMaxFixedK == 4, "subtract_combination dispatches K = 1 .. kMaxFixedK");
+  using B = Block<T, kHw>;
   using AVec = typename B::AVec;
   using acc_t = accumulate_t<T>;
   int64_t d = 0;
@@ -229,15 +396,81 @@ inline void subtract_combination(const T* x, const T* const* dirs, const accumul
   }
 }
 
-// The K x K Cholesky factor of Z Z^T + eps I, into `chol` (row-major, upper part zero).
-template <typename T>
-inline void factor_gram(const T* const* dirs, int K, int64_t D, accumulate_t<T> eps,
-                        accumulate_t<T>* chol) {
+// The K x K Cholesky factor of Z Z^T + eps I in pivot order, into `chol` (row-major, upper part
+// zero), and its order (row_math.h's cholesky_inplace). Row a of the Gram is one pass over z_a
+// per four directions, z_a itself loaded once.
+template <typename T, typename Z>
+inline void factor_gram(const Z* const* dirs, int K, int64_t D, accumulate_t<T> eps,
+                        accumulate_t<T>* chol, int* order) {
   for (int a = 0; a < K; ++a) {
-    dots(dirs[a], dirs, a + 1, D, chol + a * K);
+    dots_blocks<T, true>(dirs[a], dirs, a + 1, D, chol + a * K);
     chol[a * K + a] += eps;
   }
-  cholesky_inplace(chol, K, eps);
+  cholesky_inplace(chol, K, eps, order);
+}
+
+template <typename A>
+inline bool all_finite(const A* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(v[i])) return false;
+  return true;
+}
+
+// A z row's directions divided by a power of two (row_math.h's direction_scale), for the rows
+// whose factor or solution overflows unscaled. The slow path: a copy of the K x D directions,
+// made at most once per work item; the fast path never touches it.
+template <typename T, typename Z>
+struct ScaledDirections {
+  using acc_t = accumulate_t<T>;
+  std::vector<Z> data;
+  std::vector<const Z*> dirs;
+
+  // The largest |z| entry of the directions.
+  static acc_t largest(const Z* const* dirs, int K, int64_t D) {
+    acc_t amax = 0;
+    for (int k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t v = std::abs(static_cast<acc_t>(dirs[k][d]));
+        amax = v > amax || v != v ? v : amax;  // a NaN is kept: no scale then
+      }
+    return amax;
+  }
+  // dirs / m (exact: a power of two, within the range of Z for bfloat16, float and double; half
+  // never gets here, its |z|^2 cannot overflow float).
+  void assign(const Z* const* src, int K, int64_t D, acc_t inv_m) {
+    data.resize(static_cast<size_t>(K) * D);
+    dirs.resize(K);
+    for (int k = 0; k < K; ++k) {
+      Z* out = data.data() + k * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<Z>(static_cast<acc_t>(src[k][d]) * inv_m);
+      dirs[k] = out;
+    }
+  }
+};
+
+// The forward's scaled path for a work item: its directions divided by direction_scale's m
+// (into `scaled`) and factored again, into L and order. Out of line, as is backward_scale: the
+// rare path's code stays out of the row loops, whose dot products the compiler then inlines
+// (with it inline, the forward was ~30% slower at K = 4 in the DEFAULT build).
+template <typename T, typename Z>
+C10_NOINLINE DirectionScale<accumulate_t<T>> forward_scale(const Z* const* dirs, int K, int64_t D,
+                                                            accumulate_t<T> eps, ScaledDirections<T, Z>& scaled,
+                                                            accumulate_t<T>* L, int* order) {
+  const DirectionScale<accumulate_t<T>> sc = direction_scale(ScaledDirections<T, Z>::largest(dirs, K, D), D, eps);
+  scaled.assign(dirs, K, D, sc.inv_m);
+  factor_gram<T>(scaled.dirs.data(), K, D, sc.eps, L, order);
+  return sc;
+}
+
+// The backward's scaled path: the directions divided by normalizing_scale's m (into `scaled`)
+// and the factor L (K x K) by m; returns 1 / m.
+template <typename T, typename Z>
+C10_NOINLINE accumulate_t<T> backward_scale(const Z* const* dirs, int K, int64_t D, ScaledDirections<T, Z>& scaled,
+                                            accumulate_t<T>* L) {
+  const accumulate_t<T> inv_m = normalizing_scale(ScaledDirections<T, Z>::largest(dirs, K, D)).inv_m;
+  scaled.assign(dirs, K, D, inv_m);
+  for (int i = 0; i < K * K; ++i) L[i] *= inv_m;
+  return inv_m;
 }
 
 // Items per z row: enough for any thread count we meet (>= 64 items in all), each with enough
@@ -293,7 +526,17 @@ inline NextRow<T> next_row_streams(const RowGrid& grid, const RowCursor& cursor,
   return next;
 }
 
-template <typename T>
+// Runs body(Z{}), where Z is the type the kernels read directions as: the widened float rows
+// (WidenedDirections) for 16-bit T where a z row fits them, else T itself.
+template <typename T, typename Body>
+inline void with_direction_type(int K, int64_t D, Body&& body) {
+  if constexpr (WidenedDirections<T>::kWidens) {
+    if (WidenedDirections<T>::fits(K, D)) return body(accumulate_t<T>{});
+  }
+  body(T{});
+}
+
+template <typename T, bool kHw>
 void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, double eps,
                     at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
   using acc_t = accumulate_t<T>;
@@ -310,103 +553,93 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
   const acc_t e = static_cast<acc_t>(eps);
   const bool stream = use_streaming_stores<T>(y_data, D, y.numel() * static_cast<int64_t>(sizeof(T)));
 
-  at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
-    std::vector<const T*> dirs(K);
-    std::vector<acc_t> L(static_cast<size_t>(K) * K), c(K), w(K);
-    const T* streams[kMaxPrefetchedDirections + 2];
-    const RowCursor cursor{grid, chunks, end};
-    for (int64_t item = begin; item < end; ++item) {
-      const ItemRows r = item_rows(grid, chunks, item);
-      const RowOffsets go = decode_offsets(grid.group, r.group);
-      for (int k = 0; k < K; ++k) dirs[k] = z_data + go.z + k * grid.z_dir_stride;
-      factor_gram(dirs.data(), K, D, e, L.data());
-      if (r.begin == 0) std::copy(L.begin(), L.end(), chol_data + r.group * K * K);
-      for (int64_t j = r.begin; j < r.end; ++j) {
-        const RowOffsets so = decode_offsets(grid.shared, j);
-        const T* xr = x_data + go.x + so.x;
-        const int64_t row = go.row + so.row;
-        dots(xr, dirs.data(), K, D, c.data());
-        cholesky_solve_inplace(L.data(), K, c.data());
-        for (int k = 0; k < K; ++k) {
-          coeff_data[row * K + k] = c[k];
-          w[k] = s * c[k];
+  with_direction_type<T>(K, D, [&](auto z_type) {
+    using Z = decltype(z_type);
+    at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
+      std::vector<const T*> z_rows(K);
+      WidenedDirections<T> widened;
+      std::vector<acc_t> L(static_cast<size_t>(K) * K), c(K), w(K), work(K);
+      std::vector<int> order(K);
+      ScaledDirections<T, Z> scaled_dirs;
+      const T* streams[kMaxPrefetchedDirections + 2];
+      const RowCursor cursor{grid, chunks, end};
+      for (int64_t item = begin; item < end; ++item) {
+        const ItemRows r = item_rows(grid, chunks, item);
+        const RowOffsets go = decode_offsets(grid.group, r.group);
+        for (int k = 0; k < K; ++k) z_rows[k] = z_data + go.z + k * grid.z_dir_stride;
+        const Z* const* dirs;
+        if constexpr (std::is_same_v<Z, T>) {
+          dirs = z_rows.data();
+        } else {
+          dirs = widened.assign(z_rows.data(), K, D);
         }
-        const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, nullptr, z_data, streams);
-        subtract_combination(xr, dirs.data(), w.data(), K, D, y_data + row * D, next, stream);
+        factor_gram<T>(dirs, K, D, e, L.data(), order.data());
+        // Where the factor overflowed (|z|^2 beyond the accumulate type) or, below, a row's
+        // solution did (z.x), that row and the rest of the item work with Z / m, eps / m^2
+        // (row_math.h): c = c' / m, and the factor returned is m L'.
+        bool scaled = false;
+        acc_t m = 1, inv_m = 1;
+        const auto scale_item = [&] {
+          const DirectionScale<acc_t> sc = forward_scale<T>(dirs, K, D, e, scaled_dirs, L.data(), order.data());
+          scaled = true;
+          m = sc.m;
+          inv_m = sc.inv_m;
+        };
+        if (!all_finite(L.data(), static_cast<int64_t>(K) * K)) scale_item();
+        if (r.begin == 0) {
+          acc_t* chol_out = chol_data + r.group * K * K;
+          factor_rows_by_direction(L.data(), order.data(), K, chol_out);
+          if (scaled)
+            for (int i = 0; i < K * K; ++i) chol_out[i] *= m;
+        }
+        for (int64_t j = r.begin; j < r.end; ++j) {
+          const RowOffsets so = decode_offsets(grid.shared, j);
+          const T* xr = x_data + go.x + so.x;
+          const int64_t row = go.row + so.row;
+          dots<T>(xr, scaled ? scaled_dirs.dirs.data() : dirs, K, D, c.data());
+          pivoted_solve_inplace(L.data(), order.data(), K, c.data(), work.data());
+          if (!scaled && !all_finite(c.data(), K)) {
+            scale_item();
+            --j;  // the row again, scaled
+            continue;
+          }
+          for (int k = 0; k < K; ++k) {
+            const acc_t ck = scaled ? c[k] * inv_m : c[k];
+            coeff_data[row * K + k] = ck;
+            w[k] = s * ck;
+          }
+          const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, nullptr, z_data, streams);
+          subtract_combination<T, kHw>(xr, dirs, w.data(), K, D, y_data + row * D, next, stream);
+        }
       }
-    }
-    if (stream) fence_streaming_stores();
+      if (stream) fence_streaming_stores();
+    });
   });
 }
 
-// One row of the backward, second pass: dx = g - s q, the row's <g, p>, and its dz terms
-// c (g - q)^T + u (x - p)^T, either written scaled by -s (dz_out, a z row of its own) or
-// added to the float partial dz_acc (a z row shared by several x rows).
-template <typename T>
-inline accumulate_t<T> backward_row(const T* g, const T* x, const T* const* dirs,
-                                    const accumulate_t<T>* c, const accumulate_t<T>* u,
-                                    int K, int64_t D, accumulate_t<T> s, T* dx,
-                                    T* dz_out, int64_t dz_dir_stride,
-                                    accumulate_t<T>* dz_acc, const NextRow<T>& next,
-                                    bool stream) {
-  using B = Block<T>;
-  using AVec = typename B::AVec;
+// The elements of a backward row from d on (past its last whole block), one at a time, any K;
+// returns gdotp plus their <g, p>. The same operations as a vector lane of backward_row_k,
+// each multiply-add an explicit fused one (std::fma), so that no element depends on which
+// products the compiler chooses to contract.
+template <typename T, typename Z>
+inline accumulate_t<T> backward_row_tail(int64_t d, const T* g, const T* x, const Z* const* dirs,
+                                         const accumulate_t<T>* c, const accumulate_t<T>* u, int K, int64_t D,
+                                         accumulate_t<T> s, T* dx, T* dz_out, int64_t dz_dir_stride,
+                                         accumulate_t<T>* dz_acc, accumulate_t<T> gdotp) {
   using acc_t = accumulate_t<T>;
-  constexpr int S = B::kSub;
-  const AVec neg_s(-s);
-  AVec gdotp_acc(0);
-  int64_t d = 0;
-  AVec gg[S], xx[S], zz[S], p[S], q[S], g_minus_q[S], x_minus_p[S], out[S];
-  for (; d + B::kSize <= D; d += B::kSize) {
-    next.prefetch(d);
-    B::load(g + d, gg);
-    B::load(x + d, xx);
-    for (int t = 0; t < S; ++t) p[t] = q[t] = AVec(0);
-    for (int k = 0; k < K; ++k) {
-      const AVec ck(c[k]), uk(u[k]);
-      B::load(dirs[k] + d, zz);
-      for (int t = 0; t < S; ++t) {
-        p[t] = at::vec::fmadd(ck, zz[t], p[t]);
-        q[t] = at::vec::fmadd(uk, zz[t], q[t]);
-      }
-    }
-    for (int t = 0; t < S; ++t) {
-      out[t] = at::vec::fmadd(neg_s, q[t], gg[t]);
-      gdotp_acc = at::vec::fmadd(gg[t], p[t], gdotp_acc);
-      g_minus_q[t] = gg[t] - q[t];
-      x_minus_p[t] = xx[t] - p[t];
-    }
-    B::store_to(dx + d, out, stream);
-    if (dz_out != nullptr || dz_acc != nullptr) {
-      for (int k = 0; k < K; ++k) {
-        const AVec ck(c[k]), uk(u[k]);
-        for (int t = 0; t < S; ++t) out[t] = at::vec::fmadd(ck, g_minus_q[t], uk * x_minus_p[t]);
-        if (dz_out != nullptr) {
-          for (int t = 0; t < S; ++t) out[t] = neg_s * out[t];
-          B::store_to(dz_out + k * dz_dir_stride + d, out, stream);
-        } else {
-          acc_t* a = dz_acc + k * D + d;
-          for (int t = 0; t < S; ++t) {
-            const int64_t o = t * AVec::size();
-            (AVec::loadu(a + o) + out[t]).store(a + o);
-          }
-        }
-      }
-    }
-  }
-  acc_t gdotp = sum_lanes(gdotp_acc);
   for (; d < D; ++d) {
     acc_t pv = 0, qv = 0;
     for (int k = 0; k < K; ++k) {
       const acc_t zv = static_cast<acc_t>(dirs[k][d]);
-      pv += c[k] * zv;
-      qv += u[k] * zv;
+      pv = std::fma(c[k], zv, pv);
+      qv = std::fma(u[k], zv, qv);
     }
     const acc_t gv = static_cast<acc_t>(g[d]), xv = static_cast<acc_t>(x[d]);
-    dx[d] = static_cast<T>(gv - s * qv);
-    gdotp += gv * pv;
+    dx[d] = static_cast<T>(std::fma(-s, qv, gv));
+    gdotp = std::fma(gv, pv, gdotp);
+    const acc_t g_minus_q = gv - qv, x_minus_p = xv - pv;
     for (int k = 0; k < K; ++k) {
-      const acc_t term = c[k] * (gv - qv) + u[k] * (xv - pv);
+      const acc_t term = std::fma(c[k], g_minus_q, u[k] * x_minus_p);
       if (dz_out != nullptr) dz_out[k * dz_dir_stride + d] = static_cast<T>(-s * term);
       else if (dz_acc != nullptr) dz_acc[k * D + d] += term;
     }
@@ -414,7 +647,95 @@ inline accumulate_t<T> backward_row(const T* g, const T* x, const T* const* dirs
   return gdotp;
 }
 
-template <typename T>
+// One row of the backward, second pass, for K = NK directions (NK = 0: K at run time): dx =
+// g - s q, the row's <g, p>, and its dz terms c (g - q)^T + u (x - p)^T, either written scaled
+// by -s (dz_out, a z row of its own) or added to the float partial dz_acc (a z row shared by
+// several x rows).
+template <typename T, bool kHw, int NK, typename Z>
+inline accumulate_t<T> backward_row_k(const T* g, const T* x, const Z* const* dirs, const accumulate_t<T>* c,
+                                      const accumulate_t<T>* u, int K, int64_t D, accumulate_t<T> s, T* dx,
+                                      T* dz_out, int64_t dz_dir_stride, accumulate_t<T>* dz_acc,
+                                      const NextRow<T>& next, bool stream) {
+  using B = Block<T, kHw>;
+  using AVec = typename B::AVec;
+  using acc_t = accumulate_t<T>;
+  constexpr int S = B::kSub;
+  constexpr int kRegs = NK > 0 ? NK : 1;  // NK = 0: the coefficients are broadcast in the loop
+  const AVec neg_s(-s);
+  AVec gdotp_acc(0);
+  const Z* z[kRegs];
+  AVec cv[kRegs], uv[kRegs];
+  if constexpr (NK > 0) {
+    static_for<NK>([&](auto k) {
+      z[k] = dirs[k];
+      cv[k] = AVec(c[k]);
+      uv[k] = AVec(u[k]);
+    });
+  }
+  // Runs f(k, c_k, u_k, z_k) for every direction, in order.
+  const auto for_each_direction = [&](auto&& f) {
+    if constexpr (NK > 0) {
+      static_for<NK>([&](auto k) { f(k, cv[k], uv[k], z[k]); });
+    } else {
+      for (int k = 0; k < K; ++k) f(k, AVec(c[k]), AVec(u[k]), dirs[k]);
+    }
+  };
+  int64_t d = 0;
+  AVec gg[S], xx[S], p[S], q[S], g_minus_q[S], x_minus_p[S], out[S];
+  for (; d + B::kSize <= D; d += B::kSize) {
+    next.prefetch(d);
+    B::load(g + d, gg);
+    B::load(x + d, xx);
+    for (int t = 0; t < S; ++t) p[t] = q[t] = AVec(0);
+    for_each_direction([&](auto, const AVec& ck, const AVec& uk, const Z* zk) {
+      AVec zz[S];
+      B::load(zk + d, zz);
+      for (int t = 0; t < S; ++t) {
+        p[t] = at::vec::fmadd(ck, zz[t], p[t]);
+        q[t] = at::vec::fmadd(uk, zz[t], q[t]);
+      }
+    });
+    for (int t = 0; t < S; ++t) {
+      out[t] = at::vec::fmadd(neg_s, q[t], gg[t]);
+      gdotp_acc = at::vec::fmadd(gg[t], p[t], gdotp_acc);
+      g_minus_q[t] = gg[t] - q[t];
+      x_minus_p[t] = xx[t] - p[t];
+    }
+    B::store_to(dx + d, out, stream);
+    if (dz_out != nullptr) {
+      for_each_direction([&](auto k, const AVec& ck, const AVec& uk, const Z*) {
+        for (int t = 0; t < S; ++t) out[t] = neg_s * at::vec::fmadd(ck, g_minus_q[t], uk * x_minus_p[t]);
+        B::store_to(dz_out + k * dz_dir_stride + d, out, stream);
+      });
+    } else if (dz_acc != nullptr) {
+      for_each_direction([&](auto k, const AVec& ck, const AVec& uk, const Z*) {
+        acc_t* a = dz_acc + k * D + d;
+        for (int t = 0; t < S; ++t) {
+          const int64_t o = t * AVec::size();
+          (AVec::loadu(a + o) + at::vec::fmadd(ck, g_minus_q[t], uk * x_minus_p[t])).store(a + o);
+        }
+      });
+    }
+  }
+  return backward_row_tail(d, g, x, dirs, c, u, K, D, s, dx, dz_out, dz_dir_stride, dz_acc, sum_lanes(gdotp_acc));
+}
+
+template <typename T, bool kHw, typename Z>
+inline accumulate_t<T> backward_row(const T* g, const T* x, const Z* const* dirs, const accumulate_t<T>* c,
+                                    const accumulate_t<T>* u, int K, int64_t D, accumulate_t<T> s, T* dx,
+                                    T* dz_out, int64_t dz_dir_stride, accumulate_t<T>* dz_acc,
+                                    const NextRow<T>& next, bool stream) {
+  static_assert(kMaxFixedK == 4, "backward_row dispatches K = 1 .. kMaxFixedK");
+  switch (K) {
+    case 1: return backward_row_k<T, kHw, 1>(g, x, dirs, c, u, K, D, s, dx, dz_out, dz_dir_stride, dz_acc, next, stream);
+    case 2: return backward_row_k<T, kHw, 2>(g, x, dirs, c, u, K, D, s, dx, dz_out, dz_dir_stride, dz_acc, next, stream);
+    case 3: return backward_row_k<T, kHw, 3>(g, x, dirs, c, u, K, D, s, dx, dz_out, dz_dir_stride, dz_acc, next, stream);
+    case 4: return backward_row_k<T, kHw, 4>(g, x, dirs, c, u, K, D, s, dx, dz_out, dz_dir_stride, dz_acc, next, stream);
+    default: return backward_row_k<T, kHw, 0>(g, x, dirs, c, u, K, D, s, dx, dz_out, dz_dir_stride, dz_acc, next, stream);
+  }
+}
+
+template <typename T, bool kHw>
 void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z,
                      double strength, const at::Tensor& coeff, const at::Tensor& chol,
                      at::Tensor& dx, at::Tensor* dz, at::Tensor& ds) {
@@ -447,33 +768,59 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
     dz_part_data = dz_part.mutable_data_ptr<acc_t>();
   }
 
-  at::parallel_for(0, items, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
-    std::vector<const T*> dirs(K);
-    std::vector<acc_t> u(K);
-    const T* streams[kMaxPrefetchedDirections + 2];
-    const RowCursor cursor{grid, chunks, end};
-    for (int64_t item = begin; item < end; ++item) {
-      const ItemRows r = item_rows(grid, chunks, item);
-      const RowOffsets go = decode_offsets(grid.group, r.group);
-      for (int k = 0; k < K; ++k) dirs[k] = z_data + go.z + k * grid.z_dir_stride;
-      const acc_t* L = chol_data + r.group * K * K;
-      acc_t* acc_dz = partial_dz ? dz_part_data + item * K * D : nullptr;
-      acc_t gdotp_sum = 0;
-      for (int64_t j = r.begin; j < r.end; ++j) {
-        const RowOffsets so = decode_offsets(grid.shared, j);
-        const T* gr = g_data + go.g + so.g;
-        const T* xr = x_data + go.x + so.x;
-        const int64_t row = go.row + so.row;
-        dots(gr, dirs.data(), K, D, u.data());
-        cholesky_solve_inplace(L, K, u.data());
-        T* dz_row = direct_dz ? dz_data + r.group * K * D : nullptr;
-        const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, g_data, z_data, streams);
-        gdotp_sum += backward_row<T>(gr, xr, dirs.data(), coeff_data + row * K, u.data(), K, D, s,
-                                     dx_data + row * D, dz_row, D, acc_dz, next, stream);
+  with_direction_type<T>(K, D, [&](auto z_type) {
+    using Z = decltype(z_type);
+    at::parallel_for(0, items, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
+      std::vector<const T*> z_rows(K);
+      WidenedDirections<T> widened;
+      std::vector<acc_t> u(K), L(static_cast<size_t>(K) * K), work(K);
+      std::vector<int> order(K);
+      ScaledDirections<T, Z> scaled_dirs;
+      const T* streams[kMaxPrefetchedDirections + 2];
+      const RowCursor cursor{grid, chunks, end};
+      for (int64_t item = begin; item < end; ++item) {
+        const ItemRows r = item_rows(grid, chunks, item);
+        const RowOffsets go = decode_offsets(grid.group, r.group);
+        for (int k = 0; k < K; ++k) z_rows[k] = z_data + go.z + k * grid.z_dir_stride;
+        const Z* const* dirs;
+        if constexpr (std::is_same_v<Z, T>) {
+          dirs = z_rows.data();
+        } else {
+          dirs = widened.assign(z_rows.data(), K, D);
+        }
+        const acc_t* chol_m = chol_data + r.group * K * K;
+        factor_order(chol_m, K, order.data());
+        factor_in_pivot_order(chol_m, order.data(), K, L.data());
+        // Where a row's Z g overflows, that row and the rest of the item solve with Z / m and
+        // L / m (m a power of two bringing the largest |z| entry to [1, 2)): u = u' / m.
+        bool scaled = false;
+        acc_t inv_m = 1;
+        acc_t* acc_dz = partial_dz ? dz_part_data + item * K * D : nullptr;
+        acc_t gdotp_sum = 0;
+        for (int64_t j = r.begin; j < r.end; ++j) {
+          const RowOffsets so = decode_offsets(grid.shared, j);
+          const T* gr = g_data + go.g + so.g;
+          const T* xr = x_data + go.x + so.x;
+          const int64_t row = go.row + so.row;
+          dots<T>(gr, scaled ? scaled_dirs.dirs.data() : dirs, K, D, u.data());
+          pivoted_solve_inplace(L.data(), order.data(), K, u.data(), work.data());
+          if (!scaled && !all_finite(u.data(), K)) {
+            inv_m = backward_scale<T>(dirs, K, D, scaled_dirs, L.data());
+            scaled = true;
+            --j;  // the row again, scaled
+            continue;
+          }
+          if (scaled)
+            for (int k = 0; k < K; ++k) u[k] *= inv_m;
+          T* dz_row = direct_dz ? dz_data + r.group * K * D : nullptr;
+          const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, g_data, z_data, streams);
+          gdotp_sum += backward_row<T, kHw>(gr, xr, dirs, coeff_data + row * K, u.data(), K, D, s,
+                                            dx_data + row * D, dz_row, D, acc_dz, next, stream);
+        }
+        gdotp_part[item] = gdotp_sum;
       }
-      gdotp_part[item] = gdotp_sum;
-    }
-    if (stream) fence_streaming_stores();
+      if (stream) fence_streaming_stores();
+    });
   });
 
   if (partial_dz) {
@@ -502,6 +849,18 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   ds.fill_(-gdotp_total);
 }
 
+// Runs run(std::bool_constant<kHw>{}) with kHw true where 16-bit outputs of type T round with the
+// CPU's bfloat16 conversion (bf16_hardware_conversion()), else false.
+template <typename T, typename Run>
+inline void with_bf16_conversion(Run&& run) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_hardware_conversion()) return run(std::true_type{});
+  }
+#endif
+  run(std::false_type{});
+}
+
 at::Tensor cached_output(at::IntArrayRef sizes, at::ScalarType dtype, const at::Tensor&) {
   return empty_cpu_output(sizes, dtype);
 }
@@ -519,7 +878,9 @@ void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& st
   forward_in_row_grid(x, z, y, coeff, chol, [&](const at::Tensor& xr, const at::Tensor& zr, at::Tensor& yr,
                                                 at::Tensor& coeffr, at::Tensor& cholr) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_forward_cpu", [&] {
-      forward_kernel<scalar_t>(xr, zr, s, eps, yr, coeffr, cholr);
+      with_bf16_conversion<scalar_t>([&](auto hw) {
+        forward_kernel<scalar_t, decltype(hw)::value>(xr, zr, s, eps, yr, coeffr, cholr);
+      });
     });
   });
 }
@@ -532,7 +893,10 @@ void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z
                        [&](const at::Tensor& gr, const at::Tensor& xr, const at::Tensor& zr, const at::Tensor& coeffr,
                            const at::Tensor& cholr, at::Tensor& dxr, at::Tensor& dzr) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_backward_cpu", [&] {
-      backward_kernel<scalar_t>(gr, xr, zr, s, coeffr, cholr, dxr, compute_grad_z ? &dzr : nullptr, ds);
+      with_bf16_conversion<scalar_t>([&](auto hw) {
+        backward_kernel<scalar_t, decltype(hw)::value>(gr, xr, zr, s, coeffr, cholr, dxr,
+                                                       compute_grad_z ? &dzr : nullptr, ds);
+      });
     });
   });
 }

@@ -55,6 +55,32 @@ inline int64_t leading_rows(const at::Tensor& x) {
 // [.., T, K, K] for the solve. dz of a shared z row, the sum over its T x rows, is one bmm
 // reduction over T (cuBLAS: a fixed order for given shapes and device, no atomics), not an
 // [N, K, D] tensor then summed.
+// Per z row, 1 / m of the power of two the directions are divided by (row_math.h), and with
+// `eps_scaled` also eps / m^2 into it ([G] each): the set's factor and solves are computed
+// scaled, exactly the unscaled ones wherever nothing over- or underflows.
+template <typename Dev>
+at::Tensor direction_scales(const at::Tensor& zg, double eps, at::Tensor* eps_scaled) {
+  const at::Tensor amax = zg.numel() == 0 ? at::zeros({zg.size(0)}, zg.options()) : zg.abs().amax({1, 2}).contiguous();
+  at::Tensor inv_m = at::empty_like(amax);
+  if (eps_scaled != nullptr) *eps_scaled = at::empty_like(amax);
+  const int64_t G = amax.size(0), D = zg.size(2);
+  AT_DISPATCH_FLOATING_TYPES(amax.scalar_type(), "direction_scales", [&] {
+    Dev::check(launch_direction_scales(amax.const_data_ptr<scalar_t>(), G, D, eps, inv_m.mutable_data_ptr<scalar_t>(),
+                                       eps_scaled ? eps_scaled->mutable_data_ptr<scalar_t>() : nullptr, Dev::stream()));
+  });
+  return inv_m.view({G, 1, 1});
+}
+
+// (L L^T)^{-1} rhs per z row for a factor L in pivot order with its order ([G, K] int64): rhs
+// [G, K, T] is permuted into pivot order and the solution back.
+// The result keeps cholesky_solve's layout (the products after it then take the same path as
+// without pivoting: bitwise the same results where the order is the identity).
+inline at::Tensor pivoted_solve(const at::Tensor& rhs, const at::Tensor& lower, const at::Tensor& order) {
+  const at::Tensor idx = order.unsqueeze(-1).expand_as(rhs);
+  const at::Tensor sol = at::cholesky_solve(rhs.gather(1, idx), lower);
+  return at::empty_like(sol).scatter_(1, idx, sol);
+}
+
 template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& z,
                                                                const at::Tensor& strength, double eps) {
@@ -66,16 +92,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor&
   const GroupedRows r = group_rows(x, z);
   const at::Tensor xg = to_grouped(x, r, acc), zg = z_grouped(z, r, acc);  // [G, T, D], [G, K, D]
   const int64_t K = z.size(-2);
-  at::Tensor L = (at::bmm(zg, zg.transpose(1, 2)) + eps * at::eye(K, zg.options())).contiguous();
-  const cudaStream_t stream = Dev::stream();
-  Dev::check(acc == at::kDouble
-                 ? launch_factor_grams_f64(L.mutable_data_ptr<double>(), r.G, static_cast<int>(K), eps, stream)
-                 : launch_factor_grams_f32(L.mutable_data_ptr<float>(), r.G, static_cast<int>(K), eps, stream));
-  const at::Tensor c = at::cholesky_solve(at::bmm(zg, xg.transpose(1, 2)), L).transpose(1, 2);  // [G, T, K]
+  // Every z row scaled (like the reference): G = Z Z^T cannot overflow, nor can Z x where x's
+  // norm is representable.
+  at::Tensor eps_s;
+  const at::Tensor inv_m = direction_scales<Dev>(zg, eps, &eps_s);
+  const at::Tensor zs = zg * inv_m;
+  at::Tensor L = (at::bmm(zs, zs.transpose(1, 2)) + eps_s.view({r.G, 1, 1}) * at::eye(K, zg.options())).contiguous();
+  at::Tensor order = at::empty({r.G, K}, zg.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(acc, "factor_grams", [&] {
+    Dev::check(launch_factor_grams(L.mutable_data_ptr<scalar_t>(), order.mutable_data_ptr<int>(), r.G,
+                                   static_cast<int>(K), eps_s.const_data_ptr<scalar_t>(), Dev::stream()));
+  });
+  const at::Tensor idx = order.to(at::kLong);
+  // c = c' / m: y and the backward work with the unscaled z
+  const at::Tensor c = (pivoted_solve(at::bmm(zs, xg.transpose(1, 2)), L, idx) * inv_m).transpose(1, 2);  // [G, T, K]
   const at::Tensor y = xg - strength * at::bmm(c, zg);
+  // The factor in direction rows (row_math.h's factor_rows_by_direction), of the unscaled G: m L'.
+  const at::Tensor chol = at::zeros_like(L).scatter_(1, idx.unsqueeze(-1).expand_as(L), L) / inv_m;
   std::vector<int64_t> chol_shape = z.sizes().vec();
   chol_shape.back() = K;
-  return {from_grouped(y, x, r, x.scalar_type()), from_grouped(c, x, r, acc), L.reshape(chol_shape)};
+  return {from_grouped(y, x, r, x.scalar_type()), from_grouped(c, x, r, acc), chol.reshape(chol_shape)};
 }
 
 template <typename Dev>
@@ -89,7 +125,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor
   const int64_t K = z.size(-2);
   const at::Tensor xg = to_grouped(x, r, acc), gg = to_grouped(g, r, acc), zg = z_grouped(z, r, acc);
   const at::Tensor cg = to_grouped(coeff, r, acc);                                    // [G, T, K]
-  const at::Tensor u = at::cholesky_solve(at::bmm(zg, gg.transpose(1, 2)), chol.reshape({r.G, K, K}));  // [G, K, T]
+  // u = G^{-1} Z g with Z / m and the factor / m (m brings the largest |z| entry to [1, 2)):
+  // Z g cannot overflow where g's norm is representable. The factor is in direction rows.
+  const at::Tensor inv_m = direction_scales<Dev>(zg, 0.0, nullptr);
+  const at::Tensor chol_g = chol.reshape({r.G, K, K}).contiguous();
+  at::Tensor order = at::empty({r.G, K}, zg.options().dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(acc, "factor_orders", [&] {
+    Dev::check(launch_factor_orders(chol_g.const_data_ptr<scalar_t>(), order.mutable_data_ptr<int>(), r.G,
+                                    static_cast<int>(K), Dev::stream()));
+  });
+  const at::Tensor idx = order.to(at::kLong);
+  const at::Tensor lower = chol_g.gather(1, idx.unsqueeze(-1).expand_as(chol_g)) * inv_m;  // pivot order
+  const at::Tensor u = pivoted_solve(at::bmm(zg * inv_m, gg.transpose(1, 2)), lower, idx) * inv_m;  // [G, K, T]
   const at::Tensor p = at::bmm(cg, zg);                                               // [G, T, D]
   const at::Tensor q = at::bmm(u.transpose(1, 2), zg);
   at::Tensor dx = from_grouped(gg - strength * q, x, r, x.scalar_type());

@@ -129,6 +129,11 @@ __host__ __device__ constexpr int vectors_per_thread(int KB) { return KB == 1 ? 
 __host__ __device__ constexpr int pow2_ceil(int n) { return n <= 1 ? 1 : 2 * pow2_ceil((n + 1) / 2); }
 __host__ __device__ constexpr int log2_exact(int n) { return n <= 1 ? 0 : 1 + log2_exact(n / 2); }
 __host__ __device__ constexpr int round_up32(int n) { return (n + 31) / 32 * 32; }
+// Blocks per SM the fused kernels are compiled for (__launch_bounds__): two (at most 128
+// registers a thread) for up to 4 directions, where the cached tile is small and the kernels
+// fit that without spilling (unbounded, the scaled path's code takes some past 128, which
+// halves their occupancy); one beyond.
+__host__ __device__ constexpr int min_blocks(int KB) { return KB <= 4 ? 2 : 1; }
 // Entries reduced together (accumulators live at once): 8 for the Gram at K = 16 keeps the
 // forward within the register file; a reduce-scatter costs ~1 shuffle per entry either way.
 __host__ __device__ constexpr int group_entries(int KB, bool gram) { return KB >= 16 ? (gram ? 8 : 16) : 32; }
@@ -205,14 +210,20 @@ struct TeamSmem {
   static constexpr int kEntries = KB * (KB + 1) / 2 + KB;  // Gram lower triangle + one solve rhs
   static constexpr int kStride = round_up32(kEntries);     // per warp
   __host__ __device__ static constexpr int elems(int warps) {
-    return warps * kStride + KB * KB + 2 * KB + warps;
+    return warps * kStride + KB * KB + 3 * KB + warps + 4;
   }
   // offsets
   __device__ static constexpr int wacc(int warp) { return warp * kStride; }
-  __device__ static constexpr int chol(int warps) { return warps * kStride; }
+  __device__ static constexpr int chol(int warps) { return warps * kStride; }  // the factor in pivot order
   __device__ static constexpr int vec_c(int warps) { return warps * kStride + KB * KB; }
   __device__ static constexpr int vec_u(int warps) { return warps * kStride + KB * KB + KB; }
-  __device__ static constexpr int wsum(int warps) { return warps * kStride + KB * KB + 2 * KB; }
+  // the direction factored at each step (pivot order), as small integers in the accumulate type
+  __device__ static constexpr int order(int warps) { return warps * kStride + KB * KB + 2 * KB; }
+  __device__ static constexpr int wsum(int warps) { return warps * kStride + KB * KB + 3 * KB; }
+  // one flag for the team (the scaled path)
+  __device__ static constexpr int flag(int warps) { return warps * kStride + KB * KB + 3 * KB + warps; }
+  // the scaled path's 1 / m, m and eps / m^2 (kept here, not in registers, by the fused kernels)
+  __device__ static constexpr int scale(int warps) { return warps * kStride + KB * KB + 3 * KB + warps + 1; }
 };
 
 // What both fused kernels derive from their launch: the team and its slice of shared memory,
@@ -358,34 +369,123 @@ __device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors
   }
 }
 
-// Warp-lane-parallel Cholesky factor of G (lane i < KB holds row i in g[]), in the operation
-// order of cholesky_inplace (row_math.h) with its pivot rule (dependent directions dropped,
-// rel = 4 K u for the real K; padded rows have G_jj = eps, so their pivot is sqrt(eps)) and its
-// clamp of each entry to sqrt(G_ii - sum_{p<j} L_ip^2), which a lane keeps as a running value
-// in the same order. On return lane i holds row i of L (upper part zero).
+// Pass 1 on one tile: the Gram entries (when `gram`) and Z v into this warp's slots.
+template <typename T, int KB>
+__device__ __forceinline__ void accumulate_tile(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
+                                                const Pack<T> (&vr)[vectors_per_thread(KB)],
+                                                accumulate_t<T>* wacc, bool first_tile, int lane, bool gram) {
+  if (gram)
+    accumulate_group<T, KB, true, 0>(zr, vr, wacc, first_tile, lane);
+  else
+    accumulate_group<T, KB, false, 0>(zr, vr, wacc, first_tile, lane);
+}
+
+// Z / m in place in the cached tile (m a power of two: exact for float, double and bfloat16,
+// whose exponent range is float's; half never takes the scaled path, nothing it holds
+// overflowing float). The padding rows and columns stay zero.
+template <typename T, int KB>
+__device__ __forceinline__ void scale_tile(Pack<T> (&zr)[KB][vectors_per_thread(KB)], accumulate_t<T> inv_m) {
+  constexpr int V = vectors_per_thread(KB);
+  constexpr int W = Pack<T>::W;
+#pragma unroll
+  for (int k = 0; k < KB; ++k)
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      Pack<T> out;
+      zero_pack(out);
+#pragma unroll
+      for (int w = 0; w < W; ++w) pack_set_bits(out, w, to_bits<T>(pack_get(zr[k][v], w) * inv_m));
+      zr[k][v] = out;
+    }
+}
+
+// The larger of a and b, a NaN winning (the largest |z| entry is NaN where any is).
+template <typename A>
+__device__ __forceinline__ A max_or_nan(A a, A b) {
+  return (b > a || b != b) ? b : a;
+}
+
+template <typename A>
+__device__ __forceinline__ bool is_finite(A v) {
+  return v - v == A(0);
+}
+
+// Warp-lane-parallel Cholesky factor of G, in the operation order of cholesky_inplace
+// (row_math.h): its lazy pivoting (the remaining direction of lowest index unless its remaining
+// pivot is below pivot_fraction of its G_jj, then the largest such fraction, ties to the lowest
+// index; padded directions, which are orthogonal to all, only after the real ones), its pivot
+// rule (dependent directions dropped, rel = 4 K u for the real K; padded rows have G_jj = eps, so
+// their pivot is sqrt(eps)) and its clamp of each entry to sqrt(G_ii - sum_{p<j} L_ip^2), which a
+// lane keeps as a running value in the same order. `gsm`: G's lower triangle (row a, column
+// b <= a at a (a + 1) / 2 + b), KB x KB. Lane i < KB gets direction i's row of the factor
+// (column t: step t) in m[] and the step it was factored at in `step`; order_sm[t] (written by
+// lane 0) is the direction factored at step t.
 template <typename A, int KB>
-__device__ __forceinline__ void warp_cholesky(A (&g)[KB], A eps, int K, int lane) {
+__device__ __forceinline__ void warp_cholesky(const A* gsm, A eps, int K, int lane, A (&m)[KB], int& step,
+                                              A* order_sm) {
+  // Few registers live across the steps (the caller's cached tile is live too): G_ii is read
+  // from gsm where needed, whether this lane is done from the (uniform) mask.
   const A rel = A(4) * A(K) * unit_roundoff<A>();
-  A rem = A(0);  // this lane's G_ii, then G_ii - sum_{p<j} L_ip^2
+  const int diag = lane < KB ? lane * (lane + 1) / 2 + lane : 0;
+  A rem = lane < KB ? gsm[diag] : A(0);  // G_ii - sum_{p<j} L_ip^2: this lane's pivot if taken next
+  unsigned done_mask = 0u;  // the directions factored so far (the same on every lane)
 #pragma unroll
-  for (int p = 0; p < KB; ++p) rem = p == lane ? g[p] : rem;
+  for (int t = 0; t < KB; ++t) m[t] = A(0);
 #pragma unroll
-  for (int j = 0; j < KB; ++j) {
-    const A gjj = __shfl_sync(kFull, g[j], j);
-    A v = g[j];
+  for (int t = 0; t < KB; ++t) {
+    int natural = -1;  // the remaining direction of lowest index, the real ones first
 #pragma unroll
-    for (int p = 0; p < j; ++p) v -= g[p] * __shfl_sync(kFull, g[p], j);
-    const A d = __shfl_sync(kFull, v, j);
-    const A relf = rel * gjj;
-    const bool dropped = d != d || (relf > eps && d <= relf);
-    const A r = dropped ? sqrt(gjj) / unit_roundoff<A>() : sqrt(d > eps ? d : eps);
+    for (int q = KB - 1; q >= 0; --q)
+      if (!((done_mask >> q) & 1u)) natural = q;
+#pragma unroll
+    for (int q = KB - 1; q >= 0; --q)
+      if (q < K && !((done_mask >> q) & 1u)) natural = q;
+    const bool done = lane >= KB || ((done_mask >> lane) & 1u);
+    int p = natural;
+    const A key = (!done && lane < K) ? pivot_key(rem, gsm[diag]) : -FloatLimits<A>::largest;
+    if (natural < K && !(__shfl_sync(kFull, key, natural) >= pivot_fraction<A>())) {
+      A best = key;  // butterfly all-reduce of the largest (key, -lane): every lane gets the pivot
+      int best_lane = lane;
+#pragma unroll
+      for (int off = 16; off >= 1; off >>= 1) {
+        const A other = __shfl_xor_sync(kFull, best, off);
+        const int other_lane = __shfl_xor_sync(kFull, best_lane, off);
+        if (other > best || (other == best && other_lane < best_lane)) {
+          best = other;
+          best_lane = other_lane;
+        }
+      }
+      p = best_lane;
+    }
+    done_mask |= 1u << p;
+    const A gjj = gsm[p * (p + 1) / 2 + p];
+    const A d = __shfl_sync(kFull, rem, p);
+    const A r = pivot_root(d, gjj, eps, rel);
     const A inv = A(1) / r;
+    A v = lane < KB ? (lane >= p ? gsm[lane * (lane + 1) / 2 + p] : gsm[p * (p + 1) / 2 + lane]) : A(0);
+#pragma unroll
+    for (int q = 0; q < t; ++q) v -= m[q] * __shfl_sync(kFull, m[q], p);
     const A bound = sqrt(rem > A(0) ? rem : A(0));
     const A l = v * inv;
     const A lc = l < -bound ? -bound : (l > bound ? bound : l);
-    g[j] = lane == j ? r : (lane > j ? lc : A(0));
-    if (lane > j) rem -= lc * lc;
+    if (lane == p) {
+      m[t] = r;
+    } else if (!done) {
+      m[t] = lc;
+      rem -= lc * lc;
+    }
+    if (lane == 0) order_sm[t] = A(p);
   }
+  __syncwarp();
+  step = lane;
+  for (int t = 0; t < KB; ++t)
+    if (static_cast<int>(order_sm[t]) == lane) step = t;
+}
+
+// The direction factored at step t (TeamSmem::order).
+template <typename A>
+__device__ __forceinline__ int order_at(const A* order_sm, int t) {
+  return static_cast<int>(order_sm[t]);
 }
 
 // Size of the solves: the padded bucket KB (a compile-time size: fully unrolled, b[] in
@@ -398,36 +498,53 @@ __device__ __forceinline__ int solve_size(int K) {
 }
 
 // Warp 0 of a team: sums the warps' entries (fixed order), factors G (when `factor`, into the
-// team's chol slot and, when `chol_out`, to global memory), and solves for the rhs entries.
-// Returns the solution in b[] (on every lane of warp 0).
+// team's chol slot in pivot order with the order beside it and, when `chol_out`, to global
+// memory in direction rows), and solves for the rhs entries. Returns the solution on every lane
+// of warp 0 in pivot order: b[t] belongs to direction order_at(t).
+//
+// Returns whether the factor (when `factor`) and the solution are finite (the same on every
+// lane); chol_out gets the factor times chol_scale (m, where the scaled path factors Z / m).
 template <typename A, int KB>
-__device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool factor, A eps,
-                                           A* __restrict__ chol_out, int K, A (&b)[KB]) {
+__device__ __forceinline__ bool team_solve(A* sm, int warps, int lane, bool factor, A eps,
+                                           A* __restrict__ chol_out, A chol_scale, int K, A (&b)[KB]) {
   using S = TeamSmem<KB>;
   constexpr int NT = KB * (KB + 1) / 2;
   A* Ls = sm + S::chol(warps);
+  A* order_sm = sm + S::order(warps);
   const int ks = solve_size<KB>(K);
+  bool finite = true;
   if (factor) {
-    A g[KB];
+    // G's lower triangle summed over the warps, each lane its own row, into warp 0's slots.
+    if (lane < KB) {
 #pragma unroll
-    for (int p = 0; p < KB; ++p) {
-      A t = A(0);
-      if (lane < KB && p <= lane) {
-        const int e = lane * (lane + 1) / 2 + p;
-        for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + e];
-        if (p == lane) t += eps;
+      for (int p = 0; p < KB; ++p) {
+        if (p <= lane) {
+          const int e = lane * (lane + 1) / 2 + p;
+          A t = A(0);
+          for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + e];
+          if (p == lane) t += eps;
+          sm[S::wacc(0) + e] = t;
+        }
       }
-      g[p] = t;
     }
-    warp_cholesky<A, KB>(g, eps, K, lane);
+    __syncwarp();
+    A m[KB];
+    int step;
+    warp_cholesky<A, KB>(sm + S::wacc(0), eps, K, lane, m, step, order_sm);
+    int bad = 0;
+#pragma unroll
+    for (int q = 0; q < KB; ++q) bad |= is_finite(m[q]) ? 0 : 1;
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) bad |= __shfl_xor_sync(kFull, bad, off);
+    finite = bad == 0;
     if (lane < ks) {
 #pragma unroll
-      for (int p = 0; p < KB; ++p)
-        if (p < ks) Ls[lane * ks + p] = g[p];
+      for (int q = 0; q < KB; ++q)
+        if (q < ks) Ls[step * ks + q] = m[q];
       if (chol_out != nullptr && lane < K) {
 #pragma unroll
-        for (int p = 0; p < KB; ++p)
-          if (p < K) chol_out[lane * K + p] = g[p];
+        for (int q = 0; q < KB; ++q)
+          if (q < K) chol_out[lane * K + q] = m[q] * chol_scale;
       }
     }
     __syncwarp();
@@ -435,17 +552,50 @@ __device__ __forceinline__ void team_solve(A* sm, int warps, int lane, bool fact
   const int rhs = factor ? NT : 0;
 #pragma unroll
   for (int k = 0; k < KB; ++k) {
+    const int dir = order_at(order_sm, k);
     A t = A(0);
-    for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + rhs + k];
+    for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + rhs + dir];
     b[k] = t;
   }
   cholesky_solve_inplace<A>(Ls, ks, b);
+#pragma unroll
+  for (int k = 0; k < KB; ++k) finite = finite && is_finite(b[k]);
+  return finite;
+}
+
+// The largest |z| entry of the item's K directions over the team (for direction_scale): this
+// thread's columns, one 16-byte vector at a time (the cached tile is left alone, and few
+// registers are live), then the warp's, then the warps' in order.
+template <typename T, int KB>
+__device__ __forceinline__ accumulate_t<T> team_amax(const TeamTiles<T, KB>& tiles, const T* zbase,
+                                                     int64_t z_dir_stride, int K) {
+  using A = accumulate_t<T>;
+  using S = TeamSmem<KB>;
+  constexpr int W = Pack<T>::W;
+  A amax = A(0);
+  for (int t = 0; t < tiles.ntiles; ++t)
+    for (int k = 0; k < K; ++k)
+      for (int v = 0; v < TeamTiles<T, KB>::V; ++v) {
+        Pack<T> p;
+        load_pack(p, zbase + k * z_dir_stride, tiles.col(tiles.col0(t), v), tiles.D, tiles.vec);
+#pragma unroll
+        for (int w = 0; w < W; ++w) amax = max_or_nan(amax, static_cast<A>(fabs(pack_get(p, w))));
+      }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) amax = max_or_nan(amax, __shfl_xor_sync(kFull, amax, off));
+  A* wsum = tiles.sm + S::wsum(tiles.team.warps);
+  if (tiles.team.lane == 0) wsum[tiles.team.warp] = amax;
+  tiles.team.sync();
+  A total = A(0);
+  for (int w = 0; w < tiles.team.warps; ++w) total = max_or_nan(total, wsum[w]);
+  tiles.team.sync();  // wsum is written again later in the item
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------
 // Forward: y = x - s Z^T c, c = G^{-1} Z x; coeff = c; chol = L (written once per z row).
 template <typename T, int KB>
-__global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_constant__ ForwardParams p, int team_size,
+__global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(const __grid_constant__ ForwardParams p, int team_size,
                                                                 int64_t items) {
   using A = accumulate_t<T>;
   using S = TeamSmem<KB>;
@@ -462,7 +612,6 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
   T* __restrict__ y_data = static_cast<T*>(p.y);
   A* __restrict__ coeff_data = static_cast<A*>(p.coeff);
   A* __restrict__ chol_data = static_cast<A*>(p.chol);
-  const A s = *static_cast<const A*>(p.strength);
   const A eps = static_cast<A>(p.eps);
   const int ntiles = tiles.ntiles;
 
@@ -471,44 +620,71 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
     const ItemRows r = item_rows(grid, p.chunks, item);
     const RowOffsets go = decode_offsets(grid.group, r.group);
     const T* zbase = z_data + go.z;
+    // The scaled path (row_math.h's direction_scale): where the factor or a row's solution
+    // comes out non-finite (|z|^2 or z.x overflowed), the row is done again, and the rest of the
+    // item too, with Z / m and eps / m^2 (z scaled as it enters the sums): c = c' / m, and the
+    // factor returned is m L'. The row loop steps back to redo the row through the same pass 1
+    // and solve (a second copy of them, or an inner loop around them, made the K = 16 kernels
+    // spill); 1 / m, m and eps / m^2 stay in shared memory (TeamSmem::scale). `rescaled`: this
+    // row is the one redone, so it factors again whichever row it is.
+    bool scaled = false, rescaled = false;
+    A* const scale_sm = sm + S::scale(team.warps);
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
       const RowOffsets so = decode_offsets(grid.shared, j);
       const T* xrow = x_data + go.x + so.x;
       const int64_t row = go.row + so.row;
-
-      // Pass 1: Gram (first row of the item) and Z x.
+      const bool gram = first || rescaled;
+      rescaled = false;
+      // Pass 1: Gram (first row of the item, or the row redone scaled) and Z x.
       for (int t = 0; t < ntiles; ++t) {
-        tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, tiles.col0(t), first || ntiles > 1);
-        A* wacc = sm + S::wacc(team.warp);
-        if (first)
-          accumulate_group<T, KB, true, 0>(zr, xr, wacc, t == 0, team.lane);
-        else
-          accumulate_group<T, KB, false, 0>(zr, xr, wacc, t == 0, team.lane);
+        tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, tiles.col0(t), first || ntiles > 1 || scaled);
+        if (scaled) scale_tile<T, KB>(zr, scale_sm[0]);
+        accumulate_tile<T, KB>(zr, xr, sm + S::wacc(team.warp), t == 0, team.lane, gram);
       }
       team.sync();
+      // Warp 0: factor and solve; lane 0 writes c by direction and whether to rescale.
       if (team.warp == 0) {
         A b[KB];
         A* chol_out = (first && r.begin == 0) ? chol_data + r.group * K * K : nullptr;
-        team_solve<A, KB>(sm, team.warps, team.lane, first, eps, chol_out, K, b);
+        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, gram, scaled ? scale_sm[2] : eps, chol_out,
+                                          scaled ? scale_sm[1] : A(1), K, b);
         if (team.lane == 0) {
+          const A inv_m = scaled ? scale_sm[0] : A(1);
 #pragma unroll
           for (int k = 0; k < KB; ++k) {
-            sm[S::vec_c(team.warps) + k] = b[k];
-            if (k < K) coeff_data[row * K + k] = b[k];
+            const int dir = order_at(sm + S::order(team.warps), k);
+            const A c = b[k] * inv_m;
+            sm[S::vec_c(team.warps) + dir] = c;
+            if (dir < K) coeff_data[row * K + dir] = c;
           }
+          sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);
         }
       }
       team.sync();
+      if (sm[S::flag(team.warps)] != A(0)) {
+        const DirectionScale<A> sc =
+            direction_scale(team_amax<T, KB>(tiles, zbase, grid.z_dir_stride, K), D, eps);
+        if (team.tid == 0) {
+          scale_sm[0] = sc.inv_m;
+          scale_sm[1] = sc.m;
+          scale_sm[2] = sc.eps;
+        }
+        team.sync();
+        scaled = rescaled = true;
+        --j;  // the row again, scaled
+        continue;
+      }
+      const A s = *static_cast<const A*>(p.strength);  // read here: not held across pass 1 and the solve
       A w[KB];
 #pragma unroll
       for (int k = 0; k < KB; ++k) w[k] = s * sm[S::vec_c(team.warps) + k];
 
-      // Pass 2, last tile first (it is in registers).
+      // Pass 2, last tile first (it is in registers, scaled where the scaled path ran: loaded again).
       T* yrow = y_data + row * D;
       for (int t = ntiles - 1; t >= 0; --t) {
         const int64_t col0 = tiles.col0(t);
-        if (t != ntiles - 1) tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, col0, true);
+        if (t != ntiles - 1 || scaled) tiles.load(zr, xr, zbase, grid.z_dir_stride, K, xrow, col0, true);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           Pack<T> out;
@@ -533,7 +709,7 @@ __global__ void __launch_bounds__(kBlock, 1) purify_forward_kernel(const __grid_
 // (written directly for a z row of its own, else summed per item into dz_partial);
 // gdotp_partial[item] = sum over the item's rows of <g, p>.
 template <typename T, int KB>
-__global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid_constant__ BackwardParams p, int team_size,
+__global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_backward_kernel(const __grid_constant__ BackwardParams p, int team_size,
                                                                  int64_t items) {
   using A = accumulate_t<T>;
   using S = TeamSmem<KB>;
@@ -566,15 +742,39 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
     const RowOffsets go = decode_offsets(grid.group, r.group);
     const T* zbase = z_data + go.z;
     A* Ls = sm + S::chol(team.warps);
+    A* order_sm = sm + S::order(team.warps);
     const int ks = solve_size<KB>(K);
-    if (team.warp == 0 && team.lane < ks) {
-      const A* L = chol_data + r.group * K * K;
+    if (team.warp == 0) {
+      // The factor in direction rows (row_math.h's factor_order): direction i was factored at
+      // the step of its row's last nonzero entry; its row goes to that row of Ls (pivot order).
+      // The order starts as the identity, so any chol gives valid indices.
+      if (team.lane < KB) order_sm[team.lane] = A(team.lane);
+      __syncwarp();
+      if (team.lane < ks) {
+        const A* L = chol_data + r.group * K * K;
+        int step = team.lane;
+        if (team.lane < K) {
+          step = 0;
+          for (int q = K - 1; q > 0; --q)
+            if (L[team.lane * K + q] != A(0)) {
+              step = q;
+              break;
+            }
+        }
 #pragma unroll
-      for (int q = 0; q < KB; ++q)
-        if (q < ks)
-          Ls[team.lane * ks + q] =
-              (team.lane < K && q < K) ? L[team.lane * K + q] : (team.lane == q ? A(1) : A(0));
+        for (int q = 0; q < KB; ++q)
+          if (q < ks)
+            Ls[step * ks + q] = (team.lane < K && q < K) ? (q <= step ? L[team.lane * K + q] : A(0))
+                                                         : (team.lane == q ? A(1) : A(0));
+        order_sm[step] = A(team.lane);
+      }
     }
+    // The scaled path: where a row's Z g overflows, the row is done again (the row loop steps
+    // back, as in the forward), and the rest of the item too, with Z / m and the factor / m (m
+    // bringing the largest |z| entry to [1, 2), row_math.h's normalizing_scale; 1 / m in
+    // TeamSmem::scale): u = u' / m.
+    bool scaled = false;
+    A* const scale_sm = sm + S::scale(team.warps);
     A gdotp_acc = A(0);
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
@@ -582,25 +782,38 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
       const T* grow = g_data + go.g + so.g;
       const T* xrow = x_data + go.x + so.x;
       const int64_t row = go.row + so.row;
-
       // Pass 1: Z g.
       for (int t = 0; t < ntiles; ++t) {
-        tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), first || ntiles > 1);
-        accumulate_group<T, KB, false, 0>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane);
+        tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), first || ntiles > 1 || scaled);
+        if (scaled) scale_tile<T, KB>(zr, scale_sm[0]);
+        accumulate_tile<T, KB>(zr, gr, sm + S::wacc(team.warp), t == 0, team.lane, false);
       }
       team.sync();  // also publishes Ls (written before the first row)
+      // Warp 0 solves; lane 0 writes u and c by direction and whether to rescale.
       if (team.warp == 0) {
         A b[KB];
-        team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, K, b);
+        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, A(1), K, b);
         if (team.lane == 0) {
+          const A inv_m = scaled ? scale_sm[0] : A(1);
 #pragma unroll
           for (int k = 0; k < KB; ++k) {
-            sm[S::vec_u(team.warps) + k] = b[k];
+            sm[S::vec_u(team.warps) + order_at(order_sm, k)] = b[k] * inv_m;
             sm[S::vec_c(team.warps) + k] = k < K ? coeff_data[row * K + k] : A(0);
           }
+          sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);
         }
       }
       team.sync();
+      if (sm[S::flag(team.warps)] != A(0)) {
+        const A inv_m = normalizing_scale(team_amax<T, KB>(tiles, zbase, grid.z_dir_stride, K)).inv_m;
+        if (team.tid == 0) scale_sm[0] = inv_m;
+        if (team.warp == 0 && team.lane < ks)
+          for (int q = 0; q < ks; ++q) Ls[team.lane * ks + q] *= inv_m;
+        team.sync();
+        scaled = true;
+        --j;  // the row again, scaled
+        continue;
+      }
       A c[KB], u[KB];
 #pragma unroll
       for (int k = 0; k < KB; ++k) {
@@ -608,11 +821,11 @@ __global__ void __launch_bounds__(kBlock, 1) purify_backward_kernel(const __grid
         u[k] = sm[S::vec_u(team.warps) + k];
       }
 
-      // Pass 2, last tile first.
+      // Pass 2, last tile first (in registers, scaled where the scaled path ran: loaded again).
       T* dxrow = dx_data + row * D;
       for (int t = ntiles - 1; t >= 0; --t) {
         const int64_t col0 = tiles.col0(t);
-        if (t != ntiles - 1) tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, col0, true);
+        if (t != ntiles - 1 || scaled) tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, col0, true);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           const int64_t col = tiles.col(col0, v);

@@ -55,10 +55,40 @@ PURIFY_DECLARE_LAUNCHERS(f32)
 PURIFY_DECLARE_LAUNCHERS(f64)
 #undef PURIFY_DECLARE_LAUNCHERS
 
-// In place: `count` contiguous K x K Gram matrices (float32 or float64) become their Cholesky
-// factors, by row_math's cholesky_inplace (the K > kMaxCudaFusedK path).
-cudaError_t launch_factor_grams_f32(float* gram, int64_t count, int K, double eps, cudaStream_t stream);
-cudaError_t launch_factor_grams_f64(double* gram, int64_t count, int K, double eps, cudaStream_t stream);
+// The per-matrix steps of the K > kMaxCudaFusedK path (purify_factor_grams.cu), float32 or
+// float64, by row_math.h's code:
+//  - direction_scales: per direction set, from its largest |z| entry, 1 / m and eps / m^2
+//    (direction_scale); with eps_scaled null, 1 / m alone (normalizing_scale, the backward's);
+//  - factor_grams: in place, `count` contiguous K x K Gram matrices G + eps[i] I become their
+//    Cholesky factors in pivot order, with order[i * K + t] the direction of step t
+//    (cholesky_inplace);
+//  - factor_orders: the order of factors in direction rows, as the ops return them (factor_order).
+#define PURIFY_DECLARE_GRAM_LAUNCHERS(NAME, A)                                                                  \
+  cudaError_t launch_direction_scales_##NAME(const A* amax, int64_t count, int64_t D, double eps, A* inv_m,     \
+                                             A* eps_scaled, cudaStream_t stream);                                \
+  cudaError_t launch_factor_grams_##NAME(A* gram, int* order, int64_t count, int K, const A* eps,               \
+                                         cudaStream_t stream);                                                   \
+  cudaError_t launch_factor_orders_##NAME(const A* chol, int* order, int64_t count, int K, cudaStream_t stream);
+PURIFY_DECLARE_GRAM_LAUNCHERS(f32, float)
+PURIFY_DECLARE_GRAM_LAUNCHERS(f64, double)
+#undef PURIFY_DECLARE_GRAM_LAUNCHERS
+
+// The same, overloaded on the accumulate type.
+#define PURIFY_GRAM_OVERLOADS(NAME, A)                                                                          \
+  inline cudaError_t launch_direction_scales(const A* amax, int64_t count, int64_t D, double eps, A* inv_m,     \
+                                             A* eps_scaled, cudaStream_t stream) {                               \
+    return launch_direction_scales_##NAME(amax, count, D, eps, inv_m, eps_scaled, stream);                      \
+  }                                                                                                              \
+  inline cudaError_t launch_factor_grams(A* gram, int* order, int64_t count, int K, const A* eps,               \
+                                         cudaStream_t stream) {                                                  \
+    return launch_factor_grams_##NAME(gram, order, count, K, eps, stream);                                      \
+  }                                                                                                              \
+  inline cudaError_t launch_factor_orders(const A* chol, int* order, int64_t count, int K, cudaStream_t stream) { \
+    return launch_factor_orders_##NAME(chol, order, count, K, stream);                                          \
+  }
+PURIFY_GRAM_OVERLOADS(f32, float)
+PURIFY_GRAM_OVERLOADS(f64, double)
+#undef PURIFY_GRAM_OVERLOADS
 
 // Largest K served by the fused kernels; larger K takes the ATen path of purify_cuda_ops.h.
 constexpr int kMaxCudaFusedK = 16;
