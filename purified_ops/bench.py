@@ -344,10 +344,15 @@ def measure_case(case: Case, providers: Iterable[str] = PROVIDERS, reps: int = 3
     load = (load_before, load_average())
     x, z = (t.detach().requires_grad_(True) for t in sets[0][:2])
     results = []
-    for p in runs:
-        saved = sum(saved_storages(functions[p], x, z)[1].values()) / 2**20 if p in functions else 0.0
-        peak = _peak_bytes(runs[p][0], case.device) / 2**20
-        results.append(Measurement(case, p, samples[p], saved, peak, load))
+    # The saved-tensor measurement calls the compiled formula with gradients, a graph a forward
+    # case has not compiled yet: past dynamo's default recompile limit, outside these settings,
+    # dynamo would mark the formula eager for the rest of the process (every later case's
+    # "compile" then times the eager code).
+    with compile_settings():
+        for p in runs:
+            saved = sum(saved_storages(functions[p], x, z)[1].values()) / 2**20 if p in functions else 0.0
+            peak = _peak_bytes(runs[p][0], case.device) / 2**20
+            results.append(Measurement(case, p, samples[p], saved, peak, load))
     return results
 
 
