@@ -60,14 +60,17 @@ def compile_settings():
     """torch.compile settings a benchmark needs while it compiles, restored on exit (no global
     side effects): a sweep compiles one graph per shape (dynamic=False), and past dynamo's default
     recompile limit of 8 it would silently run the eager code instead; the "backward" mode replays
-    one graph (retain_graph=True), which donated buffers forbid (they save memory, not time).
-    Compiling happens in a provider's warm-up (prepare_runs), so only that runs under it."""
+    one graph (retain_graph=True), which donated buffers forbid (they save memory, not time);
+    and AOTAutograd's on-disk cache is not read, since its key leaves out that setting and it
+    hands back a graph compiled elsewhere with donated buffers. Compiling happens in a
+    provider's warm-up (prepare_runs) and measure_case's saved-tensor and peak measurements,
+    so only those run under it."""
     import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
 
     with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, 1024),
                              accumulated_recompile_limit=max(dynamo_config.accumulated_recompile_limit, 4096)), \
-            functorch_config.patch(donated_buffer=False):
+            functorch_config.patch(donated_buffer=False, enable_autograd_cache=False):
         yield
 
 
