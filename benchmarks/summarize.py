@@ -102,8 +102,9 @@ def main(argv=None):
         print("\n".join(lines))
         print(f"\nGoals met: {sum(ok for _, ok in goals)} of {len(goals)}.")
         return
+    device = args.device or newest_device(rows)
+    rows = [r for r in rows if r["device_name"] == device]  # one machine's rows: the CSV keeps every machine's
     fp32 = [r for r in rows if r["dtype"] == "float32"]
-    device = fp32[0]["device_name"] if fp32 else rows[0]["device_name"]
     print(f"Machine: {device}; torch {rows[0]['torch']}; purified_ops {rows[0]['purified_ops']}.\n")
     print("| target (float32) | fused end-to-end: x eager / x compile | fused kernel only: x eager / x compile | goal |")
     print("| --- | --- | --- | --- |")

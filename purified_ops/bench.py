@@ -60,14 +60,17 @@ def compile_settings():
     """torch.compile settings a benchmark needs while it compiles, restored on exit (no global
     side effects): a sweep compiles one graph per shape (dynamic=False), and past dynamo's default
     recompile limit of 8 it would silently run the eager code instead; the "backward" mode replays
-    one graph (retain_graph=True), which donated buffers forbid (they save memory, not time).
-    Compiling happens in a provider's warm-up (prepare_runs), so only that runs under it."""
+    one graph (retain_graph=True), which donated buffers forbid (they save memory, not time);
+    and AOTAutograd's on-disk cache is not read, since its key leaves out that setting and it
+    hands back a graph compiled elsewhere with donated buffers. Compiling happens in a
+    provider's warm-up (prepare_runs) and measure_case's saved-tensor and peak measurements,
+    so only those run under it."""
     import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
 
     with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, 1024),
                              accumulated_recompile_limit=max(dynamo_config.accumulated_recompile_limit, 4096)), \
-            functorch_config.patch(donated_buffer=False):
+            functorch_config.patch(donated_buffer=False, enable_autograd_cache=False):
         yield
 
 
@@ -344,10 +347,15 @@ def measure_case(case: Case, providers: Iterable[str] = PROVIDERS, reps: int = 3
     load = (load_before, load_average())
     x, z = (t.detach().requires_grad_(True) for t in sets[0][:2])
     results = []
-    for p in runs:
-        saved = sum(saved_storages(functions[p], x, z)[1].values()) / 2**20 if p in functions else 0.0
-        peak = _peak_bytes(runs[p][0], case.device) / 2**20
-        results.append(Measurement(case, p, samples[p], saved, peak, load))
+    # The saved-tensor measurement calls the compiled formula with gradients, a graph a forward
+    # case has not compiled yet: past dynamo's default recompile limit, outside these settings,
+    # dynamo would mark the formula eager for the rest of the process (every later case's
+    # "compile" then times the eager code).
+    with compile_settings():
+        for p in runs:
+            saved = sum(saved_storages(functions[p], x, z)[1].values()) / 2**20 if p in functions else 0.0
+            peak = _peak_bytes(runs[p][0], case.device) / 2**20
+            results.append(Measurement(case, p, samples[p], saved, peak, load))
     return results
 
 

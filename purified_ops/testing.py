@@ -465,6 +465,22 @@ def _rank_deficient_case(backend: Backend, k, d, dtype):
                err <= tol, where)
 
 
+def _worst_y_row(backend: Backend, dtype, x, z, ref, bound):
+    """y of the raw ops (and of `purify` where the backend is public) against `ref` per row
+    relative to |x|: (the worst error / bound, where, that error, its bound)."""
+    s = _strength(dtype, backend.device)
+    outputs = [("y, raw ops", backend.forward(x, z, s, EPS)[0])]
+    if backend.public:
+        outputs.append(("y, purify", purify(x, z, strength=STRENGTH, eps=EPS, backend=backend.name)))
+    worst = []
+    for where, y in outputs:
+        err = row_err(y, ref, x)
+        ratio = torch.nan_to_num(err / bound, nan=math.inf)
+        i = int(ratio.argmax())
+        worst.append((ratio[i].item(), f"{where}, row {i}", err[i].item(), bound[i].item()))
+    return max(worst)
+
+
 def _dependent_case(backend: Backend, dtype):
     """Nearly dependent directions (K = 4 < D, G ill-conditioned): the output's per-row error
     relative to |x| against the bound that grows with cond(G)."""
@@ -475,17 +491,7 @@ def _dependent_case(backend: Backend, dtype):
     x, z = x.to(backend.device, dtype), z.to(backend.device, dtype)
     ref = truth(x, z, STRENGTH, EPS)
     bound = conditioned_row_bound(dtype, gram_condition(x, z, EPS), STRENGTH)
-    s = _strength(dtype, backend.device)
-    outputs = [("y, raw ops", backend.forward(x, z, s, EPS)[0])]
-    if backend.public:
-        outputs.append(("y, purify", purify(x, z, strength=STRENGTH, eps=EPS, backend=backend.name)))
-    worst = []
-    for where, y in outputs:
-        err = row_err(y, ref, x)
-        ratio = torch.nan_to_num(err / bound, nan=math.inf)
-        i = int(ratio.argmax())
-        worst.append((ratio[i].item(), where, err[i].item(), bound[i].item()))
-    ratio, where, err, tol = max(worst)
+    ratio, where, err, tol = _worst_y_row(backend, dtype, x, z, ref, bound)
     return Row(backend.name, "K=4 D=1000 nearly dependent z, y per row / |x|", _dtype_name(dtype), err, tol,
                ratio <= 1, where)
 
@@ -590,17 +596,7 @@ def _dependent_directions_case(backend: Backend, dtype):
     x, z = x.to(backend.device, dtype), z.to(backend.device, dtype)
     ref = truth(x, z, STRENGTH, EPS)
     bound = dependent_row_bound(dtype, 16, span_condition(z, 5))
-    s = _strength(dtype, backend.device)
-    outputs = [("y, raw ops", backend.forward(x, z, s, EPS)[0])]
-    if backend.public:
-        outputs.append(("y, purify", purify(x, z, strength=STRENGTH, eps=EPS, backend=backend.name)))
-    worst = []
-    for where, y in outputs:
-        err = row_err(y, ref, x)
-        ratio = torch.nan_to_num(err / bound, nan=math.inf)
-        i = int(ratio.argmax())
-        worst.append((ratio[i].item(), f"{where}, row {i}", err[i].item(), bound[i].item()))
-    ratio, where, err, tol = max(worst)
+    ratio, where, err, tol = _worst_y_row(backend, dtype, x, z, ref, bound)
     return Row(backend.name, "K=16 D=32 rank 5 dependent z, y per row / |x|", _dtype_name(dtype), err, tol,
                ratio <= 1, where)
 

@@ -199,3 +199,24 @@ def test_step_table_checks_the_goals(tmp_path):
     plotted = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "plot.py"), "--step",
                               str(path), "--out", str(tmp_path)], capture_output=True, text=True, check=True).stdout
     assert plotted.split() == [str(tmp_path / "cpu_step.png")] and (tmp_path / "cpu_step.png").stat().st_size > 1000
+
+
+def test_measuring_a_case_never_exhausts_dynamos_recompile_limit():
+    """A forward case's saved-tensor measurement compiles the formula's gradient graph; outside
+    compile_settings, past dynamo's recompile limit, dynamo then ran the formula eagerly for the
+    rest of the sweep (a published "compile" column that timed the eager code)."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.testing import CompileCounter
+
+    def formula(x, z):  # a code object of its own: dynamo's verdict on it stays in this test
+        return bench.eager_formula(x, z)
+
+    counter = CompileCounter()
+    compiled = torch.compile(formula, backend=counter, dynamic=False)
+    with dynamo_config.patch(recompile_limit=1):
+        bench.measure_case(bench.Case("cpu", "float32", 8, 16, 2, "forward"), providers=["compile"], reps=2,
+                           warmup=1, functions={"compile": compiled}, log=lambda _: None)
+        assert counter.frame_count == 2  # the forward graph and, for the saved tensors, the gradient graph
+        with bench.compile_settings():
+            compiled(torch.randn(8, 16), torch.randn(8, 1, 16))  # a new shape compiles: not given up
+        assert counter.frame_count == 3

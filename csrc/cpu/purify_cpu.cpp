@@ -187,6 +187,17 @@ struct WidenedDirections {
     }
     return rows.data();
   }
+  // A work item's K direction rows (z_item, z_item + dir_stride, ...) as the kernels read them
+  // as Z: in place where Z is T, else widened here. `z_rows` holds K pointers.
+  template <typename Z>
+  const Z* const* directions(const T* z_item, int64_t dir_stride, int K, int64_t D, std::vector<const T*>& z_rows) {
+    for (int k = 0; k < K; ++k) z_rows[k] = z_item + k * dir_stride;
+    if constexpr (std::is_same_v<Z, T>) {
+      return z_rows.data();
+    } else {
+      return assign(z_rows.data(), K, D);
+    }
+  }
 };
 
 // The last-level cache this machine may count on: what the OS reports (a VM's share can be far
@@ -566,13 +577,7 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
       for (int64_t item = begin; item < end; ++item) {
         const ItemRows r = item_rows(grid, chunks, item);
         const RowOffsets go = decode_offsets(grid.group, r.group);
-        for (int k = 0; k < K; ++k) z_rows[k] = z_data + go.z + k * grid.z_dir_stride;
-        const Z* const* dirs;
-        if constexpr (std::is_same_v<Z, T>) {
-          dirs = z_rows.data();
-        } else {
-          dirs = widened.assign(z_rows.data(), K, D);
-        }
+        const Z* const* dirs = widened.template directions<Z>(z_data + go.z, grid.z_dir_stride, K, D, z_rows);
         factor_gram<T>(dirs, K, D, e, L.data(), order.data());
         // Where the factor overflowed (|z|^2 beyond the accumulate type) or, below, a row's
         // solution did (z.x), that row and the rest of the item work with Z / m, eps / m^2
@@ -781,13 +786,7 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
       for (int64_t item = begin; item < end; ++item) {
         const ItemRows r = item_rows(grid, chunks, item);
         const RowOffsets go = decode_offsets(grid.group, r.group);
-        for (int k = 0; k < K; ++k) z_rows[k] = z_data + go.z + k * grid.z_dir_stride;
-        const Z* const* dirs;
-        if constexpr (std::is_same_v<Z, T>) {
-          dirs = z_rows.data();
-        } else {
-          dirs = widened.assign(z_rows.data(), K, D);
-        }
+        const Z* const* dirs = widened.template directions<Z>(z_data + go.z, grid.z_dir_stride, K, D, z_rows);
         const acc_t* chol_m = chol_data + r.group * K * K;
         factor_order(chol_m, K, order.data());
         factor_in_pivot_order(chol_m, order.data(), K, L.data());
