@@ -34,6 +34,7 @@ test: install
 # subset under AddressSanitizer and UBSan, and the check that planted bugs are caught.
 CUDA_EMU_ASAN_TESTS := emulated and (broadcast_patterns or offset or vector_path and float32 or empty or large_k \
 	or inputs_are_not_written or arguments or schedules or broadcast_z_shared and 512-4- \
+	or large_directions and rows and not long and float32 or pivoting and float32 \
 	or shapes_k_buckets_and_tiles and (-7- or -1000- or -4100-) and (-1- or -4- or -16-) and (float32 or float16))
 test-cuda-emu: install
 	PURIFIED_OPS_CUDA_EMU=1 $(PY) setup.py build_ext --inplace -q

@@ -22,15 +22,18 @@ KERNELS = "csrc/cuda/purify_kernels.cuh"
 # (name, build: "1" plain or "asan", file, text, replacement, what should catch it)
 BUGS = [
     ("team sync after the solve removed", "1", KERNELS,
-     "        }\n      }\n      team.sync();\n      A w[KB];",
-     "        }\n      }\n      A w[KB];", "wrong y: threads read c before warp 0 wrote it"),
+     "            if (dir < K) coeff_data[row * K + dir] = c;\n          }\n"
+     "          sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);\n        }\n      }\n      team.sync();",
+     "            if (dir < K) coeff_data[row * K + dir] = c;\n          }\n"
+     "          sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);\n        }\n      }",
+     "wrong y: threads read c before warp 0 wrote it"),
     ("named barrier count halved", "1", "csrc/cuda/purify_kernels.cuh",
      "named_barrier_sync(id + 1, size);", "named_barrier_sync(id + 1, size / 2);",
      "warp 0 passes the barrier before the team's other warps added their sums"),
-    ("__syncwarp after the factor removed", "1", KERNELS,
-     "          if (p < K) chol_out[lane * K + p] = g[p];\n      }\n    }\n    __syncwarp();",
-     "          if (p < K) chol_out[lane * K + p] = g[p];\n      }\n    }",
-     "lanes solve with factor rows other lanes have not written yet"),
+    ("__syncwarp before the lanes read the pivot order removed", "1", KERNELS,
+     "    if (lane == 0) order_sm[t] = A(p);\n  }\n  __syncwarp();",
+     "    if (lane == 0) order_sm[t] = A(p);\n  }",
+     "pivoting test: a lane reads the previous item's pivot order (a team serving several items)"),
     ("warp butterfly one step short", "1", KERNELS,
      "for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFull, v, off);",
      "for (int off = 16; off >= 2; off >>= 1) v += __shfl_xor_sync(kFull, v, off);", "wrong ds"),
@@ -38,7 +41,7 @@ BUGS = [
      "for (int64_t c = 0; c < chunks; ++c) sum +=", "for (int64_t c = 0; c + 1 < chunks; ++c) sum +=",
      "wrong dz of a z row shared by several work items"),
     ("shuffle source outside the mask", "1", KERNELS,
-     "const A gjj = __shfl_sync(kFull, g[j], j);", "const A gjj = __shfl_sync(0x0000ffffu, g[j], j + 16);",
+     "const A d = __shfl_sync(kFull, rem, p);", "const A d = __shfl_sync(0x0000ffffu, rem, p + 16);",
      "emulation check: the mask leaves out calling lanes / the source lane"),
     ("dynamic shared memory 4 bytes short", "asan", KERNELS,
      "return sizeof(A) * (kBlock / team) * TeamSmem<KB>::elems(team / 32);",
@@ -65,7 +68,8 @@ BUGS = [
 ]
 
 TESTS = ("emulated and (broadcast_patterns or vector_path or large_k or broadcast_z_shared and float32 and 512 "
-         "or round_to_nearest "
+         "or round_to_nearest or rows_of_one_item_at_different_scales and 16 or pivoting "
+         "or large_directions and rows and not long and float32 and 4 "
          "or shapes_k_buckets_and_tiles and (1000-1- or 1000-4- or 64-16- or 4100-16-) and (float32 or float64))")
 
 

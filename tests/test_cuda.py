@@ -269,7 +269,10 @@ def test_large_directions_and_features(target, dtype, K, layout):
     if layout == "long rows" and (dtype != torch.float32 or K not in (4, 16)):
         pytest.skip("one dtype: the tile logic is dtype-independent")
     D = 4100 if layout == "long rows" else 24
-    shapes = ((2, 5, D), (2, 1, K, D)) if layout == "shared z" else ((3, D), (3, K, D))
+    # "rows": 9 items, more than a block's teams (8 teams of one warp at D = 24), so that every
+    # team's slice of shared memory, the last one's scale slots too, holds the scaled path.
+    shapes = ((2, 5, D), (2, 1, K, D)) if layout == "shared z" else ((3, D), (3, K, D)) if layout == "long rows" \
+        else ((9, D), (9, K, D))
     g = torch.Generator().manual_seed(K + D)
     x0, z0 = (torch.randn(*sh, generator=g).to(target.device, dtype) for sh in shapes)
     gy = torch.randn(*shapes[0], generator=g).to(target.device, dtype)
@@ -305,6 +308,40 @@ def test_rows_of_one_item_at_different_scales(target, K):
     assert ((dx.double().cpu() - rdx).norm(dim=-1) / gs).max() <= 1e-5
     assert rel_err(dz.cpu(), rdz) <= 1e-5
     assert sum_err(ds.cpu(), rds, gy.double().cpu() * (x.double().cpu() - ry) / 0.75) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("K", [4, 16])
+def test_pivoting_on_nearly_dependent_directions(target, dtype, K):
+    """Direction pairs 5% apart: the warp factor's lazy pivoting takes each pair's second out of
+    natural order, and in most rows the direction factored last is neither the first nor the last
+    (its lane learns its step from the order lane 0 wrote). Every row right, in the CPU factor's
+    pivot order. On the emulated backend under every schedule, also with a grid of one block:
+    its teams then serve several items each, so that a lane reading the order before lane 0
+    wrote it finds the previous item's, a finite wrong factor (the first item's NaN fill would
+    send the row down the scaled path, which factors again)."""
+    g = torch.Generator().manual_seed(K)
+    half = torch.randn(37, K // 2, 64, generator=g)
+    pairs = torch.stack([half, half + 0.05 * torch.randn(half.shape, generator=g)], dim=2)
+    x = torch.randn(37, 64, generator=g).to(target.device, dtype)
+    z = pairs.reshape(37, K, 64).to(target.device, dtype)
+    zd = z.double().cpu()
+    gram = zd @ zd.transpose(-1, -2) + 1e-4 * torch.eye(K, dtype=torch.float64)
+    order = reference.factor_order(reference.regularized_cholesky(gram, 1e-4))
+    assert ((order[:, -1] != 0) & (order[:, -1] != K - 1)).sum() >= 20  # the case this test is for
+    module = ops_layer.emulated_cuda_module() if target.emulated else None
+    runs = [(s, blocks) for s in module.schedules for blocks in (0, 1)] if module is not None else [(None, 0)]
+    try:
+        for schedule, blocks in runs:
+            if module is not None:
+                module.set_schedule(schedule, K)
+                module.set_max_grid_stride_blocks(blocks)
+            check_against_reference(x, z, ops=target.ops)
+            chol = target.ops.purify_forward(x, z, torch.tensor(0.8, dtype=dtype, device=target.device), 1e-4)[2]
+            assert torch.equal(reference.factor_order(chol.double().cpu()), order), (schedule, blocks)
+    finally:
+        if module is not None:
+            module.set_max_grid_stride_blocks(0)
 
 
 @pytest.mark.parametrize("K", [17, 24])
