@@ -58,8 +58,8 @@ def emulated_cuda_module():
     not built (``PURIFIED_OPS_CUDA_EMU=1 python setup.py build_ext --inplace``). With
     PURIFIED_OPS_CUDA_EMU=asan in the environment it is the sanitizer build
     (``purified_ops._cuda_emu_asan``, which needs libasan preloaded). Its test knobs:
-    ``set_schedule(name, seed=0)`` (the names in its ``schedules``) and
-    ``set_max_grid_stride_blocks(n)``."""
+    ``set_schedule(name, seed=0)`` (the names in its ``schedules``),
+    ``set_max_grid_stride_blocks(n)`` and ``set_shared_memory_fill(byte)``."""
     if not _EMULATED_CUDA:
         import importlib
         import os

@@ -33,7 +33,7 @@ BUGS = [
     ("__syncwarp before the lanes read the pivot order removed", "1", KERNELS,
      "    if (lane == 0) order_sm[t] = A(p);\n  }\n  __syncwarp();",
      "    if (lane == 0) order_sm[t] = A(p);\n  }",
-     "pivoting test: a lane reads the previous item's pivot order (a team serving several items)"),
+     "pivoting test: a lane reads a stale pivot order (finite shared-memory fill, or a team's previous item)"),
     ("warp butterfly one step short", "1", KERNELS,
      "for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFull, v, off);",
      "for (int off = 16; off >= 2; off >>= 1) v += __shfl_xor_sync(kFull, v, off);", "wrong ds"),

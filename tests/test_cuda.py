@@ -316,10 +316,11 @@ def test_pivoting_on_nearly_dependent_directions(target, dtype, K):
     """Direction pairs 5% apart: the warp factor's lazy pivoting takes each pair's second out of
     natural order, and in most rows the direction factored last is neither the first nor the last
     (its lane learns its step from the order lane 0 wrote). Every row right, in the CPU factor's
-    pivot order. On the emulated backend under every schedule, also with a grid of one block:
-    its teams then serve several items each, so that a lane reading the order before lane 0
-    wrote it finds the previous item's, a finite wrong factor (the first item's NaN fill would
-    send the row down the scaled path, which factors again)."""
+    pivot order. On the emulated backend under every schedule, also with shared memory starting
+    finite (as a GPU leaves it) and with a grid of one block (each team then serves several items
+    and finds the previous item's order): a lane that reads the order before lane 0 wrote it then
+    gets a finite wrong factor. (The default NaN fill would send the row down the scaled path,
+    which factors again and by then reads what was written.)"""
     g = torch.Generator().manual_seed(K)
     half = torch.randn(37, K // 2, 64, generator=g)
     pairs = torch.stack([half, half + 0.05 * torch.randn(half.shape, generator=g)], dim=2)
@@ -330,18 +331,21 @@ def test_pivoting_on_nearly_dependent_directions(target, dtype, K):
     order = reference.factor_order(reference.regularized_cholesky(gram, 1e-4))
     assert ((order[:, -1] != 0) & (order[:, -1] != K - 1)).sum() >= 20  # the case this test is for
     module = ops_layer.emulated_cuda_module() if target.emulated else None
-    runs = [(s, blocks) for s in module.schedules for blocks in (0, 1)] if module is not None else [(None, 0)]
+    runs = [(s, blocks, fill) for s in module.schedules for blocks, fill in ((0, 0xff), (0, 0x3c), (1, 0xff))] \
+        if module is not None else [(None, 0, None)]
     try:
-        for schedule, blocks in runs:
+        for schedule, blocks, fill in runs:
             if module is not None:
                 module.set_schedule(schedule, K)
                 module.set_max_grid_stride_blocks(blocks)
+                module.set_shared_memory_fill(fill)
             check_against_reference(x, z, ops=target.ops)
             chol = target.ops.purify_forward(x, z, torch.tensor(0.8, dtype=dtype, device=target.device), 1e-4)[2]
-            assert torch.equal(reference.factor_order(chol.double().cpu()), order), (schedule, blocks)
+            assert torch.equal(reference.factor_order(chol.double().cpu()), order), (schedule, blocks, fill)
     finally:
         if module is not None:
             module.set_max_grid_stride_blocks(0)
+            module.set_shared_memory_fill(0xff)
 
 
 @pytest.mark.parametrize("K", [17, 24])
@@ -425,7 +429,8 @@ EMULATED_LAYOUTS = [  # (x shape, z shape): own z rows; z shared by several work
 @pytest.mark.parametrize("xs,zs", EMULATED_LAYOUTS)
 def test_emulated_schedules_and_grids_bitwise_equal(xs, zs):
     # Emulation only: the results may not depend on the order the threads of a block run in,
-    # nor on the grid (a grid of one block makes every team serve many work items).
+    # nor on the grid (a grid of one block makes every team serve many work items), nor on what
+    # shared memory held before (NaN bytes, zeros, or finite values as a GPU leaves them).
     emulated = ops_layer.emulated_cuda_ops()
     if emulated is None:
         pytest.skip("the emulated CUDA backend is not built (PURIFIED_OPS_CUDA_EMU=1)")
@@ -435,15 +440,19 @@ def test_emulated_schedules_and_grids_bitwise_equal(xs, zs):
     g = torch.randn_like(x)
     first = run_ops(x, z, 0.6, 1e-4, g, ops=emulated)
     try:
-        for schedule, blocks in [("reverse", 0), ("forward", 1), ("reverse", 2), ("round-robin", 2), ("random", 1)]:
+        for schedule, blocks, fill in [("reverse", 0, 0xff), ("forward", 1, 0xff), ("reverse", 2, 0xff),
+                                       ("round-robin", 2, 0xff), ("random", 1, 0xff), ("forward", 0, 0x3c),
+                                       ("random", 0, 0x00)]:
             module.set_schedule(schedule, 7)
             module.set_max_grid_stride_blocks(blocks)
+            module.set_shared_memory_fill(fill)
             again = run_ops(x, z, 0.6, 1e-4, g, ops=emulated)
             for a, b in zip(first, again):
-                assert torch.equal(a, b), (schedule, blocks)
+                assert torch.equal(a, b), (schedule, blocks, fill)
     finally:
         module.set_schedule("forward")
         module.set_max_grid_stride_blocks(0)
+        module.set_shared_memory_fill(0xff)
 
 
 def test_emulated_ops_check_arguments_like_the_library():
@@ -461,6 +470,8 @@ def test_emulated_ops_check_arguments_like_the_library():
     with pytest.raises(ValueError, match="schedule must be one of 'forward', 'reverse', 'round-robin', 'random', "
                                          "got 'sideways'"):
         module.set_schedule("sideways")
+    with pytest.raises(ValueError, match=r"the fill must be a byte \(0..255\), got 256"):
+        module.set_shared_memory_fill(256)
 
 
 @needs_gpu

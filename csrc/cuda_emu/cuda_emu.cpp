@@ -29,7 +29,8 @@
 //     lane of the mask at the same call (kind, mask, width, source line) before any proceeds,
 //     a shuffle's source lane inside the mask;
 //   - launch limits: block size, grid size, dynamic shared memory without an opt-in (48 KB).
-// Dynamic shared memory is filled with 0xff bytes (NaN in every float format) at block start;
+// Dynamic shared memory is filled with 0xff bytes (NaN in every float format; set_shared_memory_fill
+// picks another byte) at block start;
 // under AddressSanitizer the part beyond the launch's request is poisoned.
 #undef _FORTIFY_SOURCE  // __longjmp_chk rejects a jump to another stack
 #include "cuda_emu.h"
@@ -75,6 +76,7 @@ constexpr size_t kStackBytes = 128 * 1024;
 std::atomic<Schedule> g_schedule{Schedule::kForward};
 std::atomic<uint64_t> g_seed{0};
 std::atomic<unsigned> g_max_grid_stride_blocks{0};
+std::atomic<unsigned char> g_smem_fill{0xff};
 thread_local std::string t_last_error;
 
 enum class State { kReady, kBlocked, kDone };
@@ -296,7 +298,7 @@ void run_warps(Block* b) {
 void run_block(Block* b, char* stacks, size_t smem) {
   t_block = b;
   unsigned char* shared = purified_ops::cuda::smem_raw;
-  std::memset(shared, 0xff, smem);
+  std::memset(shared, g_smem_fill.load(), smem);
 #if CUDA_EMU_ASAN
   ASAN_POISON_MEMORY_REGION(shared + smem, kMaxDynamicSmem - smem);
 #endif
@@ -523,5 +525,6 @@ void set_schedule(Schedule schedule, uint64_t seed) {
   g_seed = seed;
 }
 void set_max_grid_stride_blocks(unsigned blocks) { g_max_grid_stride_blocks = blocks; }
+void set_shared_memory_fill(unsigned char byte) { g_smem_fill = byte; }
 
 }  // namespace cuda_emu

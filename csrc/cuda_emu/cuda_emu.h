@@ -55,11 +55,14 @@ const char* last_error();
 // Test knobs (per process). The order in which the fibers of a block run (cuda_emu.cpp says
 // how each one orders them): thread order, forward or reverse; warp-granular round robin; a
 // random runnable warp at each step, seeded per block from `seed` (the other orders ignore it).
-// And a cap on the grid of grid-stride kernels (0: none) so that every team serves several
-// work items.
+// A cap on the grid of grid-stride kernels (0: none) so that every team serves several work
+// items. And the byte dynamic shared memory starts as in each block: 0xff (NaN in every float
+// format) by default; a GPU leaves what earlier blocks wrote, finite values that a read before
+// the write turns into a wrong but plausible result.
 enum class Schedule { kForward, kReverse, kRoundRobin, kRandom };
 void set_schedule(Schedule schedule, uint64_t seed);
 void set_max_grid_stride_blocks(unsigned blocks);
+void set_shared_memory_fill(unsigned char byte);
 
 // Largest dynamic shared memory of a launch without an opt-in (as on every CUDA GPU).
 constexpr size_t kMaxDynamicSmem = 48 * 1024;

@@ -72,6 +72,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "order, 'round-robin' over the warps, or a 'random' warp at each step (seeded per block from `seed`).");
   m.def("set_max_grid_stride_blocks", &::cuda_emu::set_max_grid_stride_blocks,
         "Caps the grid of grid-stride kernels (0: no cap), so that every team serves several work items.");
+  m.def(
+      "set_shared_memory_fill",
+      [](int byte) {
+        TORCH_CHECK_VALUE(byte >= 0 && byte <= 255, "the fill must be a byte (0..255), got ", byte);
+        ::cuda_emu::set_shared_memory_fill(static_cast<unsigned char>(byte));
+      },
+      pybind11::arg("byte"),
+      "The byte every block's dynamic shared memory starts as: 0xff (NaN) by default; a byte such "
+      "as 0x3c makes it finite, like the stale values a GPU leaves.");
 #if defined(__SANITIZE_ADDRESS__)
   m.attr("sanitized") = true;
 #else
