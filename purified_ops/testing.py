@@ -21,9 +21,9 @@ import torch
 from . import _extension, reference
 from .ops import PurifyFunction, available_backends, build_info, emulated_cuda_ops, purify
 
-__all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_roundoff", "gram_condition",
-           "conditioned_row_bound", "error_scales", "span_condition", "dependent_row_bound", "truth_rank_deficient",
-           "rank_deficient_bound", "row_err", "magnitude_errors",
+__all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_roundoff", "regularized_gram",
+           "gram_condition", "conditioned_row_bound", "error_scales", "span_condition", "dependent_row_bound",
+           "truth_rank_deficient", "rank_deficient_bound", "row_err", "magnitude_errors",
            "Backend", "Row", "VerifyReport", "discover_backends", "verify", "DTYPES",
            "ROUNDING_BIAS", "Rounding", "rounding", "rounding_of_16bit_outputs"]
 
@@ -57,11 +57,15 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return torch.finfo(reference.accumulate_dtype(dtype)).eps
 
 
+def regularized_gram(z, eps) -> torch.Tensor:
+    """``G = Z Z^T + eps I`` in float64 on z's device, for directions ``z`` of shape ``[..., K, D]``."""
+    zd = z.detach().double()
+    return zd @ zd.transpose(-1, -2) + eps * torch.eye(zd.shape[-2], dtype=torch.float64, device=zd.device)
+
+
 def gram_condition(x, z, eps) -> torch.Tensor:
     """cond(Z Z^T + eps I) per row of x (float64), z broadcast as purify broadcasts it."""
-    z3 = reference.as_directions(x, z).double()
-    gram = z3 @ z3.transpose(-1, -2) + eps * torch.eye(z3.shape[-2], dtype=torch.float64, device=z3.device)
-    return torch.linalg.cond(gram).expand(x.shape[:-1])
+    return torch.linalg.cond(regularized_gram(reference.as_directions(x, z), eps)).expand(x.shape[:-1])
 
 
 def conditioned_row_bound(dtype, kappa, strength=1.0):
@@ -85,7 +89,7 @@ def error_scales(x, z, grad_y, strength=1.0, eps=1e-6):
     over all rows, ``sum |g_i p_i|`` with p = Z^T c. Returns a dict of those."""
     xd, gd = x.double(), grad_y.double()
     zd = reference.as_directions(x, z).double()
-    gram = zd @ zd.transpose(-1, -2) + eps * torch.eye(zd.shape[-2], dtype=torch.float64, device=zd.device)
+    gram = regularized_gram(zd, eps)
     c = torch.linalg.solve(gram, (zd @ xd.unsqueeze(-1))).squeeze(-1)
     u = torch.linalg.solve(gram, (zd @ gd.unsqueeze(-1))).squeeze(-1)
     p = (c.unsqueeze(-2) @ zd).squeeze(-2)

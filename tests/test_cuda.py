@@ -19,8 +19,8 @@ import torch
 import purified_ops
 from purified_ops import ops as ops_layer
 from purified_ops import reference
-from purified_ops.testing import (DTYPES, TOLERANCE, Backend, magnitude_errors, rel_err, rounding_of_16bit_outputs,
-                                  sum_err, unit_roundoff)
+from purified_ops.testing import (DTYPES, TOLERANCE, Backend, magnitude_errors, regularized_gram, rel_err,
+                                  rounding_of_16bit_outputs, sum_err, unit_roundoff)
 
 HAVE_GPU = "cuda" in purified_ops.available_backends()
 needs_gpu = pytest.mark.skipif(not HAVE_GPU, reason="needs a GPU and the CUDA build of purified_ops")
@@ -60,7 +60,14 @@ def target(request):
     try:
         yield Target("emulated", "cpu", emulated)
     finally:
-        module.set_schedule("forward")
+        reset_emulation(module)
+
+
+def reset_emulation(module):
+    """The emulated backend's test knobs back to their defaults (a test may change any of them)."""
+    module.set_schedule("forward")
+    module.set_max_grid_stride_blocks(0)
+    module.set_shared_memory_fill(0xff)
 
 
 # For a check the general tests already make on real CUDA through the `device` fixture.
@@ -89,16 +96,17 @@ def tolerance(z, eps, dtype):
     """DESIGN's bound where G = Z Z^T + eps I is well conditioned; where it is not (near-square
     shapes), the float64 truth from the same rounded inputs differs by the solve's forward error,
     about K u cond(G) (u of the accumulate dtype), which no evaluation in that dtype avoids."""
-    zd = z.detach().double().cpu()
     K = z.shape[-2]
-    if zd.numel() == 0:
+    if z.numel() == 0:
         return TOLERANCE[dtype]
-    gram = zd @ zd.transpose(-1, -2) + eps * torch.eye(K, dtype=torch.float64)
+    gram = regularized_gram(z.cpu(), eps)
     cond = torch.linalg.cond(gram.reshape(-1, K, K)).max().item()
     return TOLERANCE[dtype] + 4 * K * unit_roundoff(dtype) * cond
 
 
-def check_against_reference(x, z, s=0.8, eps=1e-4, seed=0, ops=None):
+def check_against_reference(x, z, s=0.8, eps=1e-4, seed=0, ops=None, order=None):
+    """The ops against the float64 reference; ``order``, where given, is the pivot order the
+    factor must have (``[rows, K]``, reference.factor_order's)."""
     torch.manual_seed(seed)
     g = torch.randn_like(x)
     y, coeff, chol, dx, dz, ds = run_ops(x, z, s, eps, g, ops=ops)
@@ -111,13 +119,13 @@ def check_against_reference(x, z, s=0.8, eps=1e-4, seed=0, ops=None):
     assert abs(ds.item() - rds.item()) <= 10 * tol * max(1.0, abs(rds.item())), ("ds", ds.item(), rds.item())
     # chol really is the factor of Z Z^T + eps I per z row, in direction rows (docs/DESIGN.md
     # section 2): lower triangular in its pivot order, M M^T = G in direction order
-    zd = z.double()
-    gram = zd @ zd.transpose(-1, -2) + eps * torch.eye(z.shape[-2], dtype=torch.float64, device=z.device)
     M = chol.double().cpu()
-    order = reference.factor_order(M)
-    L = M.gather(-2, order.unsqueeze(-1).expand(*order.shape, M.shape[-1]))
+    found = reference.factor_order(M)
+    L = M.gather(-2, found.unsqueeze(-1).expand(*found.shape, M.shape[-1]))
     assert torch.equal(L, L.tril())
-    assert rel_err(M @ M.transpose(-1, -2), gram.cpu()) <= max(tol, 1e-5)
+    assert rel_err(M @ M.transpose(-1, -2), regularized_gram(z, eps).cpu()) <= max(tol, 1e-5)
+    if order is not None:
+        assert torch.equal(found, order), "pivot order"
     return y, dx, dz, ds
 
 
@@ -326,26 +334,17 @@ def test_pivoting_on_nearly_dependent_directions(target, dtype, K):
     pairs = torch.stack([half, half + 0.05 * torch.randn(half.shape, generator=g)], dim=2)
     x = torch.randn(37, 64, generator=g).to(target.device, dtype)
     z = pairs.reshape(37, K, 64).to(target.device, dtype)
-    zd = z.double().cpu()
-    gram = zd @ zd.transpose(-1, -2) + 1e-4 * torch.eye(K, dtype=torch.float64)
-    order = reference.factor_order(reference.regularized_cholesky(gram, 1e-4))
+    order = reference.factor_order(reference.regularized_cholesky(regularized_gram(z.cpu(), 1e-4), 1e-4))
     assert ((order[:, -1] != 0) & (order[:, -1] != K - 1)).sum() >= 20  # the case this test is for
     module = ops_layer.emulated_cuda_module() if target.emulated else None
     runs = [(s, blocks, fill) for s in module.schedules for blocks, fill in ((0, 0xff), (0, 0x3c), (1, 0xff))] \
         if module is not None else [(None, 0, None)]
-    try:
-        for schedule, blocks, fill in runs:
-            if module is not None:
-                module.set_schedule(schedule, K)
-                module.set_max_grid_stride_blocks(blocks)
-                module.set_shared_memory_fill(fill)
-            check_against_reference(x, z, ops=target.ops)
-            chol = target.ops.purify_forward(x, z, torch.tensor(0.8, dtype=dtype, device=target.device), 1e-4)[2]
-            assert torch.equal(reference.factor_order(chol.double().cpu()), order), (schedule, blocks, fill)
-    finally:
+    for schedule, blocks, fill in runs:  # the target fixture resets the knobs
         if module is not None:
-            module.set_max_grid_stride_blocks(0)
-            module.set_shared_memory_fill(0xff)
+            module.set_schedule(schedule, K)
+            module.set_max_grid_stride_blocks(blocks)
+            module.set_shared_memory_fill(fill)
+        check_against_reference(x, z, ops=target.ops, order=order)
 
 
 @pytest.mark.parametrize("K", [17, 24])
@@ -450,9 +449,7 @@ def test_emulated_schedules_and_grids_bitwise_equal(xs, zs):
             for a, b in zip(first, again):
                 assert torch.equal(a, b), (schedule, blocks, fill)
     finally:
-        module.set_schedule("forward")
-        module.set_max_grid_stride_blocks(0)
-        module.set_shared_memory_fill(0xff)
+        reset_emulation(module)
 
 
 def test_emulated_ops_check_arguments_like_the_library():
