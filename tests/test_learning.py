@@ -720,3 +720,20 @@ def test_demo_cli_nuisance_pool_needs_two_stages(capsys):
     assert main(["demo", "--nuisance-pool", "10", "--schedule", "joint", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--schedule two_stage" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_cli_marks_the_arms_that_learn_from_the_pool(capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from purified_ops.cli import main
+
+    rc = main(["demo", "--nuisance", "grating", "--sizes", "20", "--default-size", "20", "--seeds", "2",
+               "--steps", "3", "--regime", "correlated", "--nuisance-pool", "30", "--plot", "", "--json",
+               "--no-progress", "--jobs", "1"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    obj = json.loads(lines[-1])
+    assert obj["nuisance_pool"] == 30 and obj["pool_arms"] == ["shared", "per_sample"]
+    header = next(line for line in lines if "n_train" in line)
+    assert "per_sample*" in header and "shared*" in header and "plain*" not in header
+    assert any("30 images with nuisance labels only" in line for line in lines)
