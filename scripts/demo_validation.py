@@ -46,12 +46,12 @@ GRATING_VARIANTS = {
     "bank_cross_fit10": ("per_sample", {"cross_fit": 10}),
     # a pool of 400 images with nuisance labels only: unknown digits (weight 1, nuisance-class
     # centring), or the plain network's predicted digits (balanced, digit centring)
-    "bank_pool400": ("per_sample", {"nuisance_pool": 400}),
-    "bank_pool400_pseudo": ("per_sample", {"nuisance_pool": 400, "pool_labels": "pseudo"}),
+    "bank_pool400": ("per_sample", {"nuisance_pool": 400, "pool_labels": "none"}),
+    "bank_pool400_pseudo": ("per_sample", {"nuisance_pool": 400, "pool_labels": "pseudo"}),   # chosen
     "bank_pool400_pseudo_centre_class": ("per_sample", {"nuisance_pool": 400, "pool_labels": "pseudo",
                                                         "bank_centring": "nuisance_class"}),
-    "bank_pool400_s1000": ("per_sample", {"nuisance_pool": 400, "stage1_steps": 1000}),
-    "shared_pool400": ("shared", {"nuisance_pool": 400}),
+    "bank_pool400_s1000": ("per_sample", {"nuisance_pool": 400, "pool_labels": "none", "stage1_steps": 1000}),
+    "shared_pool400": ("shared", {"nuisance_pool": 400, "pool_labels": "none"}),
     "shared_pool400_pseudo": ("shared", {"nuisance_pool": 400, "pool_labels": "pseudo"}),
     "oracle_per_sample": ("oracle_per_sample", {}),                 # references
     "oracle_shared": ("oracle_shared", {}),

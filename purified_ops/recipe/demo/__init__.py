@@ -42,8 +42,7 @@ probable classes' subspaces), and two oracle reference rows that know the true g
 ``--nuisance-pool M`` gives the purified arms' nuisance branch (the bank, the shared subspace)
 M more images that carry only nuisance labels, drawn outside the training, validation and test
 images (:func:`load_nuisance_pool`); the main network still sees only the task-labelled images.
-``--cross-fit K`` purifies each training image of the per-sample arm with a bank fitted without
-its fold.
+Its images' digits are the plain network's predictions (``--pool-labels pseudo``).
 
 The variants were chosen on a validation split carved from the training pool (:func:`load_validation`,
 ``scripts/demo_validation.py``), never on the test set; docs/demo.md reports every variant tried.

@@ -161,18 +161,19 @@ def run_one(arm: str, regime: str, n_train: int, seed: int, *, steps: int, batch
             balance_irrelevant: bool = False, evaluate_on: str = "test", nuisance: str = "texture",
             bank_k: int = BANK_K, hard: bool = True, bank_init: str = "moments",
             stage1_steps: int | None = None, bank_top: int = BANK_TOP, nuisance_pool: int = 0,
-            pool_labels: str = "none", bank_centring: str | None = None, cross_fit: int = 0) -> float:
+            pool_labels: str = "pseudo", bank_centring: str | None = None, cross_fit: int = 0) -> float:
     """Trains one arm and returns its task accuracy on the test set (or ``"validation"``).
 
     ``nuisance_pool``: the purified arms' nuisance branch (two-stage) also learns from that many
     images that carry only nuisance labels (:func:`load_nuisance_pool`); the main network sees
-    only the ``n_train`` task-labelled images. ``pool_labels``: the pool's digits are unknown
-    (``"none"``: its images weigh 1 in the balanced loss) or the plain network's predictions
-    (``"pseudo"``). ``bank_centring``: what the bank's moments are centred by, the digit's mean
+    only the ``n_train`` task-labelled images. ``pool_labels``: the pool's digits are the plain
+    network's predictions (``"pseudo"``, chosen on validation) or unknown (``"none"``: its images
+    weigh 1 in the balanced loss). ``bank_centring``: what the bank's moments are centred by, the digit's mean
     (``"digit"``, the default without a pool or with pseudo-labels) or the nuisance class's mean
     (``"nuisance_class"``, needs no digit label; the default with an unlabelled pool).
-    ``cross_fit``: the per-sample arm's k folds (0: none; other arms ignore it): each training image is purified by a
-    bank fitted without its fold, and the main network trains on those images.
+    ``cross_fit``: the per-sample arm's k folds (0: none; other arms ignore it): each training
+    image is purified by a bank fitted without its fold, and the main network trains on those
+    images (a variant of ``scripts/demo_validation.py``; validation did not choose it).
     """
     if pool_labels not in POOL_LABELS:
         raise ValueError(f"pool_labels must be one of {POOL_LABELS}, got {pool_labels!r}")

@@ -57,11 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the purified arms' nuisance branch also learns from M images outside the training, "
                         "validation and test sets that carry only nuisance labels (their nuisance follows "
                         "the regime's rule); the main network sees only the task-labelled images (default 0)")
-    p.add_argument("--pool-labels", choices=POOL_LABELS, default="none",
-                   help="the pool's digits: unknown (default), or the plain network's predictions (pseudo)")
-    p.add_argument("--cross-fit", type=_folds, default=0, metavar="K",
-                   help="grating's per-sample arm: purify each training image with a bank fitted on the "
-                        "other K-1 folds (0: none, the default)")
+    p.add_argument("--pool-labels", choices=POOL_LABELS, default="pseudo",
+                   help="the pool's digits, which it does not carry: the plain network's predictions "
+                        "(pseudo, the default: chosen on validation), or unknown (none)")
     p.add_argument("--schedule", choices=("joint", "two_stage"), default="two_stage",
                    help="purified arm: the irrelevant branch first, then frozen (default), or joint training")
     p.add_argument("--no-balance", action="store_true",
@@ -86,13 +84,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _folds(text: str) -> int:
-    folds = arg.integer(0, 10)(text)
-    if folds == 1:
-        raise argparse.ArgumentTypeError("must be 0 (no cross-fitting) or from 2 to 10 folds, got 1")
-    return folds
-
-
 def _plot_file(text: str) -> str:
     return text if text == "" else arg.image_file(text)
 
@@ -111,7 +102,7 @@ def run(args) -> dict:
                    variant=args.variant, k=args.k, balance_irrelevant=not args.no_balance,
                    nuisance=args.nuisance, bank_k=args.bank_k, hard=not args.soft,
                    bank_init=args.bank_init, bank_top=args.bank_top, nuisance_pool=args.nuisance_pool,
-                   pool_labels=args.pool_labels, cross_fit=args.cross_fit)
+                   pool_labels=args.pool_labels)
     start = time.perf_counter()
     bar = None
     if not args.no_progress:
@@ -198,7 +189,7 @@ def main(args) -> int:
             "nuisance": "grating", "regime": head, "default_size": args.default_size, "seeds": args.seeds,
             "k_shared": args.k, "bank_k": args.bank_k, "bank_top": args.bank_top, "bank_init": args.bank_init,
             "hard": not args.soft, "nuisance_pool": args.nuisance_pool, "pool_labels": args.pool_labels,
-            "cross_fit": args.cross_fit, "pool_arms": list(pool_arms(args)),
+            "pool_arms": list(pool_arms(args)),
             "schedule": args.schedule, "balanced": not args.no_balance,
             "baseline_acc": row["plain"], "purified_acc": row["per_sample"],
             **{f"{a}_acc": row[a] for a in GRATING_ARMS if a not in ("plain", "per_sample")},
