@@ -149,7 +149,9 @@ class ClassSubspaceBank(nn.Module):
         samples keeps its directions. ``labels`` are class ids ``[N]`` (the joint class for
         several label types, :meth:`MarginalLogits.joint`). With ``task_labels``, each sample
         first loses its task class's mean, so that where the irrelevant label follows the task
-        label the task's mean patterns do not pass for the nuisance.
+        label the task's mean patterns do not pass for the nuisance. Any grouping serves: without
+        task labels, ``labels`` themselves (each sample loses its own class's mean, which holds the
+        task's mean patterns and, given enough samples per class, little of a zero-mean nuisance).
         """
         h, labels = h.reshape(len(h), -1).double(), labels.reshape(-1).long()
         if len(h) != len(labels) or h.shape[1] != self.bank.shape[2]:
