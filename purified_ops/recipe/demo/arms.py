@@ -135,12 +135,10 @@ def _fit_irrelevant_branch(model, data, *, steps, batch_size, lr, irrelevant_wei
             if bool((centre < 0).any()):
                 raise ValueError("digit centring needs a digit label (or a pseudo-label) on every image")
         model.irrelevant_encoder.init_from_moments(nuisance_data[0], joint, centre)
-    per_epoch = lambda n: math.ceil(n / batch_size)                       # noqa: E731
-    epochs = max(1, math.ceil(steps / per_epoch(len(data[0]))))        # >= steps optimizer steps
-    s1 = steps if stage1_steps is None else stage1_steps
-    stage1_epochs = math.ceil(s1 / per_epoch(len(nuisance_data[0])))
-    if stage1_data is None and stage1_steps is None:
-        stage1_epochs = None                                                # = epochs
+    # >= steps optimizer steps in each stage, whatever the size of its data
+    epochs = max(1, math.ceil(steps / math.ceil(len(data[0]) / batch_size)))
+    stage1_epochs = math.ceil((steps if stage1_steps is None else stage1_steps)
+                              / math.ceil(len(nuisance_data[0]) / batch_size))
     fit(model, data, epochs=epochs if fit_stage2 else 0, lr=lr, batch_size=batch_size,
         irrelevant_weight=irrelevant_weight, seed=seed, device=device, schedule="two_stage", progress=False,
         balance_irrelevant=balance_irrelevant, stage1_epochs=stage1_epochs, stage1_data=stage1_data)
