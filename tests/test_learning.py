@@ -712,7 +712,7 @@ def test_demo_cli_refuses_what_cannot_work_in_one_line(argv, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_demo_cli_nuisance_pool_needs_two_stages(capsys):
+def test_demo_cli_refuses_a_nuisance_pool_it_cannot_train_or_draw(capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     from purified_ops.cli import main
@@ -720,6 +720,9 @@ def test_demo_cli_nuisance_pool_needs_two_stages(capsys):
     assert main(["demo", "--nuisance-pool", "10", "--schedule", "joint", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--schedule two_stage" in err and len(err.strip().splitlines()) == 1
+    assert main(["demo", "--nuisance-pool", "10", "--sizes", "700", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "training-set sizes up to 699" in err and len(err.strip().splitlines()) == 1
 
 
 def test_demo_cli_marks_the_arms_that_learn_from_the_pool(capsys):

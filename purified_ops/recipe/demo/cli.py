@@ -11,7 +11,7 @@ from ... import _arguments as arg
 from ..._extras import require_extra
 from .arms import (BANK_K, BANK_TOP, GRATING_ARMS, POOL_LABELS, PURIFIED_ARMS, SUBSPACE_K, VARIANTS,
                    demo_arms)
-from .data import GRATING_CLASSES, NUISANCE_POOL_MAX, NUISANCES, PIXELS, POOL_SIZE, REGIMES
+from .data import GRATING_CLASSES, NUISANCE_POOL_MAX, NUISANCES, PIXELS, POOL_SIZE, REGIMES, VALIDATION_SIZE
 from .jobs import default_jobs, run_jobs
 from .tables import GRATING_GOAL, POOL_MARK, compare, format_table, grating_verdict, plot
 
@@ -164,13 +164,20 @@ def report(args, out: dict) -> str:
     return "\n".join(text)
 
 
+def _refuse(message: str) -> int:
+    print(f"purified-ops demo: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(args) -> int:
     # all of them up front: a missing plotting package must not end a run of minutes at its end
     require_extra("demo", "sklearn", "tqdm", "matplotlib", purpose="purified-ops demo")
+    largest = POOL_SIZE - VALIDATION_SIZE - 1       # leaves the pool at least one image of its own
     if args.nuisance_pool and args.schedule != "two_stage":
-        print("purified-ops demo: error: --nuisance-pool trains the nuisance branch first: it needs "
-              "--schedule two_stage", file=sys.stderr)
-        return 2
+        return _refuse("--nuisance-pool trains the nuisance branch first: it needs --schedule two_stage")
+    if args.nuisance_pool and max(args.sizes + [args.default_size]) > largest:
+        return _refuse(f"--nuisance-pool draws outside the training and {VALIDATION_SIZE} validation images: "
+                       f"training-set sizes up to {largest} leave it images")
     out = run(args)
     text = report(args, out)
     print(text, flush=True)
