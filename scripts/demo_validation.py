@@ -8,6 +8,10 @@ paired over seeds with its standard error; docs/demo.md keeps the tables.
 
     python scripts/demo_validation.py --variants base balanced --seeds 8
     python scripts/demo_validation.py --nuisance grating --seeds 5 --regimes correlated
+    python scripts/demo_validation.py --nuisance grating --seeds 8 --variants bank_top2 bank_pool400_pseudo
+
+The grating's ``*pool400*`` variants give the nuisance branch 400 more images with nuisance labels
+only (``run_one(nuisance_pool=...)``); the main network still sees only the training set.
 """
 import argparse
 
