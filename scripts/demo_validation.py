@@ -47,7 +47,6 @@ GRATING_VARIANTS = {
     # the bank's moments centred by each image's nuisance-class mean (no digit label needed)
     "bank_centre_nuisance_class": ("per_sample", {"bank_centring": "nuisance_class"}),
     "bank_cross_fit5": ("per_sample", {"cross_fit": 5}),            # stage 2 on out-of-fold purified images
-    "bank_cross_fit10": ("per_sample", {"cross_fit": 10}),
     # a pool of 400 images with nuisance labels only: unknown digits (weight 1, nuisance-class
     # centring), or the plain network's predicted digits (balanced, digit centring)
     "bank_pool400": ("per_sample", {"nuisance_pool": 400, "pool_labels": "none"}),
