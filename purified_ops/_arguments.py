@@ -91,3 +91,20 @@ def device(*names: str):
     parse.__name__ = "device"
     return parse
 
+
+
+def image_file(text: str) -> str:
+    """An :func:`output_file` whose extension names an image format matplotlib writes (png, pdf,
+    svg, ...). Without matplotlib the format is not checked: the command that plots says what to
+    install before it starts."""
+    text = output_file(text)
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return text
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(text)[1].removeprefix(".").lower()
+    if extension not in formats:
+        raise argparse.ArgumentTypeError(f"{text!r}: its extension must name an image format matplotlib "
+                                         f"writes ({', '.join(sorted(formats))})")
+    return text

@@ -8,6 +8,10 @@ paired over seeds with its standard error; docs/demo.md keeps the tables.
 
     python scripts/demo_validation.py --variants base balanced --seeds 8
     python scripts/demo_validation.py --nuisance grating --seeds 5 --regimes correlated
+    python scripts/demo_validation.py --nuisance grating --seeds 8 --variants bank_top2 bank_pool400_pseudo
+
+The grating's ``*pool400*`` variants give the nuisance branch 400 more images with nuisance labels
+only (``run_one(nuisance_pool=...)``); the main network still sees only the training set.
 """
 import argparse
 
@@ -40,6 +44,18 @@ GRATING_VARIANTS = {
     "bank_k3": ("per_sample", {"bank_k": 3, "bank_top": 1}),
     "bank_top2": ("per_sample", {"bank_top": 2}),                   # the chosen arm: top-2 classes' subspaces
     "bank_not_balanced": ("per_sample", {"balance_irrelevant": False, "bank_top": 1}),
+    # the bank's moments centred by each image's nuisance-class mean (no digit label needed)
+    "bank_centre_nuisance_class": ("per_sample", {"bank_centring": "nuisance_class"}),
+    "bank_cross_fit5": ("per_sample", {"cross_fit": 5}),            # stage 2 on out-of-fold purified images
+    # a pool of 400 images with nuisance labels only: unknown digits (weight 1, nuisance-class
+    # centring), or the plain network's predicted digits (balanced, digit centring)
+    "bank_pool400": ("per_sample", {"nuisance_pool": 400, "pool_labels": "none"}),
+    "bank_pool400_pseudo": ("per_sample", {"nuisance_pool": 400, "pool_labels": "pseudo"}),   # chosen
+    "bank_pool400_pseudo_centre_class": ("per_sample", {"nuisance_pool": 400, "pool_labels": "pseudo",
+                                                        "bank_centring": "nuisance_class"}),
+    "bank_pool400_s1000": ("per_sample", {"nuisance_pool": 400, "pool_labels": "none", "stage1_steps": 1000}),
+    "shared_pool400": ("shared", {"nuisance_pool": 400, "pool_labels": "none"}),
+    "shared_pool400_pseudo": ("shared", {"nuisance_pool": 400, "pool_labels": "pseudo"}),
     "oracle_per_sample": ("oracle_per_sample", {}),                 # references
     "oracle_shared": ("oracle_shared", {}),
 }

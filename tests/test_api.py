@@ -236,7 +236,7 @@ BAD_COMMAND_LINES = [
     ("demo --lr -0.001", "argument --lr: must be a finite number > 0, got -0.001"),
     ("demo --irrelevant-weight inf", "argument --irrelevant-weight: must be a finite number >= 0, got inf"),
     ("demo --rho 1.5", "argument --rho: must be a finite number >= 0 and <= 1, got 1.5"),
-    ("demo --k 0", "argument --k: must be >= 1, got 0"),
+    ("demo --k 0", "argument --k: must be from 1 to 64, got 0"),
     ("demo --bank-top 25", "argument --bank-top: must be from 1 to 24, got 25"),
     ("demo --threads 0", "argument --threads: must be >= 1, got 0"),
     ("demo --jobs 0", "argument --jobs: must be >= 1, got 0"),

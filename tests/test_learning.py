@@ -316,7 +316,7 @@ def test_demo_arms_share_the_main_network():
 
 def test_demo_validation_split_is_disjoint():
     pytest.importorskip("sklearn")
-    from purified_ops.recipe.demo import VALIDATION_SIZE, _split, load_validation
+    from purified_ops.recipe.demo.data import VALIDATION_SIZE, _split, load_validation
 
     xv, yv, tv = load_validation(100, 7)
     assert xv.shape == (VALIDATION_SIZE, 64)
@@ -611,3 +611,132 @@ def test_demo_cli_grating_tiny(tmp_path, capsys):
     assert set(obj["goal_met_by_regime"]) == {"correlated", "independent"} and "vs_shared" in obj
     assert png.stat().st_size > 1000
     assert any("per_sample-shared" in line for line in lines) and any("oracle" in line for line in lines)
+
+
+def test_fit_stage1_data_trains_the_irrelevant_branch_on_samples_without_task_labels():
+    torch.manual_seed(0)
+    x, y, t = make_data(n=16)
+    pool_x, _, pool_t = make_data(n=24, seed=1)
+    stage1 = (torch.cat([x, pool_x]), torch.cat([y, torch.full((24,), -1)]), torch.cat([t, pool_t]))
+
+    def trained(stage1_data):
+        torch.manual_seed(0)
+        net = InputPurifiedNet(mlp(), LowRankProbe(IN, 2), nn.Linear(D, 3), nn.Linear(2, 4))
+        hist = fit(net, (x, y, t), epochs=2, stage1_epochs=3, batch_size=8, schedule="two_stage", seed=0,
+                   progress=False, balance_irrelevant=True, stage1_data=stage1_data)
+        return net, hist
+
+    with_pool, hist = trained(stage1)
+    without, _ = trained(None)
+    assert len(hist["stage1"]) == 3 and len(hist["stage2"]) == 2
+    # the pool's 24 samples take part in the first stage: its directions differ from the training set's alone
+    assert not torch.equal(with_pool.irrelevant_encoder.directions, without.irrelevant_encoder.directions)
+    with pytest.raises(ValueError, match="two_stage"):
+        fit(with_pool, (x, y, t), epochs=1, schedule="joint", progress=False, stage1_data=stage1)
+
+
+def test_balancing_weights_give_samples_without_a_task_label_weight_one():
+    from purified_ops.recipe.learning import balancing_tables, balancing_weights
+
+    y, t = torch.tensor([0, 0, 0, 1]), torch.tensor([0, 0, 1, 1])
+    tables = balancing_tables(y, t)
+    w = balancing_weights(torch.tensor([0, -1, 1, -1]), torch.tensor([0, 1, 1, 0]), tables)
+    assert torch.equal(w[[1, 3]], torch.ones(2))
+    assert torch.equal(w[[0, 2]], balancing_weights(torch.tensor([0, 1]), torch.tensor([0, 1]), tables))
+
+
+def test_demo_nuisance_pool_is_outside_every_split_and_follows_the_regime():
+    pytest.importorskip("sklearn")
+    from purified_ops.recipe.demo.data import _pool_draw, _split, _validation_draw, load_nuisance_pool
+
+    _, target, test_idx, _, train_idx, _ = _split(100, 3)
+    _, _, validation, _, _ = _validation_draw(100, 3)
+    _, _, pool, _ = _pool_draw(100, 3, 400)
+    assert len(pool) == len(set(pool)) == 400
+    assert not set(pool) & (set(train_idx) | set(validation) | set(test_idx))
+    x, labels = load_nuisance_pool(100, 3, "correlated", 400)
+    assert x.shape == (400, 64) and labels.shape == (400, 2)
+    follows = (labels[:, 0].numpy() == target[pool] % 8).mean()
+    assert 0.85 < follows < 0.97                          # rho = 0.9, plus chance agreement
+    _, labels = load_nuisance_pool(100, 3, "independent", 400)
+    assert (labels[:, 0].numpy() == target[pool] % 8).mean() < 0.25
+    # more than the 600 images left: the same digits again, each with a fresh grating
+    _, _, big, _ = _pool_draw(100, 3, 1000)
+    assert len(set(big)) == 600 and set(big) >= set(pool)
+
+
+def test_demo_pool_and_cross_fitting_keep_the_main_network_on_the_training_images(monkeypatch):
+    pytest.importorskip("sklearn")
+    from purified_ops.recipe.demo import arms as demo
+
+    seen = []
+    fit_branch = demo._fit_irrelevant_branch
+
+    def record(model, data, **kw):
+        stage1 = kw.get("stage1_data")
+        seen.append((len(data[0]), None if stage1 is None else len(stage1[0]), kw.get("fit_stage2", True)))
+        return fit_branch(model, data, **kw)
+
+    monkeypatch.setattr(demo, "_fit_irrelevant_branch", record)
+    kw = dict(steps=4, batch_size=16, lr=1e-3, irrelevant_weight=1.0, rho=0.9, nuisance="grating",
+              schedule="two_stage", balance_irrelevant=True)
+    a = demo.run_one("per_sample", "correlated", 40, 1, nuisance_pool=30, **kw)
+    assert seen == [(40, 70, True)]                       # stage 2: the 40 images; stage 1: plus the pool
+    assert a == demo.run_one("per_sample", "correlated", 40, 1, nuisance_pool=30, **kw)
+    seen.clear()
+    demo.run_one("per_sample", "independent", 40, 1, cross_fit=4, **kw)
+    # four banks, each fitted without its fold of 10, then the test images' bank on all 40
+    assert seen == [(30, None, False)] * 4 + [(40, None, False)]
+    seen.clear()
+    demo.run_one("shared", "correlated", 40, 1, nuisance_pool=30, pool_labels="pseudo", **kw)
+    assert seen == [(40, 70, True)]
+    with pytest.raises(ValueError, match="digit label"):
+        demo.run_one("per_sample", "correlated", 40, 1, nuisance_pool=30, pool_labels="none",
+                     bank_centring="digit", **kw)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--plot", "out.txt"], "its extension must name an image format matplotlib writes"),
+    (["--k", "100000"], "argument --k: must be from 1 to 64, got 100000"),
+    (["--bank-k", "65"], "argument --bank-k: must be from 1 to 64, got 65"),
+    (["--nuisance-pool", "-1"], "argument --nuisance-pool: must be from 0 to 10000, got -1"),
+])
+def test_demo_cli_refuses_what_cannot_work_in_one_line(argv, message, capsys):
+    pytest.importorskip("matplotlib")
+    from purified_ops.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_cli_refuses_a_nuisance_pool_it_cannot_train_or_draw(capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from purified_ops.cli import main
+
+    assert main(["demo", "--nuisance-pool", "10", "--schedule", "joint", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--schedule two_stage" in err and len(err.strip().splitlines()) == 1
+    assert main(["demo", "--nuisance-pool", "10", "--sizes", "700", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "training-set sizes up to 699" in err and len(err.strip().splitlines()) == 1
+
+
+def test_demo_cli_marks_the_arms_that_learn_from_the_pool(capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    from purified_ops.cli import main
+
+    rc = main(["demo", "--nuisance", "grating", "--sizes", "20", "--default-size", "20", "--seeds", "2",
+               "--steps", "3", "--regime", "correlated", "--nuisance-pool", "30", "--plot", "", "--json",
+               "--no-progress", "--jobs", "1"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    obj = json.loads(lines[-1])
+    assert obj["nuisance_pool"] == 30 and obj["pool_arms"] == ["shared", "per_sample"]
+    header = next(line for line in lines if "n_train" in line)
+    assert "per_sample*" in header and "shared*" in header and "plain*" not in header
+    assert any("30 images with nuisance labels only" in line for line in lines)

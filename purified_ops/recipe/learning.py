@@ -149,7 +149,9 @@ class ClassSubspaceBank(nn.Module):
         samples keeps its directions. ``labels`` are class ids ``[N]`` (the joint class for
         several label types, :meth:`MarginalLogits.joint`). With ``task_labels``, each sample
         first loses its task class's mean, so that where the irrelevant label follows the task
-        label the task's mean patterns do not pass for the nuisance.
+        label the task's mean patterns do not pass for the nuisance. Any grouping serves: without
+        task labels, ``labels`` themselves (each sample loses its own class's mean, which holds the
+        task's mean patterns and, given enough samples per class, little of a zero-mean nuisance).
         """
         h, labels = h.reshape(len(h), -1).double(), labels.reshape(-1).long()
         if len(h) != len(labels) or h.shape[1] != self.bank.shape[2]:
@@ -286,7 +288,24 @@ class UnpurifiedNet(_RecipeNet):
         return PurifiedOutput(self.task_head(x), self.irrelevant_head(x), x, x, x)
 
 
-class PurifiedNet(_RecipeNet):
+class _PurifyingNet(_RecipeNet):
+    """What :class:`PurifiedNet` and :class:`InputPurifiedNet` share: the irrelevant branch
+    (encoder and head), the task head, and the :class:`PurifyLayer` between them."""
+
+    def __init__(self, irrelevant_encoder: nn.Module, task_head: nn.Module, irrelevant_head: nn.Module, *,
+                 strength: float, learnable_strength: bool, eps: float, detach_irrelevant: bool):
+        super().__init__()
+        self.irrelevant_encoder = irrelevant_encoder
+        self.task_head = task_head
+        self.irrelevant_head = irrelevant_head
+        self.purifier = PurifyLayer(strength, learnable_strength=learnable_strength, eps=eps,
+                                    detach_irrelevant=detach_irrelevant)
+
+    def irrelevant_modules(self):
+        return (self.irrelevant_encoder, self.irrelevant_head)
+
+
+class PurifiedNet(_PurifyingNet):
     """Purification of features: main encoder, task-irrelevant encoder and heads, with a
     :class:`PurifyLayer` between the main encoder and the task head.
 
@@ -308,17 +327,10 @@ class PurifiedNet(_RecipeNet):
                  irrelevant_head: nn.Module, *, backbone: nn.Module | None = None,
                  strength: float = 1.0, learnable_strength: bool = False, eps: float = 1e-6,
                  detach_irrelevant: bool = False):
-        super().__init__()
+        super().__init__(irrelevant_encoder, task_head, irrelevant_head, strength=strength,
+                         learnable_strength=learnable_strength, eps=eps, detach_irrelevant=detach_irrelevant)
         self.backbone = backbone
         self.main_encoder = main_encoder
-        self.irrelevant_encoder = irrelevant_encoder
-        self.task_head = task_head
-        self.irrelevant_head = irrelevant_head
-        self.purifier = PurifyLayer(strength, learnable_strength=learnable_strength, eps=eps,
-                                    detach_irrelevant=detach_irrelevant)
-
-    def irrelevant_modules(self):
-        return (self.irrelevant_encoder, self.irrelevant_head)
 
     def forward(self, inputs: torch.Tensor) -> PurifiedOutput:
         h = self.backbone(inputs) if self.backbone is not None else inputs
@@ -328,7 +340,7 @@ class PurifiedNet(_RecipeNet):
         return PurifiedOutput(self.task_head(purified), self.irrelevant_head(r), x, z, purified)
 
 
-class InputPurifiedNet(_RecipeNet):
+class InputPurifiedNet(_PurifyingNet):
     """Purification of the input: a :class:`PurifyLayer` before the whole network.
 
     ``input -> PurifyLayer(input, z) -> network -> task_head``, with ``z`` from the
@@ -348,20 +360,13 @@ class InputPurifiedNet(_RecipeNet):
     def __init__(self, network: nn.Module, irrelevant_encoder: nn.Module, task_head: nn.Module,
                  irrelevant_head: nn.Module, *, strength: float = 1.0, learnable_strength: bool = False,
                  eps: float = 1e-6, detach_irrelevant: bool = False):
-        super().__init__()
-        self.irrelevant_encoder = irrelevant_encoder
+        super().__init__(irrelevant_encoder, task_head, irrelevant_head, strength=strength,
+                         learnable_strength=learnable_strength, eps=eps, detach_irrelevant=detach_irrelevant)
         self.network = network
-        self.task_head = task_head
-        self.irrelevant_head = irrelevant_head
-        self.purifier = PurifyLayer(strength, learnable_strength=learnable_strength, eps=eps,
-                                    detach_irrelevant=detach_irrelevant)
 
     @property
     def backbone(self) -> None:
         return None                 # the irrelevant encoder reads the input itself
-
-    def irrelevant_modules(self):
-        return (self.irrelevant_encoder, self.irrelevant_head)
 
     def forward(self, inputs: torch.Tensor) -> PurifiedOutput:
         z, r = _irrelevant_features(self.irrelevant_encoder(inputs), inputs, "InputPurifiedNet")
@@ -397,10 +402,12 @@ def purified_loss(out: PurifiedOutput, target: torch.Tensor, irrelevant_target=N
     ``irrelevant_target``: ``[B]`` for one label type, ``[B, T]`` or a list of T tensors for T
     types (matching the irrelevant head's list of logits). ``irrelevant_sample_weight``: optional
     per-sample weights of the irrelevant CE, ``[B]`` or ``[B, T]`` (e.g. from
-    :func:`balancing_weights`); each type's CE is then ``sum(w * ce) / sum(w)``. Returns
+    :func:`balancing_weights`); each type's CE is then ``sum(w * ce) / sum(w)``. With
+    ``task_weight=0`` the task labels are not read (a sample without one may carry -1). Returns
     ``(loss, parts)`` with the two terms, detached, in ``parts``.
     """
-    task = F.cross_entropy(out.task_logits, target)
+    # task_weight 0 (a first stage): no task term, so samples without a task label (-1) may take part
+    task = F.cross_entropy(out.task_logits, target) if task_weight != 0 else out.task_logits.new_zeros(())
     irr = task.new_zeros(())
     if irrelevant_target is not None and irrelevant_weight != 0:
         logits, labels = _as_list(out.irrelevant_logits, irrelevant_target)
@@ -448,7 +455,10 @@ def balancing_tables(task_labels: torch.Tensor, irrelevant_labels) -> list:
 
 
 def balancing_weights(task_labels: torch.Tensor, irrelevant_labels, tables=None) -> torch.Tensor:
-    """Per-sample weights ``[N]`` (one label type) or ``[N, T]`` from :func:`balancing_tables`."""
+    """Per-sample weights ``[N]`` (one label type) or ``[N, T]`` from :func:`balancing_tables`.
+
+    A sample without a task label (-1: only its irrelevant labels are known) cannot be balanced and
+    gets weight 1."""
     labels = _irrelevant_label_list(irrelevant_labels)
     tables = balancing_tables(task_labels, labels) if tables is None else tables
     y = task_labels.long()
@@ -456,7 +466,8 @@ def balancing_weights(task_labels: torch.Tensor, irrelevant_labels, tables=None)
     for tab, t in zip(tables, labels):
         tab, t = tab.to(t.device), t.long()                     # a no-op when fit has moved them
         inside = (y < tab.shape[0]) & (t < tab.shape[1])        # labels unseen when counting: weight 0
-        cols.append(torch.where(inside, tab[y.clamp_max(tab.shape[0] - 1), t.clamp_max(tab.shape[1] - 1)], 0.0))
+        looked_up = tab[y.clamp(0, tab.shape[0] - 1), t.clamp_max(tab.shape[1] - 1)]
+        cols.append(torch.where(y < 0, 1.0, torch.where(inside, looked_up, 0.0)))
     return cols[0] if isinstance(irrelevant_labels, torch.Tensor) and irrelevant_labels.dim() == 1 else torch.stack(cols, -1)
 
 
@@ -544,10 +555,14 @@ def _progress(iterable, progress, desc):
     return tqdm(iterable, desc=desc, leave=False)
 
 
+def _is_labelled_tensors(data) -> bool:
+    return isinstance(data, (tuple, list)) and len(data) == 3 and isinstance(data[0], torch.Tensor)
+
+
 def fit(model: RecipeNet, data, *, epochs: int = 100, lr: float = 1e-3, weight_decay: float = 0.0,
         batch_size: int = 64, irrelevant_weight: float = 1.0, schedule: str = "joint",
         stage1_epochs: int | None = None, device=None, seed: int | None = None,
-        progress: bool = True, balance_irrelevant: bool = False) -> dict:
+        progress: bool = True, balance_irrelevant: bool = False, stage1_data=None) -> dict:
     """Trains ``model`` with Adam on ``data`` and returns the per-epoch losses.
 
     Args:
@@ -562,6 +577,11 @@ def fit(model: RecipeNet, data, *, epochs: int = 100, lr: float = 1e-3, weight_d
             counted over ``data`` once) so that the irrelevant labels are independent of the task
             labels: where they correlate in the training set, the irrelevant branch would
             otherwise learn task directions, and purification would remove them.
+        stage1_data: with ``"two_stage"``, what the first stage trains on instead of ``data``:
+            tensors ``(inputs, task_labels, irrelevant_labels)`` in which a sample known only by
+            its irrelevant labels has task label -1 (e.g. a pool of images that carry only
+            nuisance labels, plus the task-labelled ones); the second stage trains on ``data``.
+            Balancing counts the samples with a task label; the others weigh 1.
     Returns:
         ``{"stage1": [...], "stage2": [...]}`` for two stages, ``{"joint": [...]}`` otherwise.
     """
@@ -572,16 +592,22 @@ def fit(model: RecipeNet, data, *, epochs: int = 100, lr: float = 1e-3, weight_d
     generator = torch.Generator().manual_seed(seed if seed is not None else torch.initial_seed() % 2**63)
     device = choose_device(device)
     model.to(device).train()
+    if stage1_data is not None and (schedule != "two_stage" or not _is_labelled_tensors(stage1_data)):
+        raise ValueError("fit: stage1_data needs schedule='two_stage' and tensors (inputs, task labels, "
+                         "irrelevant labels)")
+    # the data the irrelevant loss is weighted on: the first stage's (the second has none)
+    irrelevant_data = data if stage1_data is None else stage1_data
     tables = weights = None
     if balance_irrelevant:
-        labelled = [(b[1], b[2]) for b in _batches(data, 1 << 30, False, None) if b[2] is not None]
+        labelled = [(b[1], b[2]) for b in _batches(irrelevant_data, 1 << 30, False, None) if b[2] is not None]
         if not labelled:
             raise ValueError("fit: balance_irrelevant=True needs irrelevant labels in the data")
-        irr = [torch.cat(ts) for ts in zip(*(_irrelevant_label_list(t) for _, t in labelled))]
-        tables = balancing_tables(torch.cat([y for y, _ in labelled]), irr)
-        if isinstance(data, (tuple, list)) and len(data) == 3 and isinstance(data[0], torch.Tensor):
+        y = torch.cat([y for y, _ in labelled])
+        irr = [torch.cat(ts)[y >= 0] for ts in zip(*(_irrelevant_label_list(t) for _, t in labelled))]
+        tables = balancing_tables(y[y >= 0], irr)
+        if _is_labelled_tensors(irrelevant_data):
             # tensors: every sample's weight looked up once; the batches take their rows
-            weights = balancing_weights(data[1], data[2], tables)
+            weights = balancing_weights(irrelevant_data[1], irrelevant_data[2], tables)
         # counted once, moved to the device once: the training loop only looks weights up
         tables = [t.to(device) for t in tables]
     common = dict(lr=lr, weight_decay=weight_decay, batch_size=batch_size, device=device,
@@ -593,7 +619,7 @@ def fit(model: RecipeNet, data, *, epochs: int = 100, lr: float = 1e-3, weight_d
     stage1_params = list(model.irrelevant_parameters())
     if model.backbone is not None:
         stage1_params += list(model.backbone.parameters())
-    h1 = _train_epochs(model, data, stage1_params, stage1_epochs if stage1_epochs is not None else epochs,
+    h1 = _train_epochs(model, irrelevant_data, stage1_params, stage1_epochs if stage1_epochs is not None else epochs,
                        task_weight=0.0, irrelevant_weight=1.0, desc="stage 1", **common)
     # Stage 2: irrelevant branch frozen; the rest learns the task through the purification.
     freeze_irrelevant(model)
