@@ -17,7 +17,8 @@ derives:
   benchmarks/results/ptxas.txt), its shared memory (dynamic, from the launch; the finalize's
   static array) and the launch's block size, by the Hopper limits below;
 - bytes_in_flight_per_sm: warps_per_sm x the bytes a warp loads before it uses them (its load
-  burst: the loads between two collectives or stores, byte-weighted mean over the launch);
+  burst: the loads between two collectives or stores), averaged over the launch's bursts: a
+  warp waits a DRAM latency for each burst, so it moves mean burst / latency;
 - predicted_fraction_of_copy_{h100,h200}: the lesser of the in-flight bound (Little's law: the
   loads in flight per SM x SMs / DRAM latency, against the op's read share of the copy
   bandwidth) and the traffic bound (1 / traffic_ratio).
@@ -207,11 +208,16 @@ def launch_shared_bytes(launch, dtype):
     return launch["dynamic_smem"]
 
 
+def in_flight_bound(bytes_in_flight_per_sm, read_share, gpu):
+    """Little's law: the loads' rate (in flight per SM x SMs / latency) over the op's read share of
+    the copy bandwidth, at most 1."""
+    need_per_sm = gpu["bandwidth"] * gpu["latency_s"] / gpu["sms"] * read_share
+    return min(1.0, bytes_in_flight_per_sm / need_per_sm) if need_per_sm > 0 else 1.0
+
+
 def predicted_fraction(bytes_in_flight_per_sm, read_share, traffic_ratio, gpu):
     """The lesser of the in-flight bound and the traffic bound, as a fraction of copy bandwidth."""
-    need_per_sm = gpu["bandwidth"] * gpu["latency_s"] / gpu["sms"] * read_share
-    in_flight = min(1.0, bytes_in_flight_per_sm / need_per_sm) if need_per_sm > 0 else 1.0
-    return min(in_flight, 1.0 / traffic_ratio)
+    return min(in_flight_bound(bytes_in_flight_per_sm, read_share, gpu), 1.0 / traffic_ratio)
 
 
 def model_rows(dtype, K, D, layout, rows, registers):
@@ -228,7 +234,7 @@ def model_rows(dtype, K, D, layout, rows, registers):
             regs = registers.get(symbol)
             threads = launch["block"][0] * launch["block"][1] * launch["block"][2]
             warps = resident_warps(regs, threads, launch_shared_bytes(launch, dtype)) if regs else None
-            burst = launch["load_burst_weighted_mean"]
+            burst = launch["load_burst_mean"]
             in_flight = warps * burst if warps else None
             row = {"kernel": launch["name"], "op": op, "dtype": dtype, "K": K, "D": D, "z": layout,
                    "rows": x.numel() // D, "registers": regs, "sector_efficiency": round(sector_efficiency(launch), 4),
@@ -238,6 +244,9 @@ def model_rows(dtype, K, D, layout, rows, registers):
             for key, gpu in GPUS.items():
                 row[f"predicted_fraction_of_copy_{key}"] = (
                     round(predicted_fraction(in_flight, read_share, ratio, gpu), 3) if in_flight is not None else None)
+            row["limited_by_h100"] = (
+                None if in_flight is None else
+                "traffic" if 1.0 / ratio < in_flight_bound(in_flight, read_share, GPUS["h100"]) else "bytes in flight")
             out.append(row)
     return out
 
@@ -266,7 +275,7 @@ def preamble(rows, rows_per_case):
 ratios hardly). The method and what it leaves out: docs/DESIGN.md section 4. In short: sector efficiency and
 traffic ratio are counted from every lane's global access in the emulation; warps per SM come from
 the sm_90 registers in `benchmarks/results/ptxas.txt` and the launch's shared memory; bytes in flight
-per warp are the warps' measured load bursts (byte-weighted mean); the prediction is the lesser of
+per warp are the warps' measured load bursts (their mean: each costs a DRAM latency); the prediction is the lesser of
 Little's law's in-flight bound and 1 / traffic ratio, as a fraction of copy bandwidth. The model
 leaves out L2 hit rates, DRAM page effects, instruction issue limits, the per-row serial phase
 (reduction, barriers, solve), tail effects and clocks: an upper bound, tested by the first GPU run
@@ -276,10 +285,23 @@ leaves out L2 hit rates, DRAM page effects, instruction issue limits, the per-ro
 
 Goals (H100, D >= 1024): forward 90% and backward 80% of copy at K <= 4, 80% and 70% at K 16.
 {len(goals) - len(short)} of {len(goals)} goal rows are predicted to meet them.
+{shortfalls(short)}
 A backward_finalize row is the second launch of the backward op (the dz partials' sum where z is
 shared, and ds); its traffic ratio is the op's.
 
 """
+
+
+def shortfalls(short):
+    """The goal rows predicted short, with what limits each."""
+    if not short:
+        return ""
+    lines = ["Predicted short of the goal (H100):", ""]
+    for r in short:
+        lines.append(f"- {r['kernel']} {r['dtype']} K {r['K']} D {r['D']} {r['z']}: "
+                     f"{r['predicted_fraction_of_copy_h100']:.0%} < {goal(r):.0%}, limited by {r['limited_by_h100']} "
+                     f"({r['bytes_in_flight_per_sm']} B in flight per SM, traffic ratio {r['traffic_ratio']:.3f})")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows):

@@ -75,8 +75,12 @@ def test_forward_reads_shared_z_once_emulated(dtype, K, D):
 
 def structural_burst(op, dtype, K, D):
     """The largest bytes a warp loads before it uses them, from the kernels' structure: pass 1's
-    tile (K directions and one row's V 16-byte vectors per lane); the backward's pass 2 over
-    several tiles adds the first x vector to a reloaded tile."""
+    tile (K directions and the row, in the 16-byte vectors of the first warp's lanes that hold
+    columns of the row). The forward's thread 0 loads the strength (4 bytes) with its first tile.
+    The backward loads the strength (4 bytes a lane) first: in a team of
+    several warps, the others load it in one burst with their first tile (warp 0 reads the factor
+    in between, and at these shapes every warp holds as many vectors as warp 0). Its pass 2 over
+    several tiles loads the first x vector with a reloaded tile."""
     esize = torch.tensor([], dtype=gpu_model.DTYPES[dtype]).element_size()
     W = 16 // esize
     KB = gpu_model.direction_bucket(K)
@@ -84,11 +88,14 @@ def structural_burst(op, dtype, K, D):
     team = 32
     while team < 256 and team * V * W < D:
         team *= 2
-    tile = team * V * W
-    ntiles = math.ceil(D / tile)
-    lanes = min(32, math.ceil(min(D, tile) / W))  # the first warp's lanes that hold columns
-    vectors = (K + 1) * V + (1 if op == "backward" and ntiles > 1 else 0)
-    return lanes * vectors * 16
+    ntiles = math.ceil(D / (team * V * W))
+    # (lane, vector) pairs of warp 0 in tile 0: lane l's vector v starts at column l W + v team W.
+    held = [min(32, max(0, math.ceil((D - v * team * W) / W))) for v in range(V)]
+    pass1 = sum(held) * (K + 1) * 16
+    if op == "forward":
+        return pass1 + 4
+    reload = (sum(held) * (K + 1) + held[0]) * 16 if ntiles > 1 else 0
+    return max(pass1 + (32 * 4 if team > 32 else 0), reload)
 
 
 @needs_emulation

@@ -64,6 +64,8 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
   A* __restrict__ chol_data = static_cast<A*>(p.chol);
   const A eps = static_cast<A>(p.eps);
   const int ntiles = tiles.ntiles;
+  // The strength, once per team (the first team.sync publishes it): no global round trip per row.
+  if (team.tid == 0) sm[S::strength(team.warps)] = global_load(static_cast<const A*>(p.strength));
 
   Pack<T> zr[KB][V], xr[V];
   for (int64_t item = tiles.first_item(); item < items; item += tiles.item_stride()) {
@@ -125,7 +127,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
         --j;  // the row again, scaled
         continue;
       }
-      const A s = global_load(static_cast<const A*>(p.strength));  // read here: not held across pass 1 and the solve
+      const A s = sm[S::strength(team.warps)];  // read here: not held across pass 1 and the solve
       A w[KB];
 #pragma unroll
       for (int k = 0; k < KB; ++k) w[k] = s * sm[S::vec_c(team.warps) + k];

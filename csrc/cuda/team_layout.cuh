@@ -58,7 +58,7 @@ struct TeamSmem {
   static constexpr int kEntries = KB * (KB + 1) / 2 + KB;  // Gram lower triangle + one solve rhs
   static constexpr int kStride = round_up32(kEntries);     // per warp
   __host__ __device__ static constexpr int elems(int warps) {
-    return warps * kStride + KB * KB + 3 * KB + warps + 4;
+    return warps * kStride + KB * KB + 3 * KB + warps + 5;
   }
   // offsets
   __device__ static constexpr int wacc(int warp) { return warp * kStride; }
@@ -72,6 +72,8 @@ struct TeamSmem {
   __device__ static constexpr int flag(int warps) { return warps * kStride + KB * KB + 3 * KB + warps; }
   // the scaled path's 1 / m, m and eps / m^2 (kept here, not in registers, by the fused kernels)
   __device__ static constexpr int scale(int warps) { return warps * kStride + KB * KB + 3 * KB + warps + 1; }
+  // the strength (the forward reads it from global memory once)
+  __device__ static constexpr int strength(int warps) { return warps * kStride + KB * KB + 3 * KB + warps + 4; }
 };
 
 // The per-item prologue of both fused kernels: a team's work item (row_grid.h: a z row and the

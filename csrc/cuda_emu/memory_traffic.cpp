@@ -228,6 +228,7 @@ void bind_memory_traffic(py::module_& m) {
           d["distinct_bytes_written"] = ::cuda_emu::total_bytes(r.writes);
           d["load_bursts"] = r.bursts;
           d["load_burst_max"] = r.burst_max;
+          d["load_burst_mean"] = r.bursts > 0 ? r.burst_sum / static_cast<double>(r.bursts) : 0.0;
           // The bytes of the burst an average loaded byte belongs to.
           d["load_burst_weighted_mean"] = r.burst_sum > 0 ? r.burst_sq / r.burst_sum : 0.0;
           out.append(d);
@@ -238,7 +239,7 @@ void bind_memory_traffic(py::module_& m) {
       "per call site (file, line, store) its warp instructions, sectors requested, ideal sectors "
       "(distinct bytes / 32, rounded up per instruction) and distinct bytes; the merged address "
       "ranges read and written and their bytes; the warps' load bursts (bytes loaded between two "
-      "collectives or stores): count, largest and byte-weighted mean.");
+      "collectives or stores): count, largest, mean and byte-weighted mean.");
 }
 
 }  // namespace cuda
