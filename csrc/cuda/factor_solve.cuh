@@ -130,15 +130,14 @@ __device__ __forceinline__ int solve_size(int K) {
 }
 
 // Warp 0 of a team: sums the warps' entries (fixed order), factors G (when `factor`, into the
-// team's chol slot in pivot order with the order beside it and, when `chol_out`, to global
-// memory in direction rows), and solves for the rhs entries. Returns the solution on every lane
-// of warp 0 in pivot order: b[t] belongs to direction order_at(t).
+// team's chol slot in pivot order with the order beside it), and solves for the rhs entries.
+// Returns the solution on every lane of warp 0 in pivot order: b[t] belongs to direction
+// order_at(t).
 //
 // Returns whether the factor (when `factor`) and the solution are finite (the same on every
-// lane); chol_out gets the factor times chol_scale (m, where the scaled path factors Z / m).
+// lane).
 template <typename A, int KB>
-__device__ __forceinline__ bool team_solve(A* sm, int warps, int lane, bool factor, A eps,
-                                           A* __restrict__ chol_out, A chol_scale, int K, A (&b)[KB]) {
+__device__ __forceinline__ bool team_solve(A* sm, int warps, int lane, bool factor, A eps, int K, A (&b)[KB]) {
   using S = TeamSmem<KB>;
   constexpr int NT = KB * (KB + 1) / 2;
   A* Ls = sm + S::chol(warps);
@@ -175,15 +174,6 @@ __device__ __forceinline__ bool team_solve(A* sm, int warps, int lane, bool fact
         if (q < ks) Ls[step * ks + q] = m[q];
     }
     __syncwarp();
-    // The factor in direction rows, coalesced: entry e (direction e / K, column e % K) from the
-    // pivot-order row of its direction, at the step its lane holds.
-    if (chol_out != nullptr) {
-      for (int base = 0; base < K * K; base += 32) {
-        const int e = base + lane;
-        const int at = __shfl_sync(kFull, step, e < K * K ? e / K : 0);
-        if (e < K * K) global_store(chol_out + e, Ls[at * ks + e % K] * chol_scale);
-      }
-    }
   }
   const int rhs = factor ? NT : 0;
 #pragma unroll
@@ -197,6 +187,27 @@ __device__ __forceinline__ bool team_solve(A* sm, int warps, int lane, bool fact
 #pragma unroll
   for (int k = 0; k < KB; ++k) finite = finite && is_finite(b[k]);
   return finite;
+}
+
+// Warp 0 of a team: the factor in its chol slot (pivot order) to `out` in direction rows, times
+// `scale` (m, where the scaled path factored Z / m), coalesced: entry e (direction e / K,
+// column e % K) from the row of the step that factored its direction (the real directions take
+// steps 0..K-1).
+template <typename A, int KB>
+__device__ __forceinline__ void store_factor(const A* sm, int warps, int lane, int K, A scale, A* __restrict__ out) {
+  using S = TeamSmem<KB>;
+  const A* Ls = sm + S::chol(warps);
+  const A* order_sm = sm + S::order(warps);
+  const int ks = solve_size<KB>(K);
+  for (int base = 0; base < K * K; base += 32) {
+    const int e = base + lane;
+    if (e < K * K) {
+      int at = 0;
+      for (int t = 0; t < K; ++t)
+        if (order_at(order_sm, t) == e / K) at = t;
+      global_store(out + e, Ls[at * ks + e % K] * scale);
+    }
+  }
 }
 
 // The largest |z| entry of the item's K directions over the team (for direction_scale): this

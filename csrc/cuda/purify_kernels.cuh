@@ -98,9 +98,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
       // Warp 0: factor and solve; lane 0 writes c by direction and whether to rescale.
       if (team.warp == 0) {
         A b[KB];
-        A* chol_out = (first && r.begin == 0) ? chol_data + r.group * K * K : nullptr;
-        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, gram, scaled ? scale_sm[2] : eps, chol_out,
-                                          scaled ? scale_sm[1] : A(1), K, b);
+        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, gram, scaled ? scale_sm[2] : eps, K, b);
         if (team.lane == 0) {
           const A inv_m = scaled ? scale_sm[0] : A(1);
 #pragma unroll
@@ -151,6 +149,10 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
           store_pack(out, yrow, tiles.col(col0, v), D, tiles.vec);
         }
       }
+      // The factor, once per z row (the first row of its first item), in direction rows: here,
+      // after pass 2, where fewer registers are live than in the solve.
+      if (first && r.begin == 0 && team.warp == 0)
+        store_factor<A, KB>(sm, team.warps, team.lane, K, scaled ? scale_sm[1] : A(1), chol_data + r.group * K * K);
       // Registers now hold tile 0: with one tile, Z stays valid for the item's next row.
     }
   }
@@ -248,7 +250,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_backward_kernel
       // Warp 0 solves; lane 0 writes u and c by direction and whether to rescale.
       if (team.warp == 0) {
         A b[KB];
-        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, A(1), K, b);
+        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), K, b);
         if (team.lane == 0) {
           const A inv_m = scaled ? scale_sm[0] : A(1);
 #pragma unroll
