@@ -299,8 +299,16 @@ def shortfalls(short):
     lines = ["Predicted short of the goal (H100):", ""]
     for r in short:
         lines.append(f"- {r['kernel']} {r['dtype']} K {r['K']} D {r['D']} {r['z']}: "
-                     f"{r['predicted_fraction_of_copy_h100']:.0%} < {goal(r):.0%}, limited by {r['limited_by_h100']} "
+                     f"{r['predicted_fraction_of_copy_h100']:.1%} < {goal(r):.0%}, limited by {r['limited_by_h100']} "
                      f"({r['bytes_in_flight_per_sm']} B in flight per SM, traffic ratio {r['traffic_ratio']:.3f})")
+    lines += ["", "Why: with z shared, the backward writes each work item's dz partial (K x D in the accumulate "
+              "type) and its finalize reads them back (the traffic above 1, largest for bfloat16, whose partials "
+              "are twice its elements' width); and after a z row's first row a warp's bursts are one row's "
+              "vector of grad_y or x, or one direction's partial read before it is added to and stored (a round "
+              "trip per direction and row). The bursts are counted in source order: the compiler may hoist "
+              "those loads above the stores to other directions' partials (`__restrict__`), which the model "
+              "does not see. Not yet tried: keeping an item's partials in registers where K and V allow, or "
+              "loading all K partials of a vector before the first store."]
     return "\n".join(lines) + "\n"
 
 
