@@ -7,6 +7,8 @@
 #   4. the CUDA benchmark (`python -m purified_ops bench --preset cuda`, purified_ops/bench.py) with
 #      the time that is left: rows are upserted into benchmarks/results/cuda.csv (and $OUT/cuda.csv)
 #      after every case, so a run cut short still leaves its numbers
+#   5. the GPU model's prediction beside every measured row (benchmarks/gpu_model.py --compare:
+#      benchmarks/results/gpu_model.json, the GPU the row names) and measured / predicted
 # Logs go to $OUT (else benchmarks/results/). A failing step never stops the next.
 # Expected on an H100 host (16 cores): build ~1-2 min, verify (capped at 150 s), tests ~1-3 min
 # (capped at 180 s), the benchmark the rest: ~8 torch.compile graphs (dynamic shapes) at 10-40 s
@@ -74,4 +76,8 @@ timeout -k 5 $HARD $PY -m purified_ops bench --device cuda --preset cuda --budge
   --csv "$RES/cuda.csv" ${OUT:+"$OUT/cuda.csv"} > "$LOGDIR/gpu_bench.log" 2>&1
 BENCH_RC=$?
 grep -vE "^(W|I)[0-9]{4}" "$LOGDIR/gpu_bench.log" | tail -40
+
+# 5. the model against the measurement: where the ratio is far from 1, the model or the kernel is wrong
+say "measured beside the GPU model's prediction"
+[ -f "$RES/cuda.csv" ] && $PY benchmarks/gpu_model.py --compare "$RES/cuda.csv" | tee "$LOGDIR/gpu_model_check.txt"
 say "bench rc=$BENCH_RC; done in $(elapsed)s (build $BUILD_RC, verify $VERIFY_RC, tests $TEST_RC, bench $BENCH_RC)"

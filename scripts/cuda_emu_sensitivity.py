@@ -1,6 +1,6 @@
 """Sensitivity of the emulated CUDA tests: plants known bugs, one at a time, in a copy of the
-kernel sources, rebuilds the emulated backend there and runs a subset of tests/test_cuda.py
-through it. Fails unless the unplanted copy passes and every planted bug is caught (a failing
+kernel sources, rebuilds the emulated backend there and runs a subset of tests/test_cuda.py and
+tests/test_memory_traffic.py through it. Fails unless the unplanted copy passes and every planted bug is caught (a failing
 test, a launch error from the emulation's checks, or a sanitizer abort).
 
     python scripts/cuda_emu_sensitivity.py [--keep DIR]
@@ -18,46 +18,50 @@ import tempfile
 import time
 
 KERNELS = "csrc/cuda/purify_kernels.cuh"
+PACKS = "csrc/cuda/packs.cuh"
+TEAM = "csrc/cuda/team_layout.cuh"
+WARP = "csrc/cuda/warp_reductions.cuh"
+FACTOR = "csrc/cuda/factor_solve.cuh"
 
 # (name, build: "1" plain or "asan", file, text, replacement, what should catch it)
 BUGS = [
     ("team sync after the solve removed", "1", KERNELS,
-     "            if (dir < K) coeff_data[row * K + dir] = c;\n          }\n"
+     "            if (dir < K) global_store(coeff_data + row * K + dir, c);\n          }\n"
      "          sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);\n        }\n      }\n      team.sync();",
-     "            if (dir < K) coeff_data[row * K + dir] = c;\n          }\n"
+     "            if (dir < K) global_store(coeff_data + row * K + dir, c);\n          }\n"
      "          sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);\n        }\n      }",
      "wrong y: threads read c before warp 0 wrote it"),
-    ("named barrier count halved", "1", "csrc/cuda/purify_kernels.cuh",
+    ("named barrier count halved", "1", TEAM,
      "named_barrier_sync(id + 1, size);", "named_barrier_sync(id + 1, size / 2);",
      "warp 0 passes the barrier before the team's other warps added their sums"),
-    ("__syncwarp before the lanes read the pivot order removed", "1", KERNELS,
+    ("__syncwarp before the lanes read the pivot order removed", "1", FACTOR,
      "    if (lane == 0) order_sm[t] = A(p);\n  }\n  __syncwarp();",
      "    if (lane == 0) order_sm[t] = A(p);\n  }",
      "pivoting test: a lane reads a stale pivot order (finite shared-memory fill, or a team's previous item)"),
-    ("warp butterfly one step short", "1", KERNELS,
+    ("warp butterfly one step short", "1", WARP,
      "for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFull, v, off);",
      "for (int off = 16; off >= 2; off >>= 1) v += __shfl_xor_sync(kFull, v, off);", "wrong ds"),
     ("finalize skips the last dz partial", "1", KERNELS,
      "for (int64_t c = 0; c < chunks; ++c) sum +=", "for (int64_t c = 0; c + 1 < chunks; ++c) sum +=",
      "wrong dz of a z row shared by several work items"),
-    ("shuffle source outside the mask", "1", KERNELS,
+    ("shuffle source outside the mask", "1", FACTOR,
      "const A d = __shfl_sync(kFull, rem, p);", "const A d = __shfl_sync(0x0000ffffu, rem, p + 16);",
      "emulation check: the mask leaves out calling lanes / the source lane"),
     ("dynamic shared memory 4 bytes short", "asan", KERNELS,
      "return sizeof(A) * (kBlock / team) * TeamSmem<KB>::elems(team / 32);",
      "return sizeof(A) * (kBlock / team) * TeamSmem<KB>::elems(team / 32) - 4;",
      "AddressSanitizer: the last team's last slot is past the launch's shared memory"),
-    ("vector store tail off by one", "asan", KERNELS,
-     "if (col < D) *reinterpret_cast<Pack<T>*>(row + col) = p;",
-     "if (col <= D) *reinterpret_cast<Pack<T>*>(row + col) = p;",
+    ("vector store tail off by one", "asan", PACKS,
+     "global_store_if(col < D, reinterpret_cast<Pack<T>*>(row + col), p);",
+     "global_store_if(col <= D, reinterpret_cast<Pack<T>*>(row + col), p);",
      "AddressSanitizer: a 16-byte store past the end of the output"),
     ("K > 16 factor kernel misses the last matrix", "1", "csrc/cuda/purify_factor_grams.cu",
      "if (i < count) cholesky_inplace", "if (i + 1 < count) cholesky_inplace", "wrong y for K > 16"),
-    ("one named barrier id for every team", "1", KERNELS,
+    ("one named barrier id for every team", "1", TEAM,
      "named_barrier_sync(id + 1, size);", "named_barrier_sync(1, size);",
      "emulation check: the barrier's phases completed by different teams' warps (on a GPU, by whichever "
      "warps arrive first)"),
-    ("16-bit outputs truncated", "1", KERNELS,
+    ("16-bit outputs truncated", "1", PACKS,
      "return __bfloat16_as_ushort(__float2bfloat16_rn(v));\n"
      "  } else if constexpr (std::is_same<T, __half>::value) {\n"
      "    return __half_as_ushort(__float2half_rn(v));",
@@ -65,12 +69,17 @@ BUGS = [
      "  } else if constexpr (std::is_same<T, __half>::value) {\n"
      "    return __half_as_ushort(__float2half_rz(v));",
      "rounding test: outputs biased toward zero by half an ulp on average"),
+    ("a thread's vectors side by side (lane-strided, uncoalesced accesses)", "1", TEAM,
+     "int64_t col(int64_t c0, int v) const { return c0 + v * team.size * W; }",
+     "int64_t col(int64_t c0, int v) const { return c0 + (team.tid * (V - 1) + v) * W; }",
+     "memory-traffic test: sector efficiency below 0.95 (the results stay right)"),
 ]
 
 TESTS = ("emulated and (broadcast_patterns or vector_path or large_k or broadcast_z_shared and float32 and 512 "
          "or round_to_nearest or rows_of_one_item_at_different_scales and 16 or pivoting "
          "or large_directions and rows and not long and float32 and 4 "
-         "or shapes_k_buckets_and_tiles and (1000-1- or 1000-4- or 64-16- or 4100-16-) and (float32 or float64))")
+         "or shapes_k_buckets_and_tiles and (1000-1- or 1000-4- or 64-16- or 4100-16-) and (float32 or float64) "
+         "or coalesced_and_complete and (float32-1-256 or bfloat16-16-1024) and z_per_row)")
 
 
 def build(root, mode):
@@ -87,7 +96,8 @@ def build(root, mode):
 def run_tests(root, mode):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PURIFIED_OPS_CUDA_EMU", None)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py", "-k", TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py",
+           "tests/test_memory_traffic.py", "-k", TESTS]
     if mode == "asan":
         cmd = [os.path.join(root, "scripts", "with_asan"), *cmd]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)

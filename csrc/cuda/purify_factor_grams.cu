@@ -22,12 +22,13 @@ template <typename A>
 __global__ void direction_scales_kernel(const A* amax, int64_t count, int64_t D, A eps, A* inv_m, A* eps_scaled) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= count) return;
+  const A a = global_load(amax + i);
   if (eps_scaled != nullptr) {
-    const DirectionScale<A> s = direction_scale(amax[i], D, eps);
-    inv_m[i] = s.inv_m;
-    eps_scaled[i] = s.eps;
+    const DirectionScale<A> s = direction_scale(a, D, eps);
+    global_store(inv_m + i, s.inv_m);
+    global_store(eps_scaled + i, s.eps);
   } else {
-    inv_m[i] = normalizing_scale(amax[i]).inv_m;
+    global_store(inv_m + i, normalizing_scale(a).inv_m);
   }
 }
 
@@ -47,21 +48,21 @@ template <typename A>
 cudaError_t start_direction_scales(const A* amax, int64_t count, int64_t D, double eps, A* inv_m, A* eps_scaled,
                                     cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
-  return launch_kernel(direction_scales_kernel<A>, blocks_for(count), kThreads, 0, stream, false, amax, count, D,
+  return launch_kernel("direction_scales", direction_scales_kernel<A>, blocks_for(count), kThreads, 0, stream, false, amax, count, D,
                        static_cast<A>(eps), inv_m, eps_scaled);
 }
 
 template <typename A>
 cudaError_t start_factor_grams(A* gram, int* order, int64_t count, int K, const A* eps, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
-  return launch_kernel(factor_grams_kernel<A>, blocks_for(count), kThreads, 0, stream, false, gram, order, count, K,
+  return launch_kernel("factor_grams", factor_grams_kernel<A>, blocks_for(count), kThreads, 0, stream, false, gram, order, count, K,
                        eps);
 }
 
 template <typename A>
 cudaError_t start_factor_orders(const A* chol, int* order, int64_t count, int K, cudaStream_t stream) {
   if (count == 0) return cudaSuccess;
-  return launch_kernel(factor_orders_kernel<A>, blocks_for(count), kThreads, 0, stream, false, chol, order, count, K);
+  return launch_kernel("factor_orders", factor_orders_kernel<A>, blocks_for(count), kThreads, 0, stream, false, chol, order, count, K);
 }
 
 }  // namespace

@@ -20,577 +20,27 @@
 // values into the same registers). No atomics. dz of a z row shared by several x rows is
 // summed per item into a float partial and the partials of a z row summed in item order by
 // the finalize kernel, which also sums the per-item <g, p> for ds.
+//
+// The helpers, each in a header of its own: packs.cuh (16-byte packs, their loads and stores),
+// team_layout.cuh (teams, shared memory, tiles), warp_reductions.cuh (fixed-order warp sums,
+// pass 1's accumulation), factor_solve.cuh (warp 0's factor and solve, the scaled path).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../row_grid.h"
 #include "../row_math.h"
 #include "device_hooks.cuh"
+#include "factor_solve.cuh"
+#include "packs.cuh"
 #include "purify_launch.h"
+#include "team_layout.cuh"
+#include "warp_reductions.cuh"
 
 namespace purified_ops {
 namespace cuda {
-
-constexpr int kBlock = 256;
-constexpr unsigned kFull = 0xffffffffu;
-
-// 16 bytes of W elements of T, kept as four 32-bit words: two 16-bit values share a register
-// (as separate 16-bit values each would take a whole register, doubling the cached tile).
-template <typename T>
-struct alignas(16) Pack {
-  static constexpr int W = 16 / static_cast<int>(sizeof(T));
-  uint32_t u[4];
-};
-
-template <typename T>
-struct Bits;
-template <>
-struct Bits<__half> {
-  using type = uint16_t;
-};
-template <>
-struct Bits<__nv_bfloat16> {
-  using type = uint16_t;
-};
-template <>
-struct Bits<float> {
-  using type = uint32_t;
-};
-template <>
-struct Bits<double> {
-  using type = uint64_t;
-};
-
-// Element w of a pack in the accumulate type.
-template <typename T>
-__device__ __forceinline__ accumulate_t<T> pack_get(const Pack<T>& p, int w) {
-  if constexpr (sizeof(T) == 2) {
-    const uint32_t word = p.u[w >> 1];
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-      return __uint_as_float((w & 1) ? (word & 0xffff0000u) : (word << 16));
-    } else {
-      return __half2float(__ushort_as_half(static_cast<unsigned short>((w & 1) ? (word >> 16) : (word & 0xffffu))));
-    }
-  } else if constexpr (sizeof(T) == 4) {
-    return __uint_as_float(p.u[w]);
-  } else {
-    return __hiloint2double(static_cast<int>(p.u[2 * w + 1]), static_cast<int>(p.u[2 * w]));
-  }
-}
-
-// Raw bits of one element of T, from the accumulate type (round to nearest even).
-template <typename T>
-__device__ __forceinline__ typename Bits<T>::type to_bits(accumulate_t<T> v) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  } else if constexpr (std::is_same<T, __half>::value) {
-    return __half_as_ushort(__float2half_rn(v));
-  } else if constexpr (sizeof(T) == 4) {
-    return __float_as_uint(v);
-  } else {
-    return static_cast<uint64_t>(__double_as_longlong(v));
-  }
-}
-
-// Sets element w from raw bits (elements set in increasing w on a zeroed pack).
-template <typename T>
-__device__ __forceinline__ void pack_set_bits(Pack<T>& p, int w, typename Bits<T>::type b) {
-  if constexpr (sizeof(T) == 2) {
-    p.u[w >> 1] |= static_cast<uint32_t>(b) << (16 * (w & 1));
-  } else if constexpr (sizeof(T) == 4) {
-    p.u[w] = b;
-  } else {
-    p.u[2 * w] = static_cast<uint32_t>(b);
-    p.u[2 * w + 1] = static_cast<uint32_t>(b >> 32);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void zero_pack(Pack<T>& p) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) p.u[i] = 0u;
-}
-
-// W accumulate-type values (a partial dz vector), 16-byte aligned.
-template <typename A, int W>
-struct alignas(16) APack {
-  A v[W];
-};
-
-// 16-byte vectors per thread per tile, by direction bucket: (KB + 2) * V * 16 bytes of
-// cached data per thread stays within ~300 bytes (registers, no spills).
-__host__ __device__ constexpr int vectors_per_thread(int KB) { return KB == 1 ? 4 : KB == 2 ? 2 : 1; }
-__host__ __device__ constexpr int pow2_ceil(int n) { return n <= 1 ? 1 : 2 * pow2_ceil((n + 1) / 2); }
-__host__ __device__ constexpr int log2_exact(int n) { return n <= 1 ? 0 : 1 + log2_exact(n / 2); }
-__host__ __device__ constexpr int round_up32(int n) { return (n + 31) / 32 * 32; }
-// Blocks per SM the fused kernels are compiled for (__launch_bounds__): two (at most 128
-// registers a thread) for up to 4 directions, where the cached tile is small and the kernels
-// fit that without spilling (unbounded, the scaled path's code takes some past 128, which
-// halves their occupancy); one beyond.
-__host__ __device__ constexpr int min_blocks(int KB) { return KB <= 4 ? 2 : 1; }
-// Entries reduced together (accumulators live at once): 8 for the Gram at K = 16 keeps the
-// forward within the register file; a reduce-scatter costs ~1 shuffle per entry either way.
-__host__ __device__ constexpr int group_entries(int KB, bool gram) { return KB >= 16 ? (gram ? 8 : 16) : 32; }
-
-// Loads the W elements at row[col, col + W): one 16-byte load when `vec` (then D % W == 0,
-// so a vector is wholly inside or outside the row), else element by element; zeros past D.
-template <typename T>
-__device__ __forceinline__ void load_pack(Pack<T>& p, const T* __restrict__ row, int64_t col,
-                                          int64_t D, bool vec) {
-  constexpr int W = Pack<T>::W;
-  if (vec) {
-    if (col < D) {
-      p = *reinterpret_cast<const Pack<T>*>(row + col);
-    } else {
-      zero_pack(p);
-    }
-  } else {
-    using B = typename Bits<T>::type;
-    const B* r = reinterpret_cast<const B*>(row);
-    zero_pack(p);
-#pragma unroll
-    for (int w = 0; w < W; ++w) pack_set_bits(p, w, (col + w < D) ? r[col + w] : B(0));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pack(const Pack<T>& p, T* __restrict__ row, int64_t col,
-                                           int64_t D, bool vec) {
-  constexpr int W = Pack<T>::W;
-  if (vec) {
-    if (col < D) *reinterpret_cast<Pack<T>*>(row + col) = p;
-  } else {
-    using B = typename Bits<T>::type;
-    B* r = reinterpret_cast<B*>(row);
-#pragma unroll
-    for (int w = 0; w < W; ++w) {
-      if (col + w < D) {
-        if constexpr (sizeof(T) == 2) {
-          r[col + w] = static_cast<B>(p.u[w >> 1] >> (16 * (w & 1)));
-        } else if constexpr (sizeof(T) == 4) {
-          r[col + w] = p.u[w];
-        } else {
-          r[col + w] = (static_cast<uint64_t>(p.u[2 * w + 1]) << 32) | p.u[2 * w];
-        }
-      }
-    }
-  }
-}
-
-// Team layout of a block: kBlock / team teams of `team` threads (a multiple of 32).
-struct Team {
-  int size, id, tid, warp, warps, lane;
-  __device__ __forceinline__ explicit Team(int team_size) {
-    size = team_size;
-    id = threadIdx.x / team_size;
-    tid = threadIdx.x % team_size;
-    warp = tid / 32;
-    warps = team_size / 32;
-    lane = threadIdx.x & 31;
-  }
-  __device__ __forceinline__ void sync() const {
-    if (size == 32) {
-      __syncwarp();
-    } else {
-      // Named barrier per team (id 0 is __syncthreads); orders shared memory among its threads.
-      named_barrier_sync(id + 1, size);
-    }
-  }
-};
-
-// Shared-memory layout of one team, in accumulate-type elements.
-template <int KB>
-struct TeamSmem {
-  static constexpr int kEntries = KB * (KB + 1) / 2 + KB;  // Gram lower triangle + one solve rhs
-  static constexpr int kStride = round_up32(kEntries);     // per warp
-  __host__ __device__ static constexpr int elems(int warps) {
-    return warps * kStride + KB * KB + 3 * KB + warps + 4;
-  }
-  // offsets
-  __device__ static constexpr int wacc(int warp) { return warp * kStride; }
-  __device__ static constexpr int chol(int warps) { return warps * kStride; }  // the factor in pivot order
-  __device__ static constexpr int vec_c(int warps) { return warps * kStride + KB * KB; }
-  __device__ static constexpr int vec_u(int warps) { return warps * kStride + KB * KB + KB; }
-  // the direction factored at each step (pivot order), as small integers in the accumulate type
-  __device__ static constexpr int order(int warps) { return warps * kStride + KB * KB + 2 * KB; }
-  __device__ static constexpr int wsum(int warps) { return warps * kStride + KB * KB + 3 * KB; }
-  // one flag for the team (the scaled path)
-  __device__ static constexpr int flag(int warps) { return warps * kStride + KB * KB + 3 * KB + warps; }
-  // the scaled path's 1 / m, m and eps / m^2 (kept here, not in registers, by the fused kernels)
-  __device__ static constexpr int scale(int warps) { return warps * kStride + KB * KB + 3 * KB + warps + 1; }
-};
-
-// What both fused kernels derive from their launch: the team and its slice of shared memory,
-// the walk over work items (grid-stride, one item per team at a time) and the column tiling of
-// a row. A tile is team_size * V * W columns; thread tid's vector v of tile t starts at column
-// t * tile_cols + tid * W + v * team_size * W (coalesced across the team).
-template <typename T, int KB>
-struct TeamTiles {
-  using A = accumulate_t<T>;
-  static constexpr int V = vectors_per_thread(KB);
-  static constexpr int W = Pack<T>::W;
-  Team team;
-  A* sm;
-  int64_t D, tile_cols, teams_per_block;
-  int ntiles;
-  bool vec;
-
-  __device__ __forceinline__ TeamTiles(int team_size, int64_t row_length, bool vector_path)
-      : team(team_size), D(row_length), vec(vector_path) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    sm = reinterpret_cast<A*>(smem_raw) + team.id * TeamSmem<KB>::elems(team.warps);
-    tile_cols = static_cast<int64_t>(team_size) * V * W;
-    ntiles = D <= tile_cols ? 1 : static_cast<int>((D + tile_cols - 1) / tile_cols);
-    teams_per_block = kBlock / team_size;
-  }
-  __device__ __forceinline__ int64_t first_item() const { return blockIdx.x * teams_per_block + team.id; }
-  __device__ __forceinline__ int64_t item_stride() const {
-    return static_cast<int64_t>(gridDim.x) * teams_per_block;
-  }
-  // This thread's first column in tile t, and that of its vector v.
-  __device__ __forceinline__ int64_t col0(int t) const {
-    return t * tile_cols + static_cast<int64_t>(team.tid) * W;
-  }
-  __device__ __forceinline__ int64_t col(int64_t c0, int v) const { return c0 + v * team.size * W; }
-  // The tile at c0 of a row (x or grad_y) into vr and, when with_z, of the K directions at
-  // zbase into zr (the bucket's rows from K on are zero).
-  __device__ __forceinline__ void load(Pack<T> (&zr)[KB][V], Pack<T> (&vr)[V], const T* zbase,
-                                       int64_t z_dir_stride, int K, const T* row, int64_t c0,
-                                       bool with_z) const {
-    if (with_z) {
-#pragma unroll
-      for (int k = 0; k < KB; ++k)
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          if (k < K)
-            load_pack(zr[k][v], zbase + k * z_dir_stride, col(c0, v), D, vec);
-          else
-            zero_pack(zr[k][v]);
-        }
-    }
-#pragma unroll
-    for (int v = 0; v < V; ++v) load_pack(vr[v], row, col(c0, v), D, vec);
-  }
-};
-
-// Butterfly reduce-scatter of N (a power of two <= 32) values over the warp: returns, on each
-// lane, the warp total of value index lane >> (5 - log2 N). Fixed order, no atomics.
-// Step with lane bit OFF while CNT values are left (template recursion keeps indices constant).
-template <typename A, int N, int CNT, int OFF>
-__device__ __forceinline__ void reduce_scatter_step(A (&v)[N], int lane) {
-  if constexpr (OFF >= 1) {
-    if constexpr (CNT > 1) {
-      constexpr int H = CNT / 2;
-      const bool upper = (lane & OFF) != 0;
-#pragma unroll
-      for (int i = 0; i < H; ++i) {
-        const A send = upper ? v[i] : v[i + H];
-        const A keep = upper ? v[i + H] : v[i];
-        v[i] = keep + __shfl_xor_sync(kFull, send, OFF);
-      }
-      reduce_scatter_step<A, N, H, OFF / 2>(v, lane);
-    } else {
-      v[0] += __shfl_xor_sync(kFull, v[0], OFF);
-      reduce_scatter_step<A, N, 1, OFF / 2>(v, lane);
-    }
-  }
-}
-
-template <typename A, int N>
-__device__ __forceinline__ A warp_reduce_scatter(A (&v)[N], int lane) {
-  reduce_scatter_step<A, N, N, 16>(v, lane);
-  return v[0];
-}
-
-template <typename A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
-  return v;
-}
-
-// One group of up to GS entries: entries [GS GI, GS GI + GS) of
-//   GRAM: (Gram lower triangle a >= b at a (a + 1) / 2 + b, then <z_a, v> at NT + a)
-//   else: (<z_a, v> at a)
-// accumulated over this thread's columns, reduced over the warp, added into the warp's slot.
-template <typename T, int KB, bool GRAM, int GI>
-__device__ __forceinline__ void accumulate_group(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
-                                                 const Pack<T> (&vr)[vectors_per_thread(KB)],
-                                                 accumulate_t<T>* wacc, bool first_tile,
-                                                 int lane) {
-  using A = accumulate_t<T>;
-  constexpr int V = vectors_per_thread(KB);
-  constexpr int W = Pack<T>::W;
-  constexpr int NT = GRAM ? KB * (KB + 1) / 2 : 0;
-  constexpr int NE = NT + KB;
-  constexpr int GS = group_entries(KB, GRAM);
-  constexpr int CNT = (NE - GS * GI) < GS ? (NE - GS * GI) : GS;
-  constexpr int N = pow2_ceil(CNT);
-  A acc[N];
-#pragma unroll
-  for (int i = 0; i < N; ++i) acc[i] = A(0);
-#pragma unroll
-  for (int v = 0; v < V; ++v) {
-#pragma unroll
-    for (int w = 0; w < W; ++w) {
-      A zf[KB];
-#pragma unroll
-      for (int k = 0; k < KB; ++k) zf[k] = pack_get(zr[k][v], w);
-      const A xf = pack_get(vr[v], w);
-#pragma unroll
-      for (int a = 0; a < KB; ++a) {
-        if constexpr (GRAM) {
-#pragma unroll
-          for (int b = 0; b <= a; ++b) {
-            const int e = a * (a + 1) / 2 + b - GS * GI;
-            if (e >= 0 && e < CNT) acc[e] = fma(zf[a], zf[b], acc[e]);
-          }
-        }
-        const int e = NT + a - GS * GI;
-        if (e >= 0 && e < CNT) acc[e] = fma(zf[a], xf, acc[e]);
-      }
-    }
-  }
-  const A total = warp_reduce_scatter<A, N>(acc, lane);
-  constexpr int SH = 5 - log2_exact(N);
-  const int idx = lane >> SH;
-  if ((lane & ((1 << SH) - 1)) == 0 && idx < CNT) {
-    A* dst = wacc + GS * GI + idx;
-    *dst = first_tile ? total : *dst + total;
-  }
-  if constexpr (GS * (GI + 1) < NE) {
-    accumulate_group<T, KB, GRAM, GI + 1>(zr, vr, wacc, first_tile, lane);
-  }
-}
-
-// Pass 1 on one tile: the Gram entries (when `gram`) and Z v into this warp's slots.
-template <typename T, int KB>
-__device__ __forceinline__ void accumulate_tile(const Pack<T> (&zr)[KB][vectors_per_thread(KB)],
-                                                const Pack<T> (&vr)[vectors_per_thread(KB)],
-                                                accumulate_t<T>* wacc, bool first_tile, int lane, bool gram) {
-  if (gram)
-    accumulate_group<T, KB, true, 0>(zr, vr, wacc, first_tile, lane);
-  else
-    accumulate_group<T, KB, false, 0>(zr, vr, wacc, first_tile, lane);
-}
-
-// Z / m in place in the cached tile (m a power of two: exact for float, double and bfloat16,
-// whose exponent range is float's; half never takes the scaled path, nothing it holds
-// overflowing float). The padding rows and columns stay zero.
-template <typename T, int KB>
-__device__ __forceinline__ void scale_tile(Pack<T> (&zr)[KB][vectors_per_thread(KB)], accumulate_t<T> inv_m) {
-  constexpr int V = vectors_per_thread(KB);
-  constexpr int W = Pack<T>::W;
-#pragma unroll
-  for (int k = 0; k < KB; ++k)
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      Pack<T> out;
-      zero_pack(out);
-#pragma unroll
-      for (int w = 0; w < W; ++w) pack_set_bits(out, w, to_bits<T>(pack_get(zr[k][v], w) * inv_m));
-      zr[k][v] = out;
-    }
-}
-
-// The larger of a and b, a NaN winning (the largest |z| entry is NaN where any is).
-template <typename A>
-__device__ __forceinline__ A max_or_nan(A a, A b) {
-  return (b > a || b != b) ? b : a;
-}
-
-template <typename A>
-__device__ __forceinline__ bool is_finite(A v) {
-  return v - v == A(0);
-}
-
-// Warp-lane-parallel Cholesky factor of G, in the operation order of cholesky_inplace
-// (row_math.h): its lazy pivoting (the remaining direction of lowest index unless its remaining
-// pivot is below pivot_fraction of its G_jj, then the largest such fraction, ties to the lowest
-// index; padded directions, which are orthogonal to all, only after the real ones), its pivot
-// rule (dependent directions dropped, rel = 4 K u for the real K; padded rows have G_jj = eps, so
-// their pivot is sqrt(eps)) and its clamp of each entry to sqrt(G_ii - sum_{p<j} L_ip^2), which a
-// lane keeps as a running value in the same order. `gsm`: G's lower triangle (row a, column
-// b <= a at a (a + 1) / 2 + b), KB x KB. Lane i < KB gets direction i's row of the factor
-// (column t: step t) in m[] and the step it was factored at in `step`; order_sm[t] (written by
-// lane 0) is the direction factored at step t.
-template <typename A, int KB>
-__device__ __forceinline__ void warp_cholesky(const A* gsm, A eps, int K, int lane, A (&m)[KB], int& step,
-                                              A* order_sm) {
-  // Few registers live across the steps (the caller's cached tile is live too): G_ii is read
-  // from gsm where needed, whether this lane is done from the (uniform) mask.
-  const A rel = A(4) * A(K) * unit_roundoff<A>();
-  const int diag = lane < KB ? lane * (lane + 1) / 2 + lane : 0;
-  A rem = lane < KB ? gsm[diag] : A(0);  // G_ii - sum_{p<j} L_ip^2: this lane's pivot if taken next
-  unsigned done_mask = 0u;  // the directions factored so far (the same on every lane)
-#pragma unroll
-  for (int t = 0; t < KB; ++t) m[t] = A(0);
-#pragma unroll
-  for (int t = 0; t < KB; ++t) {
-    int natural = -1;  // the remaining direction of lowest index, the real ones first
-#pragma unroll
-    for (int q = KB - 1; q >= 0; --q)
-      if (!((done_mask >> q) & 1u)) natural = q;
-#pragma unroll
-    for (int q = KB - 1; q >= 0; --q)
-      if (q < K && !((done_mask >> q) & 1u)) natural = q;
-    const bool done = lane >= KB || ((done_mask >> lane) & 1u);
-    int p = natural;
-    const A key = (!done && lane < K) ? pivot_key(rem, gsm[diag]) : -FloatLimits<A>::largest;
-    if (natural < K && !(__shfl_sync(kFull, key, natural) >= pivot_fraction<A>())) {
-      A best = key;  // butterfly all-reduce of the largest (key, -lane): every lane gets the pivot
-      int best_lane = lane;
-#pragma unroll
-      for (int off = 16; off >= 1; off >>= 1) {
-        const A other = __shfl_xor_sync(kFull, best, off);
-        const int other_lane = __shfl_xor_sync(kFull, best_lane, off);
-        if (other > best || (other == best && other_lane < best_lane)) {
-          best = other;
-          best_lane = other_lane;
-        }
-      }
-      p = best_lane;
-    }
-    done_mask |= 1u << p;
-    const A gjj = gsm[p * (p + 1) / 2 + p];
-    const A d = __shfl_sync(kFull, rem, p);
-    const A r = pivot_root(d, gjj, eps, rel);
-    const A inv = A(1) / r;
-    A v = lane < KB ? (lane >= p ? gsm[lane * (lane + 1) / 2 + p] : gsm[p * (p + 1) / 2 + lane]) : A(0);
-#pragma unroll
-    for (int q = 0; q < t; ++q) v -= m[q] * __shfl_sync(kFull, m[q], p);
-    const A bound = sqrt(rem > A(0) ? rem : A(0));
-    const A l = v * inv;
-    const A lc = l < -bound ? -bound : (l > bound ? bound : l);
-    if (lane == p) {
-      m[t] = r;
-    } else if (!done) {
-      m[t] = lc;
-      rem -= lc * lc;
-    }
-    if (lane == 0) order_sm[t] = A(p);
-  }
-  __syncwarp();
-  step = lane;
-  for (int t = 0; t < KB; ++t)
-    if (static_cast<int>(order_sm[t]) == lane) step = t;
-}
-
-// The direction factored at step t (TeamSmem::order).
-template <typename A>
-__device__ __forceinline__ int order_at(const A* order_sm, int t) {
-  return static_cast<int>(order_sm[t]);
-}
-
-// Size of the solves: the padded bucket KB (a compile-time size: fully unrolled, b[] in
-// registers) up to K = 8; the real K at K = 16, where unrolling made the compiler hoist all
-// K (K + 1) / 2 factor entries while the cached tile is live, and spill (b[] then lives in
-// local memory, 64 bytes of L1-cached stack). The factor in shared memory has stride ks.
-template <int KB>
-__device__ __forceinline__ int solve_size(int K) {
-  return KB >= 16 ? K : KB;
-}
-
-// Warp 0 of a team: sums the warps' entries (fixed order), factors G (when `factor`, into the
-// team's chol slot in pivot order with the order beside it and, when `chol_out`, to global
-// memory in direction rows), and solves for the rhs entries. Returns the solution on every lane
-// of warp 0 in pivot order: b[t] belongs to direction order_at(t).
-//
-// Returns whether the factor (when `factor`) and the solution are finite (the same on every
-// lane); chol_out gets the factor times chol_scale (m, where the scaled path factors Z / m).
-template <typename A, int KB>
-__device__ __forceinline__ bool team_solve(A* sm, int warps, int lane, bool factor, A eps,
-                                           A* __restrict__ chol_out, A chol_scale, int K, A (&b)[KB]) {
-  using S = TeamSmem<KB>;
-  constexpr int NT = KB * (KB + 1) / 2;
-  A* Ls = sm + S::chol(warps);
-  A* order_sm = sm + S::order(warps);
-  const int ks = solve_size<KB>(K);
-  bool finite = true;
-  if (factor) {
-    // G's lower triangle summed over the warps, each lane its own row, into warp 0's slots.
-    if (lane < KB) {
-#pragma unroll
-      for (int p = 0; p < KB; ++p) {
-        if (p <= lane) {
-          const int e = lane * (lane + 1) / 2 + p;
-          A t = A(0);
-          for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + e];
-          if (p == lane) t += eps;
-          sm[S::wacc(0) + e] = t;
-        }
-      }
-    }
-    __syncwarp();
-    A m[KB];
-    int step;
-    warp_cholesky<A, KB>(sm + S::wacc(0), eps, K, lane, m, step, order_sm);
-    int bad = 0;
-#pragma unroll
-    for (int q = 0; q < KB; ++q) bad |= is_finite(m[q]) ? 0 : 1;
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) bad |= __shfl_xor_sync(kFull, bad, off);
-    finite = bad == 0;
-    if (lane < ks) {
-#pragma unroll
-      for (int q = 0; q < KB; ++q)
-        if (q < ks) Ls[step * ks + q] = m[q];
-      if (chol_out != nullptr && lane < K) {
-#pragma unroll
-        for (int q = 0; q < KB; ++q)
-          if (q < K) chol_out[lane * K + q] = m[q] * chol_scale;
-      }
-    }
-    __syncwarp();
-  }
-  const int rhs = factor ? NT : 0;
-#pragma unroll
-  for (int k = 0; k < KB; ++k) {
-    const int dir = order_at(order_sm, k);
-    A t = A(0);
-    for (int w = 0; w < warps; ++w) t += sm[S::wacc(w) + rhs + dir];
-    b[k] = t;
-  }
-  cholesky_solve_inplace<A>(Ls, ks, b);
-#pragma unroll
-  for (int k = 0; k < KB; ++k) finite = finite && is_finite(b[k]);
-  return finite;
-}
-
-// The largest |z| entry of the item's K directions over the team (for direction_scale): this
-// thread's columns, one 16-byte vector at a time (the cached tile is left alone, and few
-// registers are live), then the warp's, then the warps' in order.
-template <typename T, int KB>
-__device__ __forceinline__ accumulate_t<T> team_amax(const TeamTiles<T, KB>& tiles, const T* zbase,
-                                                     int64_t z_dir_stride, int K) {
-  using A = accumulate_t<T>;
-  using S = TeamSmem<KB>;
-  constexpr int W = Pack<T>::W;
-  A amax = A(0);
-  for (int t = 0; t < tiles.ntiles; ++t)
-    for (int k = 0; k < K; ++k)
-      for (int v = 0; v < TeamTiles<T, KB>::V; ++v) {
-        Pack<T> p;
-        load_pack(p, zbase + k * z_dir_stride, tiles.col(tiles.col0(t), v), tiles.D, tiles.vec);
-#pragma unroll
-        for (int w = 0; w < W; ++w) amax = max_or_nan(amax, static_cast<A>(fabs(pack_get(p, w))));
-      }
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) amax = max_or_nan(amax, __shfl_xor_sync(kFull, amax, off));
-  A* wsum = tiles.sm + S::wsum(tiles.team.warps);
-  if (tiles.team.lane == 0) wsum[tiles.team.warp] = amax;
-  tiles.team.sync();
-  A total = A(0);
-  for (int w = 0; w < tiles.team.warps; ++w) total = max_or_nan(total, wsum[w]);
-  tiles.team.sync();  // wsum is written again later in the item
-  return total;
-}
 
 // ---------------------------------------------------------------------------------------
 // Forward: y = x - s Z^T c, c = G^{-1} Z x; coeff = c; chol = L (written once per z row).
@@ -614,12 +64,14 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
   A* __restrict__ chol_data = static_cast<A*>(p.chol);
   const A eps = static_cast<A>(p.eps);
   const int ntiles = tiles.ntiles;
+  // The strength, once per team (the first team.sync publishes it): no global round trip per row.
+  if (team.tid == 0) sm[S::strength(team.warps)] = global_load(static_cast<const A*>(p.strength));
 
   Pack<T> zr[KB][V], xr[V];
   for (int64_t item = tiles.first_item(); item < items; item += tiles.item_stride()) {
-    const ItemRows r = item_rows(grid, p.chunks, item);
-    const RowOffsets go = decode_offsets(grid.group, r.group);
-    const T* zbase = z_data + go.z;
+    const WorkItem<T> it(grid, p.chunks, item, z_data);
+    const ItemRows& r = it.r;
+    const T* zbase = it.zbase;
     // The scaled path (row_math.h's direction_scale): where the factor or a row's solution
     // comes out non-finite (|z|^2 or z.x overflowed), the row is done again, and the rest of the
     // item too, with Z / m and eps / m^2 (z scaled as it enters the sums): c = c' / m, and the
@@ -631,9 +83,9 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
     A* const scale_sm = sm + S::scale(team.warps);
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
-      const RowOffsets so = decode_offsets(grid.shared, j);
-      const T* xrow = x_data + go.x + so.x;
-      const int64_t row = go.row + so.row;
+      const RowOffsets ro = it.row(grid, j);
+      const T* xrow = x_data + ro.x;
+      const int64_t row = ro.row;
       const bool gram = first || rescaled;
       rescaled = false;
       // Pass 1: Gram (first row of the item, or the row redone scaled) and Z x.
@@ -646,9 +98,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
       // Warp 0: factor and solve; lane 0 writes c by direction and whether to rescale.
       if (team.warp == 0) {
         A b[KB];
-        A* chol_out = (first && r.begin == 0) ? chol_data + r.group * K * K : nullptr;
-        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, gram, scaled ? scale_sm[2] : eps, chol_out,
-                                          scaled ? scale_sm[1] : A(1), K, b);
+        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, gram, scaled ? scale_sm[2] : eps, K, b);
         if (team.lane == 0) {
           const A inv_m = scaled ? scale_sm[0] : A(1);
 #pragma unroll
@@ -656,7 +106,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
             const int dir = order_at(sm + S::order(team.warps), k);
             const A c = b[k] * inv_m;
             sm[S::vec_c(team.warps) + dir] = c;
-            if (dir < K) coeff_data[row * K + dir] = c;
+            if (dir < K) global_store(coeff_data + row * K + dir, c);
           }
           sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);
         }
@@ -675,7 +125,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
         --j;  // the row again, scaled
         continue;
       }
-      const A s = *static_cast<const A*>(p.strength);  // read here: not held across pass 1 and the solve
+      const A s = sm[S::strength(team.warps)];  // read here: not held across pass 1 and the solve
       A w[KB];
 #pragma unroll
       for (int k = 0; k < KB; ++k) w[k] = s * sm[S::vec_c(team.warps) + k];
@@ -699,6 +149,10 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
           store_pack(out, yrow, tiles.col(col0, v), D, tiles.vec);
         }
       }
+      // The factor, once per z row (the first row of its first item), in direction rows: here,
+      // after pass 2, where fewer registers are live than in the solve.
+      if (first && r.begin == 0 && team.warp == 0)
+        store_factor<A, KB>(sm, team.warps, team.lane, K, scaled ? scale_sm[1] : A(1), chol_data + r.group * K * K);
       // Registers now hold tile 0: with one tile, Z stays valid for the item's next row.
     }
   }
@@ -731,41 +185,45 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_backward_kernel
   T* __restrict__ dz_data = static_cast<T*>(p.dz);
   A* __restrict__ dz_part_data = static_cast<A*>(p.dz_partial);
   A* __restrict__ gdotp_data = static_cast<A*>(p.gdotp_partial);
-  const A s = *static_cast<const A*>(p.strength);
+  const A s = global_load(static_cast<const A*>(p.strength));
   const bool want_dz = dz_data != nullptr;
   const bool direct_dz = want_dz && grid.group_size == 1;
   const int ntiles = tiles.ntiles;
 
   Pack<T> zr[KB][V], gr[V];
   for (int64_t item = tiles.first_item(); item < items; item += tiles.item_stride()) {
-    const ItemRows r = item_rows(grid, p.chunks, item);
-    const RowOffsets go = decode_offsets(grid.group, r.group);
-    const T* zbase = z_data + go.z;
+    const WorkItem<T> it(grid, p.chunks, item, z_data);
+    const ItemRows& r = it.r;
+    const T* zbase = it.zbase;
     A* Ls = sm + S::chol(team.warps);
     A* order_sm = sm + S::order(team.warps);
     const int ks = solve_size<KB>(K);
     if (team.warp == 0) {
       // The factor in direction rows (row_math.h's factor_order): direction i was factored at
       // the step of its row's last nonzero entry; its row goes to that row of Ls (pivot order).
-      // The order starts as the identity, so any chol gives valid indices.
+      // The order starts as the identity, so any chol gives valid indices. The factor comes in
+      // coalesced, into Ls in direction rows (stride ks); each lane takes its row into registers,
+      // then writes it to the row of its step.
       if (team.lane < KB) order_sm[team.lane] = A(team.lane);
+      const A* L = chol_data + r.group * K * K;
+      for (int base = 0; base < K * K; base += 32) {
+        const int e = base + team.lane;
+        if (e < K * K) Ls[(e / K) * ks + e % K] = global_load(L + e);
+      }
+      __syncwarp();
+      A lrow[KB];
+      int step = team.lane < K ? 0 : team.lane;
+#pragma unroll
+      for (int q = 0; q < KB; ++q) {
+        lrow[q] = team.lane < K && q < K ? Ls[team.lane * ks + q] : A(0);
+        if (team.lane < K && q > 0 && q < K && lrow[q] != A(0)) step = q;
+      }
       __syncwarp();
       if (team.lane < ks) {
-        const A* L = chol_data + r.group * K * K;
-        int step = team.lane;
-        if (team.lane < K) {
-          step = 0;
-          for (int q = K - 1; q > 0; --q)
-            if (L[team.lane * K + q] != A(0)) {
-              step = q;
-              break;
-            }
-        }
 #pragma unroll
         for (int q = 0; q < KB; ++q)
           if (q < ks)
-            Ls[step * ks + q] = (team.lane < K && q < K) ? (q <= step ? L[team.lane * K + q] : A(0))
-                                                         : (team.lane == q ? A(1) : A(0));
+            Ls[step * ks + q] = team.lane < K ? (q <= step ? lrow[q] : A(0)) : (team.lane == q ? A(1) : A(0));
         order_sm[step] = A(team.lane);
       }
     }
@@ -778,10 +236,10 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_backward_kernel
     A gdotp_acc = A(0);
     for (int64_t j = r.begin; j < r.end; ++j) {
       const bool first = j == r.begin;
-      const RowOffsets so = decode_offsets(grid.shared, j);
-      const T* grow = g_data + go.g + so.g;
-      const T* xrow = x_data + go.x + so.x;
-      const int64_t row = go.row + so.row;
+      const RowOffsets ro = it.row(grid, j);
+      const T* grow = g_data + ro.g;
+      const T* xrow = x_data + ro.x;
+      const int64_t row = ro.row;
       // Pass 1: Z g.
       for (int t = 0; t < ntiles; ++t) {
         tiles.load(zr, gr, zbase, grid.z_dir_stride, K, grow, tiles.col0(t), first || ntiles > 1 || scaled);
@@ -792,13 +250,13 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_backward_kernel
       // Warp 0 solves; lane 0 writes u and c by direction and whether to rescale.
       if (team.warp == 0) {
         A b[KB];
-        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), nullptr, A(1), K, b);
+        const bool ok = team_solve<A, KB>(sm, team.warps, team.lane, false, A(0), K, b);
         if (team.lane == 0) {
           const A inv_m = scaled ? scale_sm[0] : A(1);
 #pragma unroll
           for (int k = 0; k < KB; ++k) {
             sm[S::vec_u(team.warps) + order_at(order_sm, k)] = b[k] * inv_m;
-            sm[S::vec_c(team.warps) + k] = k < K ? coeff_data[row * K + k] : A(0);
+            sm[S::vec_c(team.warps) + k] = k < K ? global_load(coeff_data + row * K + k) : A(0);
           }
           sm[S::flag(team.warps)] = ok || scaled ? A(0) : A(1);
         }
@@ -869,11 +327,11 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_backward_kernel
 #pragma unroll
                   for (int e = 0; e < W; ++e) acc.v[e] = fma(c[k], g_minus_q[e], u[k] * x_minus_p[e]);
                 } else {
-                  acc = *dst;
+                  acc = global_load(dst);
 #pragma unroll
                   for (int e = 0; e < W; ++e) acc.v[e] += fma(c[k], g_minus_q[e], u[k] * x_minus_p[e]);
                 }
-                *dst = acc;
+                global_store(dst, acc);
               }
             }
           }
@@ -887,7 +345,7 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_backward_kernel
     if (team.tid == 0) {
       A total = A(0);
       for (int w = 0; w < team.warps; ++w) total += sm[S::wsum(team.warps) + w];
-      gdotp_data[item] = total;
+      global_store(gdotp_data + item, total);
     }
     team.sync();  // wsum and Ls are rewritten by the next item
   }
@@ -899,7 +357,7 @@ template <typename T>
 __global__ void __launch_bounds__(kBlock) purify_backward_finalize(const __grid_constant__ BackwardParams p, int64_t items,
                                                                    int64_t dz_blocks) {
   using A = accumulate_t<T>;
-  const A s = *static_cast<const A*>(p.strength);
+  const A s = global_load(static_cast<const A*>(p.strength));
   if (blockIdx.x < dz_blocks) {
     const int64_t K = p.grid.K, D = p.grid.D, Dp = p.Dp, chunks = p.chunks;
     const int64_t total = p.grid.groups * K * D;
@@ -911,15 +369,15 @@ __global__ void __launch_bounds__(kBlock) purify_backward_finalize(const __grid_
       const int64_t mk = i / D, d = i % D;  // mk = m * K + k
       const int64_t m = mk / K, k = mk % K;
       A sum = A(0);
-      for (int64_t c = 0; c < chunks; ++c) sum += part[((m * chunks + c) * K + k) * Dp + d];
-      dz[i] = to_bits<T>(-s * sum);
+      for (int64_t c = 0; c < chunks; ++c) sum += global_load(part + ((m * chunks + c) * K + k) * Dp + d);
+      global_store(dz + i, to_bits<T>(-s * sum));
     }
     return;
   }
   __shared__ A red[kBlock];
   const A* __restrict__ gdotp_part = static_cast<const A*>(p.gdotp_partial);
   A t = A(0);
-  for (int64_t i = threadIdx.x; i < items; i += kBlock) t += gdotp_part[i];
+  for (int64_t i = threadIdx.x; i < items; i += kBlock) t += global_load(gdotp_part + i);
   red[threadIdx.x] = t;
   __syncthreads();
 #pragma unroll
@@ -927,7 +385,7 @@ __global__ void __launch_bounds__(kBlock) purify_backward_finalize(const __grid_
     if (threadIdx.x < n) red[threadIdx.x] += red[threadIdx.x + n];
     __syncthreads();
   }
-  if (threadIdx.x == 0) *static_cast<A*>(p.ds) = -red[0];
+  if (threadIdx.x == 0) global_store(static_cast<A*>(p.ds), -red[0]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -969,7 +427,7 @@ cudaError_t launch_forward_kb(const ForwardParams& p, cudaStream_t stream) {
   const int tpb = kBlock / team;
   const size_t smem = block_smem_bytes<A, KB>(team);
   const int64_t items = p.grid.groups * p.chunks;
-  return launch_kernel(purify_forward_kernel<T, KB>, grid_blocks(items, tpb), kBlock, smem, stream, true, p, team,
+  return launch_kernel("forward", purify_forward_kernel<T, KB>, grid_blocks(items, tpb), kBlock, smem, stream, true, p, team,
                        items);
 }
 
@@ -981,7 +439,7 @@ cudaError_t launch_backward_kb(const BackwardParams& p, cudaStream_t stream) {
   const int tpb = kBlock / team;
   const size_t smem = block_smem_bytes<A, KB>(team);
   const int64_t items = p.grid.groups * p.chunks;
-  cudaError_t err = launch_kernel(purify_backward_kernel<T, KB>, grid_blocks(items, tpb), kBlock, smem, stream,
+  cudaError_t err = launch_kernel("backward", purify_backward_kernel<T, KB>, grid_blocks(items, tpb), kBlock, smem, stream,
                                   true, p, team, items);
   if (err != cudaSuccess) return err;
   int64_t dz_blocks = 0;
@@ -990,7 +448,7 @@ cudaError_t launch_backward_kb(const BackwardParams& p, cudaStream_t stream) {
     dz_blocks = (total + kBlock - 1) / kBlock;
     if (dz_blocks > (int64_t{1} << 20)) dz_blocks = int64_t{1} << 20;
   }
-  return launch_kernel(purify_backward_finalize<T>, static_cast<unsigned>(dz_blocks + 1), kBlock, 0, stream, false, p,
+  return launch_kernel("backward_finalize", purify_backward_finalize<T>, static_cast<unsigned>(dz_blocks + 1), kBlock, 0, stream, false, p,
                        items, dz_blocks);
 }
 

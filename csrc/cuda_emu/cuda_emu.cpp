@@ -93,6 +93,7 @@ struct Fiber {
   int wait_line = 0, wait_id = 0;
   uint64_t result = 0;
   void* fake_stack = nullptr;
+  uint64_t collectives = 0;  // barriers, __syncwarp and shuffles passed (memory_traffic.cpp)
 };
 
 struct Barrier {
@@ -352,9 +353,15 @@ const uint3& block_idx() { return (current("blockIdx"), t_block->idx); }
 const dim3& block_dim() { return (current("blockDim"), t_block->dim); }
 const dim3& grid_dim() { return (current("gridDim"), t_block->grid); }
 
+FiberPlace fiber_place() {
+  const Fiber* f = current("a global memory access");
+  return {f->linear, f->warp, f->collectives};
+}
+
 void bar_sync(int id, int count, int line) {
   Fiber* f = current("bar.sync");
   Block* b = t_block;
+  ++f->collectives;
   if (id < 0 || id > 15) fail("bar.sync: barrier id " + std::to_string(id) + " outside 0..15");
   if (count > 0 && (count % 32 != 0 || count > b->threads))
     fail("bar.sync " + std::to_string(id) + ": count " + std::to_string(count) +
@@ -408,6 +415,7 @@ namespace {
 uint64_t warp_collective(int kind, unsigned mask, uint64_t bits, int arg, int width, int line) {
   Fiber* f = current(kind_name(kind));
   Block* b = t_block;
+  ++f->collectives;
   const int lanes = warp_lanes(b, f->warp);
   const unsigned valid = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
   if (!(mask >> f->lane & 1u)) fail(std::string(kind_name(kind)) + ": the calling lane is not in its mask");
@@ -468,7 +476,8 @@ uint64_t shuffle_bits(unsigned mask, uint64_t bits, Shuffle kind, int arg, int w
   return warp_collective(kind == Shuffle::kIndex ? 1 : 2, mask, bits, arg, width, line);
 }
 
-cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride, const std::function<void()>& body) {
+cudaError_t launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
+                   const std::function<void()>& body) {
   std::ostringstream os;
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64)
@@ -493,6 +502,7 @@ cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
   const long page = sysconf(_SC_PAGESIZE);
   for (uint64_t t = 0; t < threads; ++t) mprotect(stacks + t * kStackBytes, page, PROT_NONE);  // overflow guard
   std::string error;
+  traffic_launch_begin(name, grid, block, dynamic_smem);
   const Schedule schedule = g_schedule.load();
   const uint64_t seed = g_seed.load();
   for (unsigned bz = 0; bz < grid.z && error.empty(); ++bz)
@@ -510,7 +520,9 @@ cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
         std::thread worker(run_block, &blk, stacks, dynamic_smem);
         worker.join();
         error = blk.error;
+        traffic_block_end();
       }
+  traffic_launch_end();
   munmap(mem, stack_bytes);
   if (!error.empty()) {
     t_last_error = error;

@@ -48,7 +48,7 @@ uint64_t shuffle_bits(unsigned mask, uint64_t bits, Shuffle kind, int arg, int w
 
 // Runs body() once per thread of each block of the grid; returns cudaSuccess, or an error
 // whose description last_error() gives (a launch limit, a violated collective, a deadlock).
-cudaError_t launch(dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
+cudaError_t launch(const char* name, dim3 grid, dim3 block, size_t dynamic_smem, bool grid_stride,
                    const std::function<void()>& body);
 const char* last_error();
 
@@ -68,12 +68,29 @@ void set_shared_memory_fill(unsigned char byte);
 constexpr size_t kMaxDynamicSmem = 48 * 1024;
 
 template <typename... P, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, bool grid_stride,
-                          Args&&... args) {
+cudaError_t launch_kernel(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem,
+                          bool grid_stride, Args&&... args) {
   // Each thread gets its own copy of the arguments, as from the kernel parameter space.
   std::tuple<std::decay_t<P>...> params(std::forward<Args>(args)...);
-  return launch(grid, block, smem, grid_stride, [&] { std::apply(kernel, params); });
+  return launch(name, grid, block, smem, grid_stride, [&] { std::apply(kernel, params); });
 }
+
+// The global memory traffic of the launches (memory_traffic.cpp), recorded while enabled: every
+// lane's global access (`active` false: the lane is predicated off at a guarded access, which
+// keeps the lanes' count of the call site in step), at its call site. The lanes of a warp at
+// one call site's one dynamic execution (the same count of collectives passed and of
+// executions of the site since) form one warp instruction.
+void record_global_access(const void* p, size_t bytes, bool store, bool active, const char* file, int line);
+// Where the calling fiber is: thread in the block, warp, and how many collectives it passed.
+struct FiberPlace {
+  int linear, warp;
+  uint64_t collectives;
+};
+FiberPlace fiber_place();
+// Called by launch(): a launch starts, one of its blocks ends, the launch ends.
+void traffic_launch_begin(const char* name, dim3 grid, dim3 block, size_t dynamic_smem);
+void traffic_block_end();
+void traffic_launch_end();
 
 template <typename T>
 T shuffle(unsigned mask, T v, Shuffle kind, int arg, int width, int line) {

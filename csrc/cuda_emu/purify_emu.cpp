@@ -29,6 +29,8 @@ struct EmulatedDevice {
 
 }  // namespace
 
+void bind_memory_traffic(pybind11::module_& m);  // memory_traffic.cpp
+
 TORCH_LIBRARY(purified_ops_cuda_emu, m) {
   m.def(kForwardSchema);
   m.def(kBackwardSchema);
@@ -81,6 +83,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("byte"),
       "The byte every block's dynamic shared memory starts as: 0xff (NaN) by default; a byte such "
       "as 0x3c makes it finite, like the stale values a GPU leaves.");
+  purified_ops::cuda::bind_memory_traffic(m);
 #if defined(__SANITIZE_ADDRESS__)
   m.attr("sanitized") = true;
 #else
