@@ -474,8 +474,10 @@ def _backward_vmap_rule(backward: torch._ops.OpOverload):
         s = strength if s_bdim is None else strength.new_ones(())
         dx, dz, _ = backward(g, x, z, s, coeff, chol, compute_grad_z)
         acc = coeff.dtype
-        rows = tuple(range(1, x.dim()))
-        ds = -(g.to(acc) * _zt(coeff, z.to(acc))).sum(rows)
+        rows = tuple(range(1, x.dim() - 1))  # the rows' dims besides the vmapped one
+        # einsum contracts z's broadcast (size-1) dims without expanding z per row
+        ds = -torch.einsum("...k,...kd,...d->...", coeff, z.to(acc), g.to(acc))
+        ds = ds.sum(rows) if rows else ds
         if s_bdim is not None:
             sb = strength.movedim(s_bdim, 0).to(acc)
             ga = g.to(acc)
