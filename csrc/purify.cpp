@@ -1,7 +1,13 @@
-// The op schemas of purified_ops and the build-info binding of purified_ops._C. Implementations
-// live in cpu/ (one module per CPU capability, see cpu/module.cpp) and cuda/ (TORCH_LIBRARY_IMPL),
-// fake kernels in purified_ops/ops.py, purify_forward's autograd and batching rule in _derivatives.py.
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+// The op schemas of purified_ops and the build-info binding of purified_ops._C.
+//
+// Where the ops are registered, one file per piece:
+//   C++     csrc/purify.cpp                 schemas (TORCH_LIBRARY), this file
+//           csrc/purify_autocast.cpp        Autocast kernels (AutocastCPU, AutocastCUDA)
+//           csrc/cpu/purify_cpu.cpp         CPU kernels (TORCH_LIBRARY_IMPL CPU, at its end)
+//           csrc/cuda/purify_cuda.cpp       CUDA kernels (TORCH_LIBRARY_IMPL CUDA)
+//           csrc/cuda_emu/purify_emu.cpp    the emulated CUDA backend's namespace, same schemas
+//   Python  purified_ops/ops.py             loading, fake kernels, PurifyFunction, purify
+//           purified_ops/_derivatives.py    Autograd kernels and batching rules of both ops
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -24,15 +30,9 @@ TORCH_LIBRARY(purified_ops, m) {
   m.def(purified_ops::kBackwardOutSchema);
 }
 
-// purify_forward's Autograd kernel and batching rule are registered from Python
-// (purified_ops/_derivatives.py): its derivative reuses the op's own outputs and,
-// for double backward, the closed form in PyTorch ops. purify_backward has no derivative of its
-// own (a double backward recomputes through those ops instead): a raw call with an input that
-// requires grad gets an output whose backward raises "derivative for
-// purified_ops::purify_backward is not implemented" instead of leaving x.grad silently None.
-TORCH_LIBRARY_IMPL(purified_ops, Autograd, m) {
-  m.impl("purify_backward", torch::autograd::autogradNotImplementedFallback());
-}
+// Both ops' Autograd kernels and batching rules are registered from Python
+// (purified_ops/_derivatives.py): each derivative is a closed form in the fused ops and
+// elementwise PyTorch ops, and torch.func needs a Python Function at each of its levels.
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", [] {

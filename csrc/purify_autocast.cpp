@@ -1,7 +1,8 @@
 // Autocast policy of the ops: compute in float32 (the kernels accumulate in float32 for 16-bit
 // inputs anyway), output in the promoted dtype of x and z, the way torch's binary ops promote.
 // So a region that produces bfloat16 features and float32 directions (or the reverse) runs the
-// op once, on the promoted dtype, instead of failing on mixed dtypes.
+// op once, on the promoted dtype, instead of failing on mixed dtypes. The other registrations of
+// the ops are listed at the top of csrc/purify.cpp.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -500,6 +500,9 @@ PRESETS = {
                  modes=["forward", "backward"], reps=20, max_gib=8.0, compile_dynamic=True),
     # The CPU training step of issue 22's table (benchmarks/run_cpu.sh; goals in benchmarks/summarize.py).
     "cpu-step": dict(dtypes=["float32", "bfloat16"], N=[2048, 8192], D=[1024], K=[1, 4], modes=["full"], reps=40),
+    # What a call costs beyond the kernels, as ratios (purified_ops/bench_overhead.py, its own
+    # runner: the flags above do not apply).
+    "overhead": dict(reps=30),
 }
 DRY_RUN = dict(N=[64], D=[256, 1000], reps=3)
 

@@ -68,6 +68,11 @@ def _bench(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.preset == "overhead":
+        from . import bench_overhead
+
+        print(bench_overhead.format_table(bench_overhead.run(reps=args.reps or 30, csv_paths=args.csv or ())))
+        return 0
     given = {k: getattr(args, k) for k in bench.DEFAULTS if getattr(args, k) is not None}
     settings = bench.sweep_settings(args.preset, given, args.dry_run)
     cases = bench.cases_for(args.device, settings["dtypes"], settings["N"], settings["D"], settings["K"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validate import check_eps, check_strength, check_strength_range, check_tensor
+from ._input_checks import check_eps, check_strength, check_strength_range, check_tensor
 from .ops import purify
 
 __all__ = ["PurifyLayer"]
@@ -104,12 +104,14 @@ class PurifyLayer(nn.Module):
                 unexpected_keys.remove(key)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        check_tensor("x", x)
-        check_tensor("z", z)
-        if self.detach_irrelevant:
+        if self.detach_irrelevant and isinstance(z, torch.Tensor):
             z = z.detach()
+        if self.dim == -1:  # features last: purify checks everything
+            return purify(x, z, strength=self.strength, eps=self.eps)
+        check_tensor("x", x)  # the layer reads the shapes first
+        check_tensor("z", z)
         dim = self.dim + x.dim() if self.dim < 0 else self.dim
-        if dim == x.dim() - 1:  # features last: purify's checks cover the rest
+        if dim == x.dim() - 1:
             return purify(x, z, strength=self.strength, eps=self.eps)
         if not 0 <= dim < x.dim():
             raise ValueError(f"PurifyLayer: dim={self.dim} is out of range for x of shape {tuple(x.shape)}")

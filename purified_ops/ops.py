@@ -1,6 +1,11 @@
 """The registered ops: loading the extension, their fake kernels and derivatives (registered on
 the ops, :mod:`purified_ops._derivatives`), the checked op call :class:`PurifyFunction`, the
-functional entry point :func:`purify` and the decomposition table for export."""
+functional entry point :func:`purify` and the decomposition table for export.
+
+Registration of the ops, one place per language: Python here and in ``_derivatives.py``
+(Autograd kernels, batching rules); C++ in ``csrc/purify.cpp`` (schemas), whose header lists
+the kernels' registrations (``purify_autocast.cpp``, ``cpu/purify_cpu.cpp``,
+``cuda/purify_cuda.cpp``, ``cuda_emu/purify_emu.cpp``)."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +14,7 @@ import warnings
 import torch
 
 from . import _derivatives, _extension, _settings, reference
-from ._validate import check_purify_args
+from ._input_checks import canonical_args, check_purify_args
 
 __all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "empty_cpu_cache", "cpu_cache_bytes",
            "export_decompositions", "BACKENDS", "emulated_cuda_ops"]
@@ -150,26 +155,87 @@ def _exporting_to_onnx() -> bool:
     return onnx is not None and onnx.is_in_onnx_export()
 
 
-class PurifyFunction:
-    """The checked call of the registered op, with all of its outputs:
-    ``y, coeff, chol = PurifyFunction.apply(x, z, strength, eps)``.
+class PurifyFunction(torch.autograd.Function):
+    """The checked call of the registered op, with all of its outputs, as a
+    ``torch.autograd.Function``: ``y, coeff, chol = PurifyFunction.apply(x, z, strength, eps)``.
 
     Validates its arguments, promotes dtypes and runs ``purified_ops::purify_forward``, which
-    returns, besides ``y``, the per-row coefficients ``coeff`` and the Cholesky factors ``chol``
-    that its backward reuses (not differentiable). The op is differentiable wherever it runs
-    (its Autograd kernel, :class:`_PurifyAutograd`). :func:`purify` is the usual entry point.
+    returns, besides ``y``, the per-row coefficients ``coeff`` (differentiable) and the Cholesky
+    factors ``chol`` that its backward reuses (not differentiable). Its backward and forward mode
+    are the op's own (:mod:`purified_ops._derivatives`): the fused ``purify_backward`` op, itself
+    differentiable. :func:`purify` is the usual entry point.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def apply(x, z, strength, eps):
+    def forward(x, z, strength, eps):
         args = check_purify_args(x, z, strength, eps)
         if _C is None:
             raise RuntimeError(f"purified_ops: {_extension.load_failure_message(_LOAD_ERROR)}; "
                                "or use purify(..., backend='reference')")
         return torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)
 
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, z, strength, eps = inputs
+        ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)
+        # The inputs as given: the rules make the kernels' form of them again where they run, so
+        # that a recorded backward (create_graph) connects to the inputs themselves.
+        saved = (x, z, strength if isinstance(strength, torch.Tensor) else None, output[1], output[2])
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.eps = float(eps)
+        ctx.strength = None if isinstance(strength, torch.Tensor) else strength
+
+    @staticmethod
+    def _canonical(ctx):
+        x, z, strength, coeff, chol = ctx.saved_tensors
+        args = canonical_args(x, z, strength if strength is not None else ctx.strength, ctx.eps)
+        return (args.x, args.z, args.strength, coeff, chol), (x, z, strength)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_coeff, _grad_chol):
+        need_x, need_z, need_s, _ = ctx.needs_input_grad
+        saved, (x, z, strength) = PurifyFunction._canonical(ctx)
+        dx, dz, ds = _derivatives.forward_vjp(_dispatch(), ctx.eps, saved, need_z, need_s, grad_y, grad_coeff)
+        return (dx if need_x else None, dz.reshape(z.shape) if dz is not None else None,
+                ds.reshape(strength.shape) if ds is not None and strength is not None else None, None)
+
+    @staticmethod
+    def jvp(ctx, x_t, z_t, strength_t, _eps_t):
+        saved, (x, z, _) = PurifyFunction._canonical(ctx)
+        dtype = saved[0].dtype
+        x_t = x_t.to(dtype) if x_t is not None else None
+        z_t = reference.as_directions(x, z_t).to(dtype) if z_t is not None else None
+        strength_t = strength_t.reshape(()) if strength_t is not None else None
+        return _derivatives.forward_jvp(_dispatch(), ctx.eps, saved, x_t, z_t, strength_t)
+
+
+def _dispatch():
+    ops = torch.ops.purified_ops
+    return _derivatives._Dispatch(ops.purify_forward.default, ops.purify_backward.default)
+
+
+# _resolve_backend's answers by (backend, device, whether the extension loaded): what serves a
+# CPU or meta tensor is fixed for a process, so each is worked out once (a call that raises is
+# not remembered). A CUDA tensor's answer depends on which GPU is current; _extension keeps what
+# each GPU is.
+_RESOLVED: dict = {}
+
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
+    if device.type == "cuda":
+        return _resolve_backend_uncached(backend, device)
+    key = (backend, device, _C is None)
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _resolve_backend_uncached(backend, device)
+    return found
+
+
+def _resolve_backend_uncached(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"purify: backend must be one of {BACKENDS}, got {backend!r}")
     available = available_backends()

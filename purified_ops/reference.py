@@ -7,7 +7,7 @@ Per row ``x`` (length D) with K task-irrelevant directions ``Z`` (K x D)::
 Everything here is differentiable by autograd (double backward too), runs on
 any device and any K, and serves as the oracle for the tests and the fallback
 when no compiled kernel serves.  Inputs are assumed valid: validation lives in
-:mod:`purified_ops._validate`, above this module.
+:mod:`purified_ops._input_checks`, above this module.
 """
 from __future__ import annotations
 

@@ -310,19 +310,24 @@ def test_reference_under_cpu_bf16_autocast_computes_in_float32():
     assert rel_err(fused, truth) <= TOLERANCE[torch.float32]
 
 
-def test_the_raw_op_is_differentiable_and_its_backward_op_says_it_is_not():
+def test_the_raw_ops_are_differentiable():
     x, z, s = torch.randn(3, 8, requires_grad=True), torch.randn(3, 1, 8, requires_grad=True), torch.tensor(0.5)
     y, coeff, chol = torch.ops.purified_ops.purify_forward(x, z, s, 1e-6)
-    assert not coeff.requires_grad and not chol.requires_grad
-    gx, gz = torch.autograd.grad(y.square().sum(), (x, z))
+    assert coeff.requires_grad and not chol.requires_grad
+    gx, gz = torch.autograd.grad(y.square().sum(), (x, z), retain_graph=True)
     xr, zr = x.detach().requires_grad_(), z.detach().requires_grad_()
     ex, ez = torch.autograd.grad(reference.purify(xr, zr, strength=0.5).square().sum(), (xr, zr))
     torch.testing.assert_close(gx, ex)
     torch.testing.assert_close(gz, ez)
-    # purify_backward has no derivative of its own: a double backward recomputes instead.
-    dx, _, _ = torch.ops.purified_ops.purify_backward(y, x, z, s, coeff, chol, True)
-    with pytest.raises(RuntimeError, match="derivative for purified_ops::purify_backward is not implemented"):
-        dx.sum().backward()
+    # purify_backward has a derivative of its own: the second derivative of y.
+    dx, dz, _ = torch.ops.purified_ops.purify_backward(y, x, z, s, coeff, chol, True)
+    hx, hz = torch.autograd.grad(dx.square().sum() + dz.square().sum(), (x, z))
+    # dx, dz = J^T y: the gradient of |y|^2 / 2
+    ex, ez = torch.autograd.grad(reference.purify(xr, zr, strength=0.5).square().sum() / 2, (xr, zr),
+                                 create_graph=True)
+    rx, rz = torch.autograd.grad(ex.square().sum() + ez.square().sum(), (xr, zr))
+    torch.testing.assert_close(hx, rx)
+    torch.testing.assert_close(hz, rz)
 
 
 def test_infinite_strength_is_rejected_on_every_backend():

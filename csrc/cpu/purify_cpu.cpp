@@ -940,6 +940,7 @@ void purify_backward_out_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in
 
 }  // namespace
 
+// The CPU kernels of the ops; the other registrations are listed at the top of csrc/purify.cpp.
 TORCH_LIBRARY_IMPL(purified_ops, CPU, m) {
   m.impl("purify_forward", &purify_forward_cpu);
   m.impl("purify_backward", &purify_backward_cpu);

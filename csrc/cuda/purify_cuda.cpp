@@ -1,5 +1,6 @@
 // CUDA implementations of purify_forward and purify_backward (TORCH_LIBRARY_IMPL CUDA): the
-// device guard, the current stream and CUDA's error check around purify_cuda_ops.h.
+// device guard, the current stream and CUDA's error check around purify_cuda_ops.h. The other
+// registrations of the ops are listed at the top of csrc/purify.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

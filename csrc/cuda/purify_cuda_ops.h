@@ -220,40 +220,45 @@ void fused_backward_into(const at::Tensor& g_in, const at::Tensor& x_in, const a
 
 using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// The one place K picks the path: the fused kernels up to kMaxCudaFusedK, the ATen products
-// beyond. Writes into `out` where given (the _out ops), else into new outputs; returns them.
-// x and z have unit last stride and the device guard is held.
-template <typename Dev>
-Outputs run_forward(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
-                    Outputs* out) {
-  if (!uses_fused_kernels(z.size(-2))) {
-    Outputs r = forward_unfused<Dev>(x, z, strength, eps);
+// The one place K picks the path, for either direction: the fused kernels up to kMaxCudaFusedK
+// (`fused(outputs)` into `*out` where given, the _out ops, else into `allocate()`), the ATen
+// products beyond (`unfused()`, copied into `*out` where given). Returns the outputs.
+template <typename Unfused, typename Allocate, typename Fused>
+Outputs run_path(int64_t K, Outputs* out, Unfused&& unfused, Allocate&& allocate, Fused&& fused) {
+  if (!uses_fused_kernels(K)) {
+    Outputs r = unfused();
     if (out == nullptr) return r;
     std::get<0>(*out).copy_(std::get<0>(r));
-    std::get<1>(*out).copy_(std::get<1>(r));
+    std::get<1>(*out).copy_(std::get<1>(r));  // dz not wanted: both are empty
     std::get<2>(*out).copy_(std::get<2>(r));
     return *out;
   }
-  Outputs o = out != nullptr ? *out : allocate_forward_outputs(x, z);
-  fused_forward_into<Dev>(x, z, strength, eps, std::get<0>(o), std::get<1>(o), std::get<2>(o));
+  Outputs o = out != nullptr ? *out : allocate();
+  fused(std::get<0>(o), std::get<1>(o), std::get<2>(o));
   return o;
+}
+
+// x and z (and g) have unit last stride and the device guard is held.
+template <typename Dev>
+Outputs run_forward(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
+                    Outputs* out) {
+  return run_path(
+      z.size(-2), out, [&] { return forward_unfused<Dev>(x, z, strength, eps); },
+      [&] { return allocate_forward_outputs(x, z); },
+      [&](at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
+        fused_forward_into<Dev>(x, z, strength, eps, y, coeff, chol);
+      });
 }
 
 template <typename Dev>
 Outputs run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
                      const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, Outputs* out) {
-  if (!uses_fused_kernels(z.size(-2))) {
-    Outputs r = backward_unfused<Dev>(g, x, z, strength, coeff, chol, compute_grad_z);
-    if (out == nullptr) return r;
-    std::get<0>(*out).copy_(std::get<0>(r));
-    if (compute_grad_z) std::get<1>(*out).copy_(std::get<1>(r));
-    std::get<2>(*out).copy_(std::get<2>(r));
-    return *out;
-  }
-  Outputs o = out != nullptr ? *out : allocate_backward_outputs(x, z, compute_grad_z);
-  fused_backward_into<Dev>(g, x, z, strength, coeff, chol, compute_grad_z, std::get<0>(o), std::get<1>(o),
-                           std::get<2>(o));
-  return o;
+  return run_path(
+      z.size(-2), out, [&] { return backward_unfused<Dev>(g, x, z, strength, coeff, chol, compute_grad_z); },
+      [&] { return allocate_backward_outputs(x, z, compute_grad_z); },
+      [&](at::Tensor& dx, at::Tensor& dz, at::Tensor& ds) {
+        fused_backward_into<Dev>(g, x, z, strength, coeff, chol, compute_grad_z, dx, dz, ds);
+      });
 }
 
 template <typename Dev>

@@ -1,6 +1,9 @@
 // purified_ops._cuda_emu: the CUDA ops on CPU tensors, through the real kernels and host code
 // of csrc/cuda run by the emulation (cuda_emu.h), registered as torch.ops.purified_ops_cuda_emu
-// with the schemas of torch.ops.purified_ops. A test backend: slow, exact CUDA semantics.
+// with the schemas of torch.ops.purified_ops. A test backend: slow, exact CUDA semantics. The
+// library's own registrations are listed at the top of csrc/purify.cpp; this namespace's fake
+// kernels, Autograd kernels and batching rules come from the same Python
+// (purified_ops/ops.py, purified_ops/_derivatives.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 

@@ -168,7 +168,8 @@ def canonical_args(x, z, strength, eps, dtype: torch.dtype | None = None) -> Pur
         dtype = x.dtype if x.dtype == z.dtype else torch.promote_types(x.dtype, z.dtype)
     acc = accumulate_dtype(dtype)
     if isinstance(strength, torch.Tensor):
-        s = strength.to(device=x.device, dtype=acc).reshape(())
+        s = strength if strength.dim() == 0 else strength.reshape(())  # the tensor itself where it can be
+        s = s.to(device=x.device, dtype=acc)
     else:
         s = strength_tensor(strength, acc, x.device)
     z = as_directions(x, z)

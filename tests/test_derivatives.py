@@ -1,0 +1,123 @@
+"""Every derivative runs on the fused ops: the profiler shows ``purify_backward`` under each
+torch.func transform, ``create_graph=True`` and vmap, and no reference math runs; the derivative
+of ``purify_backward`` (its own rule) is right to the third order; ``PurifyFunction`` is an
+autograd Function whose backward is the same op."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import purified_ops
+from purified_ops import PurifyFunction, purify, reference
+
+
+def _ops_run(fn):
+    """The purified_ops ops that ``fn()`` calls, by name (the profiler's record of each dispatcher call)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("purified_ops::")}
+
+
+@pytest.fixture
+def no_reference_math(monkeypatch):
+    """Any reference derivative raises: the rules must not fall back to it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("reference math ran inside a derivative")
+    for name in ("purify_backward", "purify_jvp", "purify_forward"):
+        monkeypatch.setattr(reference, name, refuse)
+
+
+def _inputs(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, generator=g, dtype=dtype)
+    z = torch.randn(4, 1, 2, 8, generator=g, dtype=dtype)
+    s = torch.tensor(0.7, dtype=dtype)
+    return x, z, s
+
+
+def _loss(x, z, s):
+    return purify(x, z, strength=s).pow(2).sum()
+
+
+TRANSFORMS = {
+    "grad": lambda x, z, s: torch.func.grad(_loss, argnums=(0, 1, 2))(x, z, s),
+    "vjp": lambda x, z, s: torch.func.vjp(lambda a, b: purify(a, b, strength=s), x, z)[1](torch.ones_like(x)),
+    "jacrev": lambda x, z, s: torch.func.jacrev(_loss, argnums=(0, 1))(x[0, :2], z[0, 0], s),
+    "hessian": lambda x, z, s: torch.func.hessian(_loss, argnums=0)(x[0, :2], z[0, 0], s),
+    "grad_of_grad": lambda x, z, s: torch.func.grad(
+        lambda a: torch.func.grad(_loss)(a, z, s).pow(2).sum())(x),
+    "vmap_grad": lambda x, z, s: torch.func.vmap(torch.func.grad(_loss), in_dims=(0, 0, None))(x, z, s),
+    "vmap_grad_shared_z": lambda x, z, s: torch.func.vmap(torch.func.grad(_loss, argnums=(0, 1)),
+                                                          in_dims=(0, None, None))(x, z[0], s),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_each_transform_runs_the_fused_backward(transform, no_reference_math):
+    x, z, s = _inputs()
+    names = _ops_run(lambda: TRANSFORMS[transform](x, z, s))
+    assert "purified_ops::purify_backward" in names, names
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_each_transform_matches_the_reference(transform):
+    x, z, s = _inputs()
+    ours = TRANSFORMS[transform](x, z, s)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(globals(), "purify", reference.purify)
+        ref = TRANSFORMS[transform](x, z, s)
+    for a, b in zip(torch.utils._pytree.tree_leaves(ours), torch.utils._pytree.tree_leaves(ref)):
+        torch.testing.assert_close(a, b)
+
+
+def test_create_graph_runs_the_fused_backward_and_its_own_derivative(no_reference_math):
+    x, z, s = (t.requires_grad_() for t in _inputs())
+
+    def second_order():
+        gx, gz, gs = torch.autograd.grad(_loss(x, z, s), (x, z, s), create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum() + gz.pow(2).sum() + gs, (x, z, s))
+
+    names = _ops_run(second_order)
+    assert "purified_ops::purify_backward" in names, names
+
+
+def test_forward_mode_runs_the_fused_forward_on_the_tangent(no_reference_math):
+    x, z, s = _inputs()
+    # Only x's tangent: y_t is purify of the tangent, one more forward op call.
+    names = _ops_run(lambda: torch.func.jvp(lambda a: purify(a, z, strength=s), (x,), (torch.randn_like(x),)))
+    assert names == {"purified_ops::purify_forward"}, names
+
+
+def _backward_of_forward(g, x, z, s):
+    """purify_backward at the forward's own coeff and factor: the derivative of y in x, z, s."""
+    _, coeff, chol = torch.ops.purified_ops.purify_forward(x, z, s, 1e-3)
+    return torch.ops.purified_ops.purify_backward(g, x, z, s, coeff, chol, True)
+
+
+def test_purify_backward_has_its_own_derivative_to_the_third_order():
+    g = torch.Generator().manual_seed(1)
+    args = [torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64),
+            torch.randn(1, 2, 5, generator=g, dtype=torch.float64), torch.tensor(0.6, dtype=torch.float64)]
+    args = [a.requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(_backward_of_forward, args)
+    assert torch.autograd.gradgradcheck(_backward_of_forward, args)
+    # Forward mode of the backward op (forward over reverse, as jacfwd(jacrev) runs).
+    assert torch.autograd.gradcheck(_backward_of_forward, args, check_forward_ad=True, check_backward_ad=False,
+                                    check_undefined_grad=False, check_batched_grad=False)
+
+
+def test_coeff_is_differentiable():
+    x, z, s = (t.requires_grad_() for t in _inputs())
+    assert torch.autograd.gradcheck(lambda a, b: PurifyFunction.apply(a, b, s, 1e-3)[1], (x, z))
+    assert torch.autograd.gradcheck(lambda a, b: PurifyFunction.apply(a, b, s, 1e-3)[1], (x, z),
+                                    check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False)
+
+
+def test_purify_function_is_an_autograd_function_whose_backward_is_the_op(no_reference_math):
+    assert issubclass(PurifyFunction, torch.autograd.Function)
+    x, z, s = (t.requires_grad_() for t in _inputs(torch.float32))
+    y, coeff, chol = PurifyFunction.apply(x, z, s, 1e-6)
+    assert y.shape == x.shape and coeff.shape == (4, 3, 2) and chol.shape == (4, 1, 2, 2)
+    assert y.requires_grad and not chol.requires_grad
+    names = _ops_run(lambda: y.sum().backward())
+    assert names == {"purified_ops::purify_backward"}, names
+    assert x.grad is not None and z.grad.shape == z.shape and s.grad.shape == ()
