@@ -167,7 +167,7 @@ def _public_run(backend):
     return run
 
 
-# (z exponent, x exponent): |z|^2 overflows float32 from |z| ~ 2^64 (the 1e20 ~ 2^66),
+# (z exponent, x exponent): |z|^2 overflows float32 from |z| ~ 2^64 (1e20 ~ 2^66),
 # float64 from ~2^512; z.x overflows float32 at 2^30 x 2^80.
 MAGNITUDES = {torch.float32: [(66, 0), (100, 0), (125, 0), (30, 80)],
               torch.bfloat16: [(66, 0), (120, 0), (30, 80)],

@@ -152,7 +152,7 @@ def test_onnx_export_runs_in_onnxruntime_with_standard_operators(k, shared, tmp_
         purified = truth(h.double(), z.double(), 0.75)
         expect = model.head(purified.float())
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
-    # The README's float32 accuracy for the purified features, through the head's linear map.
+    # The float32 accuracy of docs/accuracy.md for the purified features, through the head's linear map.
     assert rel_err(torch.from_numpy(out), expect) <= 10 * TOLERANCE[torch.float32]
 
 

@@ -156,7 +156,7 @@ def test_dependent_directions_and_k_above_d_are_finite_and_bounded(device, dtype
     # A projection never grows x, however unresolvable G is in this precision.
     assert (y.double().norm(dim=-1) <= 1.01 * x64.norm(dim=-1)).all()
     # Against the float64 truth from the same (rounded) inputs, relative to |x|: float64 always;
-    # float32 where the dependence is resolvable in float32 (README: "Numbers that hold").
+    # float32 where the dependence is resolvable in float32 (docs/accuracy.md, "Numbers that hold").
     if dtype == torch.float64 or (dtype == torch.float32 and case in RESOLVABLE_IN_FLOAT32):
         err = ((y.double() - reference.purify(x64, z.double())).norm(dim=-1) / x64.norm(dim=-1)).max().item()
         assert err <= {torch.float64: 1e-8, torch.float32: 1e-4}[dtype], err
