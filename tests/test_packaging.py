@@ -159,6 +159,24 @@ def test_an_invalid_setting_fails_the_import_with_the_reason():
             f"{_settings.MAX_CPU_CACHE_MB}, got 'abc'") in out.stderr
 
 
+def test_the_command_says_an_invalid_setting_in_one_line():
+    """The command exits with status 2 and the setting's one-line reason, not a traceback (its entry
+    point lies outside the package, whose import raises)."""
+    message = (f"purified-ops: error: {_settings.CPU_CACHE_MB} must be a whole number of MiB from 0 (no cache) "
+               f"to {_settings.MAX_CPU_CACHE_MB}, got 'abc'\n")
+    script = Path(sys.executable).with_name("purified-ops")  # the installed command, where there is one
+    commands = [["-m", "purified_ops_cli", "info"]] + ([[str(script), "info"]] if script.exists() else [])
+    for command in commands:
+        if command[0] == str(script):
+            out = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, _settings.CPU_CACHE_MB: "abc"})
+        else:
+            out = run_python(command, **{_settings.CPU_CACHE_MB: "abc"})
+        assert (out.returncode, out.stdout, out.stderr) == (2, "", message), command
+    out = run_python(["-m", "purified_ops_cli", "info"])  # without it the command runs
+    assert out.returncode == 0 and "backends:" in out.stdout, out.stderr
+
+
 def test_an_abi_mismatch_names_the_install_without_build_isolation():
     error = ImportError("/site-packages/purified_ops/_C.so: undefined symbol: _ZN3c106detail14torchCheckFailEv")
     message = load_failure_message(error)

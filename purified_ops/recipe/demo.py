@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _arguments as arg
+from .. import _cli_types as arg
 from .._extras import require_extra
 from ..layer import PurifyLayer
 from .learning import (ClassSubspaceBank, InputPurifiedNet, LowRankProbe, MarginalLogits, PurifiedNet,
