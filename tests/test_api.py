@@ -222,7 +222,7 @@ BAD_COMMAND_LINES = [
     ("bench --K 0", "argument --K: must be >= 1, got 0"),
     ("bench --K 1 two", "argument --K: must be a whole number >= 1, got 'two'"),
     ("bench --reps 0", "argument --reps: must be >= 1, got 0"),
-    ("bench --threads -1", "argument --threads: must be >= 0, got -1"),
+    ("bench --threads -1", f"argument --threads: must be from 0 to {cpu_count()}, got -1"),
     ("bench --threads 100000", f"argument --threads: must be from 0 to {cpu_count()}, got 100000"),
     ("bench --budget-s 0", "argument --budget-s: must be a finite number > 0, got 0"),
     ("bench --max-gib nan", "argument --max-gib: must be a finite number > 0, got nan"),
