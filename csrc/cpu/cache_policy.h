@@ -3,24 +3,22 @@
 // row's second pass runs. Included by purify_cpu.cpp only, compiled once per CPU capability.
 #pragma once
 
-#include <ATen/cpu/vec/vec.h>
-
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
+#include <ATen/cpu/vec/vec.h>
 
 #include "streaming_stores.h"
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <xmmintrin.h>  // _mm_sfence
+#endif
+
 namespace purified_ops {
-// An unnamed namespace, as in purify_cpu.cpp: this header is compiled once per CPU capability,
-// and no helper built for one capability may be shared with another's module.
-namespace {
+namespace {  // per CPU capability: no helper shared between capabilities' modules
 
 using at::vec::Vectorized;
 

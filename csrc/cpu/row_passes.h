@@ -15,9 +15,7 @@
 #include "vector_block.h"
 
 namespace purified_ops {
-// An unnamed namespace, as in purify_cpu.cpp: this header is compiled once per CPU capability,
-// and no helper built for one capability may be shared with another's module.
-namespace {
+namespace {  // per CPU capability: no helper shared between capabilities' modules
 
 using at::vec::Vectorized;
 
