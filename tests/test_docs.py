@@ -51,3 +51,11 @@ def test_the_readme_quickstart_trains(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(r"loss \d+\.\d{3}, strength -?\d+\.\d{3}\n", done.stdout), done.stdout
+
+
+def test_every_path_in_the_readme_file_map_exists():
+    block = re.search(r"\n    (.*?)\n\n", _section((ROOT / "README.md").read_text(), "File map") + "\n\n", re.S).group(1)
+    paths = [line.split()[0] for line in block.splitlines() if line.strip()]
+    assert len(paths) > 20
+    missing = [p for p in paths if not list(ROOT.glob(p.rstrip("/")))]
+    assert not missing, f"the README's file map names paths that do not exist: {missing}"
