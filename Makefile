@@ -28,7 +28,7 @@ install: $(VENV)/.built
 test: install
 	$(PY) -m pytest tests -q
 
-# The CUDA kernels emulated on the CPU (README, "CUDA kernels without a GPU"): every test with an
+# The CUDA kernels emulated on the CPU (docs/cuda_emulation.md): every test with an
 # emulated case (`make test` runs before this build, so it skips them), `purified-ops verify` over
 # the emulated backend (its quick matrix: tests/test_cuda.py covers the K buckets and layouts), a
 # subset under AddressSanitizer and UBSan, and the check that planted bugs are caught.

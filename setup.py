@@ -20,7 +20,7 @@ Environment:
                                  (default: all of them on x86-64, DEFAULT elsewhere)
   PURIFIED_OPS_PTXAS_VERBOSE=1   print ptxas' register and spill report for every kernel
   PURIFIED_OPS_CUDA_EMU=1|asan   build only the CUDA kernels emulated on the CPU (a test backend,
-                                 see README), next to a build of the rest: purified_ops._cuda_emu, or with asan
+                                 see docs/cuda_emulation.md), next to a build of the rest: purified_ops._cuda_emu, or with asan
                                  purified_ops._cuda_emu_asan under -fsanitize=address,undefined
 """
 import glob

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The CPU benchmarks behind the README's tables, all providers interleaved in one process per
+# The CPU benchmarks behind the speed tables (README, docs/performance.md, benchmarks/README.md), all providers interleaved in one process per
 # sweep, the copy bandwidth (torch.add out=) measured alongside, the load average in every row:
-#   step:  the training step (forward + backward) of issue 22's table: the public step, the
-#          kernels alone and torch.compile, float32 and bfloat16, N 2048 and 8192, K 1 and 4
+#   step:  the training step (forward + backward) that users run, against its speed goals: the
+#          public step, the kernels alone and torch.compile, float32 and bfloat16, N 2048 and 8192, K 1 and 4
 #          (preset cpu-step) -> benchmarks/results/cpu_step.csv, cpu_step.png, cpu_step.md (the
 #          table against its goals). ~2 minutes on 2 cores.
 #   sweep: purify against the eager formula and torch.compile over sizes -> cpu.csv (upserted),

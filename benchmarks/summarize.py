@@ -1,6 +1,6 @@
-"""Markdown summary of a CPU benchmark CSV: the CPU speed targets (README, Performance), and a table of
+"""Markdown summary of a CPU benchmark CSV: the CPU speed targets (docs/performance.md), and a table of
 every full-step (forward + backward) measurement; with --step, the CPU training-step table of
-`purified-ops bench --preset cpu-step` against its goals (issue 22; benchmarks/README.md).
+`purified-ops bench --preset cpu-step` against its goals (benchmarks/README.md).
 
     python benchmarks/summarize.py benchmarks/results/cpu.csv
     python benchmarks/summarize.py --step benchmarks/results/cpu_step.csv

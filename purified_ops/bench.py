@@ -498,7 +498,8 @@ DEFAULTS = dict(dtypes=["float32"], N=[2048, 8192], D=[1024], K=[1, 4], modes=li
 PRESETS = {
     "cuda": dict(dtypes=["bfloat16", "float32"], N=[32768], D=[256, 1024, 4096, 16384], K=[1, 4, 16],
                  modes=["forward", "backward"], reps=20, max_gib=8.0, compile_dynamic=True),
-    # The CPU training step of issue 22's table (benchmarks/run_cpu.sh; goals in benchmarks/summarize.py).
+    # The CPU training step: the public step, the kernels alone and torch.compile of the formula
+    # (benchmarks/run_cpu.sh; its goals in benchmarks/summarize.py).
     "cpu-step": dict(dtypes=["float32", "bfloat16"], N=[2048, 8192], D=[1024], K=[1, 4], modes=["full"], reps=40),
     # What a call costs beyond the kernels, as ratios (purified_ops/bench_overhead.py, its own
     # runner: the flags above do not apply).

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from . import _arguments as arg
+from . import _cli_types as arg
 from ._extras import MissingExtraError
 
 
@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check the kernels and every gradient against the float64 reference "
                                            "on this machine (exit status 1 when a check fails)")
-    verify.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
-                        help="the backends to check: those whose tensors live there (default: all found here)")
+    verify.add_argument("--device", type=arg.device("cpu", "cuda", "all"), default="all",
+                        help="cpu, cuda (only where torch sees a GPU) or all: the backends to check, those whose "
+                             "tensors live there (default: all found here)")
     verify.add_argument("--dtypes", nargs="+", choices=list(testing.DTYPES), help="default: all four")
     verify.add_argument("--quick", action="store_true", help="a subset of the matrix: a few seconds on a CPU")
     verify.add_argument("--json", action="store_true", help="the report as one JSON object, the last line")
@@ -139,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", nargs="+", choices=MODES, help="default: all")
     bench.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     bench.add_argument("--reps", type=arg.integer(1), help="timed repetitions per provider and case (default: 30)")
-    bench.add_argument("--threads", type=arg.integer(0), default=0, help="torch threads (default 0: torch's choice)")
+    # More threads than CPUs measure the scheduler, not the op (and torch crashes on absurd counts).
+    bench.add_argument("--threads", type=arg.integer(0, arg.cpu_count()), default=0,
+                       help="torch threads, at most the CPUs this process may use (default 0: torch's choice)")
     bench.add_argument("--csv", nargs="+", type=_bench_csv,
                        help="upsert the rows into these long-format CSVs, case by case (their folders must exist)")
     bench.add_argument("--preset", choices=sorted(PRESETS),

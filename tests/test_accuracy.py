@@ -1,4 +1,4 @@
-"""Forward and every gradient against the float64 truth, through each public entry point: well
+"""Forward and every gradient against the float64 reference, through each public entry point: well
 conditioned, rank-deficient, ill-conditioned (the accuracy statement of docs/DESIGN.md), and at
 magnitudes whose squares or products overflow the arithmetic dtype."""
 import math
@@ -11,7 +11,8 @@ import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, reference
 
 from purified_ops.testing import (TOLERANCE, conditioned_row_bound, error_scales, magnitude_errors,
-                                  rank_deficient_bound, rel_err, rounding, row_err, truth, truth_rank_deficient)
+                                  rank_deficient_bound, rank_deficient_in_float64, reference_in_float64, rel_err,
+                                  rounding, row_err)
 
 DTYPES = list(TOLERANCE)  # float64, float32, float16, bfloat16
 KS = [1, 2, 5, 16, 20]
@@ -56,7 +57,7 @@ def _run(entry, x, z, strength, grad):
 @pytest.mark.parametrize("D", DS)
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_float64_truth(device, dtype, K, D, entry):
+def test_matches_the_reference_in_float64(device, dtype, K, D, entry):
     layout = "per_sample" if K % 2 else "per_position"
     x, z, grad = _inputs(K, D, dtype, device, layout)
     strength = torch.tensor(0.75, dtype=reference.accumulate_dtype(dtype))  # a gradient has its input's dtype
@@ -66,7 +67,7 @@ def test_matches_float64_truth(device, dtype, K, D, entry):
     # Truth: float64 from the very same (rounded) inputs.
     x64, z64 = x.double().requires_grad_(), z.double().requires_grad_()
     s64 = strength.double().to(device).requires_grad_()
-    true = (y := truth(x64, z64, s64),) + torch.autograd.grad(y, (x64, z64, s64), grad.double())
+    true = (y := reference_in_float64(x64, z64, s64),) + torch.autograd.grad(y, (x64, z64, s64), grad.double())
     for name, o, t in zip(["y", "dx", "dz", "dstrength"], ours, true):
         err = rel_err(o, t)
         assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.3g} ({dtype}, K={K}, D={D}, {entry})"
@@ -82,7 +83,7 @@ def test_rank_deficient_is_stable(device, dtype):
         z = torch.randn(64, K, D, generator=g).to(device, dtype)
         y = purified_ops.purify(x, z)
         # The exact result through the D x D system, well conditioned here.
-        err = row_err(y, truth_rank_deficient(x, z), x).max().item()
+        err = row_err(y, rank_deficient_in_float64(x, z), x).max().item()
         assert err <= rank_deficient_bound(dtype, K), f"K={K}, D={D}: {err:.3g}"
 
 
@@ -167,7 +168,7 @@ def _public_run(backend):
     return run
 
 
-# (z exponent, x exponent): |z|^2 overflows float32 from |z| ~ 2^64 (the issue's 1e20 ~ 2^66),
+# (z exponent, x exponent): |z|^2 overflows float32 from |z| ~ 2^64 (1e20 ~ 2^66),
 # float64 from ~2^512; z.x overflows float32 at 2^30 x 2^80.
 MAGNITUDES = {torch.float32: [(66, 0), (100, 0), (125, 0), (30, 80)],
               torch.bfloat16: [(66, 0), (120, 0), (30, 80)],
@@ -178,7 +179,7 @@ MAGNITUDES = {torch.float32: [(66, 0), (100, 0), (125, 0), (30, 80)],
 @pytest.mark.parametrize("K", [1, 2, 16, 20])
 @pytest.mark.parametrize("dtype", list(MAGNITUDES), ids=str)
 def test_large_directions_and_features_give_the_right_result(device, backend, dtype, K):
-    """y and every gradient finite and within the dtype's bound, by the truth of the same inputs
+    """y and every gradient finite and within the dtype's bound, by the float64 reference of the same inputs
     scaled back by powers of two (the op is invariant to scaling z, eps aside, and linear in x)."""
     g = torch.Generator().manual_seed(K)
     D = 7 if K < 16 else 24
@@ -273,7 +274,7 @@ def test_error_within_the_conditioned_bound(device, backend, kind, dtype):
         bound = conditioned_row_bound(dtype, scales["kappa"], 0.75)
         y, dx, dz, ds = run(x, z, gy, s)
         xt, zt, st = (t.detach().double().requires_grad_() for t in (x, z, s))
-        yt = truth(xt, zt, st)
+        yt = reference_in_float64(xt, zt, st)
         true = (yt.detach(), *torch.autograd.grad(yt, (xt, zt, st), gy.double()))
         errors = {"y": (y.double() - true[0]).norm(dim=-1) / scales["y"],
                   "dx": (dx.double() - true[1]).norm(dim=-1) / scales["dx"],

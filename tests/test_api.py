@@ -9,6 +9,7 @@ import torch
 
 import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, purify, reference
+from purified_ops._cli_types import cpu_count
 
 ENTRY_POINTS = {
     "purify": lambda x, z, **kw: purify(x, z, **kw),
@@ -212,8 +213,8 @@ def test_cli_info():
 
 NO_CUDA = not torch.cuda.is_available()
 # (command line, what its one-line error says): every value is checked while the command line is
-# parsed, before any work starts (issue 20: these gave tracebacks, empty tables, or runs of
-# minutes before failing).
+# parsed, before any work starts: a value that cannot work ends the command at once, in one line,
+# not after minutes of work or in a traceback.
 BAD_COMMAND_LINES = [
     ("bench --N 0", "argument --N: must be >= 1, got 0"),
     ("bench --N -5", "argument --N: must be >= 1, got -5"),
@@ -221,11 +222,15 @@ BAD_COMMAND_LINES = [
     ("bench --K 0", "argument --K: must be >= 1, got 0"),
     ("bench --K 1 two", "argument --K: must be a whole number >= 1, got 'two'"),
     ("bench --reps 0", "argument --reps: must be >= 1, got 0"),
-    ("bench --threads -1", "argument --threads: must be >= 0, got -1"),
+    ("bench --threads -1", f"argument --threads: must be from 0 to {cpu_count()}, got -1"),
+    ("bench --threads 100000", f"argument --threads: must be from 0 to {cpu_count()}, got 100000"),
     ("bench --budget-s 0", "argument --budget-s: must be a finite number > 0, got 0"),
     ("bench --max-gib nan", "argument --max-gib: must be a finite number > 0, got nan"),
     ("bench --device tpu", "argument --device: must be one of cpu, cuda, got 'tpu'"),
     pytest.param("bench --device cuda", "argument --device: 'cuda': no CUDA device here",
+                 marks=pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")),
+    ("verify --device tpu", "argument --device: must be one of cpu, cuda, all, got 'tpu'"),
+    pytest.param("verify --device cuda --quick", "argument --device: 'cuda': no CUDA device here",
                  marks=pytest.mark.skipif(not NO_CUDA, reason="CUDA is available here")),
     ("demo --sizes 0", "argument --sizes: must be from 1 to 1000, got 0"),
     ("demo --sizes 50 -5", "argument --sizes: must be from 1 to 1000, got -5"),

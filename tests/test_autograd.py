@@ -6,7 +6,7 @@ import torch
 import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, purify
 
-from purified_ops.testing import truth
+from purified_ops.testing import reference_in_float64
 
 
 @pytest.mark.parametrize("shapes", [((4, 7), (4, 7)), ((3, 4, 6), (3, 1, 2, 6)), ((5, 6), (1, 3, 6)),
@@ -159,7 +159,7 @@ def test_grad_of_each_input_alone(device):
     s = torch.tensor(0.5, device=device, dtype=torch.float64, requires_grad=True)
     purify(x, z, strength=s).sum().backward()
     s64 = s.detach().clone().requires_grad_()
-    truth(x, z, s64).sum().backward()
+    reference_in_float64(x, z, s64).sum().backward()
     torch.testing.assert_close(s.grad, s64.grad)
     xr = x.clone().requires_grad_()
     purify(xr, z).sum().backward()

@@ -94,7 +94,7 @@ def run_ops(x, z, s, eps, g, compute_grad_z=True, ops=None):
 
 def tolerance(z, eps, dtype):
     """DESIGN's bound where G = Z Z^T + eps I is well conditioned; where it is not (near-square
-    shapes), the float64 truth from the same rounded inputs differs by the solve's forward error,
+    shapes), the float64 reference from the same rounded inputs differs by the solve's forward error,
     about K u cond(G) (u of the accumulate dtype), which no evaluation in that dtype avoids."""
     K = z.shape[-2]
     if z.numel() == 0:
@@ -272,7 +272,7 @@ def _raw_run(ops):
 @pytest.mark.parametrize("dtype", list(MAGNITUDES), ids=str)
 def test_large_directions_and_features(target, dtype, K, layout):
     """The scaled path of the fused kernels (first row of an item, rows of a shared z, rows longer
-    than a tile) and the scaled K > 16 path: y and every gradient right, by the truth of the
+    than a tile) and the scaled K > 16 path: y and every gradient right, by the float64 reference of the
     inputs scaled back by powers of two."""
     if layout == "long rows" and (dtype != torch.float32 or K not in (4, 16)):
         pytest.skip("one dtype: the tile logic is dtype-independent")
@@ -298,7 +298,7 @@ def test_large_directions_and_features(target, dtype, K, layout):
 def test_rows_of_one_item_at_different_scales(target, K):
     """One shared z (|z| ~ 2^30) and rows whose z.x or z.g overflows float32 only every third row:
     the item switches to the scaled path at such a row and keeps it for the rows after; every row
-    and the summed dz and dstrength are right (float64 holds these magnitudes: its truth is direct)."""
+    and the summed dz and dstrength are right (float64 holds these magnitudes: its reference is direct)."""
     g = torch.Generator().manual_seed(K)
     x = torch.randn(1, 48, 32, generator=g)
     gy = torch.randn(1, 48, 32, generator=g)

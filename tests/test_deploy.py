@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import purified_ops
 from purified_ops import PurifyLayer, purify, reference
-from purified_ops.testing import TOLERANCE, rel_err, truth
+from purified_ops.testing import TOLERANCE, rel_err, reference_in_float64
 
 
 # ---- torch.func transforms compiled -----------------------------------------------------------
@@ -105,7 +105,7 @@ def test_decompositions_lower_to_core_aten(k, shared):
     assert not any("linalg" in t or "cholesky" in t or "triangular" in t for t in targets), targets
     with torch.no_grad():
         h, z = model.features(x)
-        expect = truth(h.double(), z.double(), 0.75)
+        expect = reference_in_float64(h.double(), z.double(), 0.75)
         out = core.module()(x)
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
     assert rel_err(model.purify(h, z), expect) <= TOLERANCE[torch.float32]
@@ -149,10 +149,10 @@ def test_onnx_export_runs_in_onnxruntime_with_standard_operators(k, shared, tmp_
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         h, z = model.features(x)
-        purified = truth(h.double(), z.double(), 0.75)
+        purified = reference_in_float64(h.double(), z.double(), 0.75)
         expect = model.head(purified.float())
         torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-5)
-    # The README's float32 accuracy for the purified features, through the head's linear map.
+    # The float32 accuracy of docs/accuracy.md for the purified features, through the head's linear map.
     assert rel_err(torch.from_numpy(out), expect) <= 10 * TOLERANCE[torch.float32]
 
 

@@ -159,6 +159,22 @@ def test_an_invalid_setting_fails_the_import_with_the_reason():
             f"{_settings.MAX_CPU_CACHE_MB}, got 'abc'") in out.stderr
 
 
+def test_the_command_says_an_invalid_setting_in_one_line():
+    """The command exits with status 2 and the setting's one-line reason, not a traceback (its entry
+    point lies outside the package, whose import raises)."""
+    with pytest.raises(_settings.SettingError) as setting:
+        _settings.cpu_cache_mb({_settings.CPU_CACHE_MB: "abc"})
+    message = f"purified-ops: error: {setting.value}\n"
+    script = Path(sys.executable).with_name("purified-ops")  # the installed command, where there is one
+    commands = [["-m", "purified_ops_cli", "info"]] + ([[str(script), "info"]] if script.exists() else [])
+    # run_python runs sys.executable with these arguments: the script is a Python file too.
+    for command in commands:
+        out = run_python(command, **{_settings.CPU_CACHE_MB: "abc"})
+        assert (out.returncode, out.stdout, out.stderr) == (2, "", message), command
+    out = run_python(["-m", "purified_ops_cli", "info"])  # without it the command runs
+    assert out.returncode == 0 and "backends:" in out.stdout, out.stderr
+
+
 def test_an_abi_mismatch_names_the_install_without_build_isolation():
     error = ImportError("/site-packages/purified_ops/_C.so: undefined symbol: _ZN3c106detail14torchCheckFailEv")
     message = load_failure_message(error)

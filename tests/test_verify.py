@@ -119,14 +119,14 @@ def test_no_backend_on_the_device_fails():
 
 def test_without_the_compiled_extension_it_fails(monkeypatch):
     """Only the reference runs: there is nothing to verify, which an install check must not pass."""
-    monkeypatch.setattr(testing, "available_backends", lambda: ("reference",))
-    monkeypatch.setattr(testing, "emulated_cuda_ops", lambda: None)
+    monkeypatch.setattr(testing.backends, "available_backends", lambda: ("reference",))
+    monkeypatch.setattr(testing.backends, "emulated_cuda_ops", lambda: None)
     report = verify(quick=True)
     assert not report.passed and report.backends == [] and "no backend" in report.verdict
 
 
 def test_cli_fails_on_a_wrong_backend(monkeypatch, capsys):
-    monkeypatch.setattr(testing, "discover_backends", lambda device: [_perturbed("dx")])
+    monkeypatch.setattr(testing.matrix, "discover_backends", lambda device: [_perturbed("dx")])
     rc = cli.main(["verify", "--quick", "--dtypes", "float32", "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     assert rc == 1
@@ -160,7 +160,7 @@ def test_unknown_dtype_or_device_is_an_error():
 
 
 def test_the_emulated_cuda_ops_are_a_cpu_backend_where_present(monkeypatch):
-    monkeypatch.setattr(testing, "emulated_cuda_ops", lambda: OPS)  # stands in for that build's namespace
+    monkeypatch.setattr(testing.backends, "emulated_cuda_ops", lambda: OPS)  # stands in for that build's namespace
     found = {b.name: b for b in testing.discover_backends("cpu")}
     assert found["cuda-emulated"].device == "cpu" and not found["cuda-emulated"].public
     assert "cuda-emulated" not in {b.name for b in testing.discover_backends("cuda")}

@@ -11,7 +11,8 @@ import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, purify, reference
 from purified_ops.ops import emulated_cuda_ops
 
-from purified_ops.testing import TOLERANCE, dependent_row_bound, rel_err, row_err, span_condition, truth_rank_deficient
+from purified_ops.testing import (TOLERANCE, dependent_row_bound, rank_deficient_in_float64, rel_err, row_err,
+                                  span_condition)
 
 
 def _f64(device, *shape):
@@ -155,8 +156,8 @@ def test_dependent_directions_and_k_above_d_are_finite_and_bounded(device, dtype
     x64 = x.double()
     # A projection never grows x, however unresolvable G is in this precision.
     assert (y.double().norm(dim=-1) <= 1.01 * x64.norm(dim=-1)).all()
-    # Against the float64 truth from the same (rounded) inputs, relative to |x|: float64 always;
-    # float32 where the dependence is resolvable in float32 (README: "Numbers that hold").
+    # Against the float64 reference from the same (rounded) inputs, relative to |x|: float64 always;
+    # float32 where the dependence is resolvable in float32 (docs/accuracy.md, "Numbers that hold").
     if dtype == torch.float64 or (dtype == torch.float32 and case in RESOLVABLE_IN_FLOAT32):
         err = ((y.double() - reference.purify(x64, z.double())).norm(dim=-1) / x64.norm(dim=-1)).max().item()
         assert err <= {torch.float64: 1e-8, torch.float32: 1e-4}[dtype], err
@@ -195,7 +196,7 @@ def test_dependent_directions_float32_error_within_span_conditioning(backend, ca
     g = torch.Generator().manual_seed(1)
     z = torch.randn(n, K, rank, generator=g) @ torch.randn(n, rank, D, generator=g)
     x = torch.randn(n, D, generator=g)
-    exact = truth_rank_deficient(x, z) if K >= D else reference.purify(x.double(), z.double())
+    exact = rank_deficient_in_float64(x, z) if K >= D else reference.purify(x.double(), z.double())
     err = row_err(forward(x, z), exact, x)
     bound = dependent_row_bound(torch.float32, K, span_condition(z, rank))
     worst = int((err / bound).argmax())
@@ -304,10 +305,10 @@ def test_reference_under_cpu_bf16_autocast_computes_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = purify(x, z, backend="reference")
         fused = purify(x, z)
-    truth = reference.purify(x.double(), z.double())
+    ref64 = reference.purify(x.double(), z.double())
     assert ref.dtype == fused.dtype == torch.float32
-    assert rel_err(ref, truth) <= TOLERANCE[torch.float32]
-    assert rel_err(fused, truth) <= TOLERANCE[torch.float32]
+    assert rel_err(ref, ref64) <= TOLERANCE[torch.float32]
+    assert rel_err(fused, ref64) <= TOLERANCE[torch.float32]
 
 
 def test_the_raw_ops_are_differentiable():

@@ -15,397 +15,25 @@
 // either way: each value is computed by the same operations in the same order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <unistd.h>
-
-#include <cstdio>
-#include <cstdlib>
-
-#include <type_traits>
-#include <utility>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <vector>
-
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
 
 #include "../purify_host.h"
 #include "../row_math.h"
 #include "bf16_conversion.h"
+#include "cache_policy.h"   // non-temporal stores, prefetching the next row
 #include "output_cache.h"
-#include "streaming_stores.h"
+#include "row_passes.h"     // dot products and the output pass
+#include "vector_block.h"   // vector blocks, bfloat16 rounding, widened directions
 
 namespace purified_ops {
 namespace {
 
 using at::vec::Vectorized;
-
-// Calls f(std::integral_constant<int, I>{}) for I = 0 .. N-1, in order: a loop body with
-// compile-time indices, so that arrays of vectors indexed by them live in registers (with
-// run-time indices the compiler keeps them in memory: a store and a load per multiply-add).
-template <typename F, int... I>
-inline void static_for_each(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, typename F>
-inline void static_for(F&& f) {
-  static_for_each(f, std::make_integer_sequence<int, N>{});
-}
-
-// Directions up to this many get loops with compile-time K.
-constexpr int kMaxFixedK = 4;
-
-// For the per-vector helpers, which the compiler would otherwise sometimes call (a call per
-// vector: the bfloat16 store, with its inline assembly, was not inlined).
-#if defined(__GNUC__) || defined(__clang__)
-#define PURIFY_VECTOR_INLINE inline __attribute__((always_inline))
-#else
-#define PURIFY_VECTOR_INLINE inline
-#endif
-
-#if defined(CPU_CAPABILITY_AVX512)
-// VCVTNE2PS2BF16 (AVX512_BF16): 32 floats to bfloat16, rounded to nearest even. It differs from
-// at::vec's rounding only where a value is subnormal (it flushes those to zero) or NaN (it keeps
-// the payload; at::vec writes 0xffff). Inline assembly: the instruction runs only where
-// bf16_hardware_conversion() said so, and no other code of this module is compiled for it.
-PURIFY_VECTOR_INLINE __m512i bf16_hardware(const __m512& lo, const __m512& hi) {
-  __m512i r;
-  asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(r) : "v"(hi), "v"(lo));
-  return r;
-}
-// _mm512_fpclass_ps_mask classes: quiet NaN, subnormal, signalling NaN.
-constexpr int kNaNOrSubnormal = 0x01 | 0x20 | 0x80;
-#endif
-
-// Loads and stores one block of T as accumulate-type vectors (kSub of them: two for 16-bit T).
-// kHw: 16-bit stores round with the CPU's bfloat16 conversion (bf16_hardware_conversion()).
-template <typename T, bool kHw = false>
-struct Block {
-  using acc_t = accumulate_t<T>;
-  using AVec = Vectorized<acc_t>;
-  static constexpr int64_t kSize = Vectorized<T>::size();
-  static constexpr int kSub = static_cast<int>(kSize / AVec::size());
-
-  static PURIFY_VECTOR_INLINE void load(const T* p, AVec* out) {
-    if constexpr (kSub == 1) {
-      out[0] = AVec::loadu(p);
-    } else {
-      auto halves = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
-      out[0] = std::get<0>(halves);
-      out[1] = std::get<1>(halves);
-    }
-  }
-  // One block of a widened row (WidenedDirections): the same values as load() of the 16-bit row.
-  template <typename U = T, std::enable_if_t<!std::is_same_v<U, accumulate_t<U>>, int> = 0>
-  static PURIFY_VECTOR_INLINE void load(const acc_t* p, AVec* out) {
-    for (int s = 0; s < kSub; ++s) out[s] = AVec::loadu(p + s * AVec::size());
-  }
-  static PURIFY_VECTOR_INLINE Vectorized<T> to_16bit(const AVec* in) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (kHw && std::is_same_v<T, c10::BFloat16>) {
-      if ((_mm512_fpclass_ps_mask(in[0], kNaNOrSubnormal) | _mm512_fpclass_ps_mask(in[1], kNaNOrSubnormal)) == 0)
-        return bf16_hardware(in[0], in[1]);
-    }
-#endif
-    return at::vec::convert_from_float<T>(in[0], in[1]);
-  }
-  static PURIFY_VECTOR_INLINE void store(T* p, const AVec* in) {
-    if constexpr (kSub == 1) {
-      in[0].store(p);
-    } else {
-      to_16bit(in).store(p);
-    }
-  }
-  // A non-temporal store (p aligned to the vector size): the line is written without first
-  // being read, a third less traffic for outputs that will not be read again from cache.
-  static PURIFY_VECTOR_INLINE void store_stream(T* p, const AVec* in) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, float>) {
-      _mm512_stream_ps(p, in[0]);
-    } else if constexpr (std::is_same_v<T, double>) {
-      _mm512_stream_pd(p, in[0]);
-    } else {
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), to_16bit(in));
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<T, float>) {
-      _mm256_stream_ps(p, in[0]);
-    } else if constexpr (std::is_same_v<T, double>) {
-      _mm256_stream_pd(p, in[0]);
-    } else {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_16bit(in));
-    }
-#else
-    store(p, in);
-#endif
-  }
-  static PURIFY_VECTOR_INLINE void store_to(T* p, const AVec* in, bool stream) {
-    if (stream) {
-      store_stream(p, in);
-    } else {
-      store(p, in);
-    }
-  }
-};
-
-// A z row's K directions as the kernels read them: the rows of z themselves for float and
-// double; for 16-bit T, widened to float once per item into a per-thread buffer (values and
-// block layout as Block<T>::load gives them), so that the passes over them (the Gram, the dot
-// products and the output of every x row the z row serves) load floats instead of converting
-// each time. Rows above kMaxWidened elements in all are read (and converted) in place.
-template <typename T>
-struct WidenedDirections {
-  using acc_t = accumulate_t<T>;
-  static constexpr bool kWidens = !std::is_same_v<T, acc_t>;
-  static constexpr int64_t kMaxWidened = int64_t{1} << 18;  // 1 MiB of float per thread
-  std::vector<acc_t> buffer;
-  std::vector<const acc_t*> rows;
-
-  static bool fits(int K, int64_t D) { return kWidens && static_cast<int64_t>(K) * D <= kMaxWidened; }
-
-  const acc_t* const* assign(const T* const* dirs, int K, int64_t D) {
-    using B = Block<T>;
-    constexpr int64_t kAlign = 64 / static_cast<int64_t>(sizeof(acc_t));
-    const int64_t stride = (D + kAlign - 1) / kAlign * kAlign;  // rows start on a cache line
-    buffer.resize(static_cast<size_t>(K * stride + kAlign));
-    acc_t* base = buffer.data();
-    while (reinterpret_cast<uintptr_t>(base) % 64 != 0) ++base;
-    rows.resize(K);
-    for (int k = 0; k < K; ++k) {
-      acc_t* out = base + k * stride;
-      typename B::AVec v[B::kSub];
-      int64_t d = 0;
-      for (; d + B::kSize <= D; d += B::kSize) {
-        B::load(dirs[k] + d, v);
-        for (int s = 0; s < B::kSub; ++s) v[s].store(out + d + s * B::AVec::size());
-      }
-      for (; d < D; ++d) out[d] = static_cast<acc_t>(dirs[k][d]);
-      rows[k] = out;
-    }
-    return rows.data();
-  }
-  // A work item's K direction rows (z_item, z_item + dir_stride, ...) as the kernels read them
-  // as Z: in place where Z is T, else widened here. `z_rows` holds K pointers.
-  template <typename Z>
-  const Z* const* directions(const T* z_item, int64_t dir_stride, int K, int64_t D, std::vector<const T*>& z_rows) {
-    for (int k = 0; k < K; ++k) z_rows[k] = z_item + k * dir_stride;
-    if constexpr (std::is_same_v<Z, T>) {
-      return z_rows.data();
-    } else {
-      return assign(z_rows.data(), K, D);
-    }
-  }
-};
-
-// The last-level cache this machine may count on: what the OS reports (a VM's share can be far
-// below what cpuid says), and at most kCachePerCore per online CPU, since a VM may also be told
-// the host's whole cache (measured: a 2-CPU VM told 480 MiB, where outputs of 16 MiB and more
-// were written faster with non-temporal stores, and of 8 MiB as fast or slower;
-// benchmarks/README.md).
-constexpr int64_t kCachePerCore = int64_t{8} << 20;
-
-inline int64_t last_level_cache_bytes() {
-  int64_t bytes = int64_t{8} << 20;
-  if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
-    long kib = 0;
-    const int n = std::fscanf(f, "%ldK", &kib);
-    std::fclose(f);
-    if (n == 1 && kib > 0) bytes = static_cast<int64_t>(kib) << 10;
-  } else if (const long v = sysconf(_SC_LEVEL3_CACHE_SIZE); v > 0) {
-    bytes = static_cast<int64_t>(v);
-  }
-  const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-  return cpus > 0 ? std::min(bytes, kCachePerCore * cpus) : bytes;
-}
-
-// Whether to write outputs with non-temporal stores: only when they are larger than half the
-// last-level cache (smaller ones are better left in cache for their consumer) and every row
-// starts on a vector boundary.
-template <typename T>
-bool use_streaming_stores(const void* out, int64_t D, int64_t total_bytes) {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  const StreamingStores mode = streaming_stores();  // PURIFIED_OPS_STREAMING_STORES overrides the size rule
-  if (mode == StreamingStores::kNever) return false;
-  const bool always = mode == StreamingStores::kAlways;
-  static const int64_t llc = last_level_cache_bytes();
-  constexpr int64_t kVecBytes = static_cast<int64_t>(sizeof(Vectorized<T>));
-  return (always || total_bytes > llc / 2) && reinterpret_cast<uintptr_t>(out) % kVecBytes == 0 &&
-         (D * static_cast<int64_t>(sizeof(T))) % kVecBytes == 0;
-#else
-  (void)out, (void)D, (void)total_bytes;
-  return false;
-#endif
-}
-
-// Orders this thread's non-temporal stores before anything after the parallel region.
-inline void fence_streaming_stores() {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  _mm_sfence();
-#endif
-}
-
-// The next row's input streams, prefetched a cache line at a time during the current row's
-// second pass: that pass reads only what the first pass brought into L1/L2, so without this
-// the memory system would idle while it runs.
-// Directions of the next z row prefetched (every K is served; beyond this many the rest come
-// in on demand): with x and grad_y, at most this + 2 streams.
-constexpr int kMaxPrefetchedDirections = 16;
-
-template <typename T>
-struct NextRow {
-  static constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
-  const T* const* streams = nullptr;
-  int n = 0;
-  inline void prefetch(int64_t d) const {
-    if ((d & (kLine - 1)) == 0)
-      for (int i = 0; i < n; ++i) __builtin_prefetch(streams[i] + d, 0, 3);
-  }
-};
-
-template <typename acc_t>
-inline acc_t sum_lanes(const Vectorized<acc_t>& v) {
-  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
-  v.store(lanes);
-  acc_t s = 0;
-  for (int i = 0; i < Vectorized<acc_t>::size(); ++i) s += lanes[i];
-  return s;
-}
-
-// out[k] = <v, dirs[k]> for k < NB, in one pass over v (two accumulator chains for latency).
-// kSelf: dirs[NB - 1] is v itself (a Gram's diagonal), loaded once. V and Z are T (rows read
-// in place) or accumulate_t<T> (widened rows), in T's block layout either way.
-template <typename T, int NB, bool kSelf, typename V, typename Z>
-inline void dots_block(const V* v, const Z* const* dirs, int64_t D, accumulate_t<T>* out) {
-  using B = Block<T>;
-  using AVec = typename B::AVec;
-  using acc_t = accumulate_t<T>;
-  constexpr int S = B::kSub;
-  const Z* z[NB];
-  AVec acc0[NB][S], acc1[NB][S];
-  static_for<NB>([&](auto k) {
-    z[k] = dirs[k];
-    static_for<S>([&](auto s) { acc0[k][s] = acc1[k][s] = AVec(0); });
-  });
-  const auto accumulate = [&](int64_t d, AVec(&acc)[NB][S]) {
-    AVec vv[S];
-    B::load(v + d, vv);
-    static_for<NB>([&](auto k) {
-      if constexpr (kSelf && decltype(k)::value == NB - 1) {
-        static_for<S>([&](auto s) { acc[k][s] = at::vec::fmadd(vv[s], vv[s], acc[k][s]); });
-      } else {
-        AVec zz[S];
-        B::load(z[k] + d, zz);
-        static_for<S>([&](auto s) { acc[k][s] = at::vec::fmadd(vv[s], zz[s], acc[k][s]); });
-      }
-    });
-  };
-  int64_t d = 0;
-  for (; d + 2 * B::kSize <= D; d += 2 * B::kSize) {
-    accumulate(d, acc0);
-    accumulate(d + B::kSize, acc1);
-  }
-  if (d + B::kSize <= D) {
-    accumulate(d, acc0);
-    d += B::kSize;
-  }
-  static_for<NB>([&](auto k) {
-    AVec total = acc0[k][0] + acc1[k][0];
-    static_for<S - 1>([&](auto s) { total = total + acc0[k][s + 1] + acc1[k][s + 1]; });
-    acc_t r = sum_lanes(total);
-    for (int64_t t = d; t < D; ++t) r += static_cast<acc_t>(v[t]) * static_cast<acc_t>(z[k][t]);
-    out[k] = r;
-  });
-}
-
-// dots_block over n directions, at most four per pass; the last pass takes the rest.
-template <typename T, bool kSelf, typename V, typename Z>
-inline void dots_blocks(const V* v, const Z* const* dirs, int n, int64_t D, accumulate_t<T>* out) {
-  int k = 0;
-  for (; n - k > 4; k += 4) dots_block<T, 4, false>(v, dirs + k, D, out + k);
-  switch (n - k) {
-    case 4: dots_block<T, 4, kSelf>(v, dirs + k, D, out + k); break;
-    case 3: dots_block<T, 3, kSelf>(v, dirs + k, D, out + k); break;
-    case 2: dots_block<T, 2, kSelf>(v, dirs + k, D, out + k); break;
-    case 1: dots_block<T, 1, kSelf>(v, dirs + k, D, out + k); break;
-    default: break;
-  }
-}
-
-// out[k] = <v, dirs[k]> for k < n.
-template <typename T, typename V, typename Z>
-inline void dots(const V* v, const Z* const* dirs, int n, int64_t D, accumulate_t<T>* out) {
-  dots_blocks<T, false>(v, dirs, n, D, out);
-}
-
-// y = x - sum_k w[k] dirs[k], for K = NK directions (coefficients and pointers in registers).
-template <typename T, bool kHw, int NK, typename Z>
-inline void subtract_fixed(const T* x, const Z* const* dirs, const accumulate_t<T>* w, int64_t D, T* y,
-                           const NextRow<T>& next, bool stream) {
-  using B = Block<T, kHw>;
-  using AVec = typename B::AVec;
-  using acc_t = accumulate_t<T>;
-  constexpr int S = B::kSub;
-  const Z* z[NK];
-  AVec neg_w[NK];
-  static_for<NK>([&](auto k) {
-    z[k] = dirs[k];
-    neg_w[k] = AVec(-w[k]);
-  });
-  int64_t d = 0;
-  for (; d + B::kSize <= D; d += B::kSize) {
-    next.prefetch(d);
-    AVec a[S];
-    B::load(x + d, a);
-    static_for<NK>([&](auto k) {
-      AVec zz[S];
-      B::load(z[k] + d, zz);
-      static_for<S>([&](auto s) { a[s] = at::vec::fmadd(neg_w[k], zz[s], a[s]); });
-    });
-    B::store_to(y + d, a, stream);
-  }
-  for (; d < D; ++d) {
-    acc_t r = static_cast<acc_t>(x[d]);
-    for (int k = 0; k < NK; ++k) r = std::fma(-w[k], static_cast<acc_t>(z[k][d]), r);
-    y[d] = static_cast<T>(r);
-  }
-}
-
-// y = x - sum_k w[k] dirs[k], any K.
-template <typename T, bool kHw, typename Z>
-inline void subtract_combination(const T* x, const Z* const* dirs, const accumulate_t<T>* w, int K, int64_t D,
-                                 T* y, const NextRow<T>& next, bool stream) {
-  switch (K) {
-    case 1: return subtract_fixed<T, kHw, 1>(x, dirs, w, D, y, next, stream);
-    case 2: return subtract_fixed<T, kHw, 2>(x, dirs, w, D, y, next, stream);
-    case 3: return subtract_fixed<T, kHw, 3>(x, dirs, w, D, y, next, stream);
-    case 4: return subtract_fixed<T, kHw, 4>(x, dirs, w, D, y, next, stream);
-    default: break;
-  }
-  static_assert(kMaxFixedK == 4, "subtract_combination dispatches K = 1 .. kMaxFixedK");
-  using B = Block<T, kHw>;
-  using AVec = typename B::AVec;
-  using acc_t = accumulate_t<T>;
-  int64_t d = 0;
-  AVec a[B::kSub], zz[B::kSub];
-  for (; d + B::kSize <= D; d += B::kSize) {
-    next.prefetch(d);
-    B::load(x + d, a);
-    for (int k = 0; k < K; ++k) {
-      const AVec neg_w(-w[k]);
-      B::load(dirs[k] + d, zz);
-      for (int s = 0; s < B::kSub; ++s) a[s] = at::vec::fmadd(neg_w, zz[s], a[s]);
-    }
-    B::store_to(y + d, a, stream);
-  }
-  for (; d < D; ++d) {
-    acc_t r = static_cast<acc_t>(x[d]);
-    for (int k = 0; k < K; ++k) r = std::fma(-w[k], static_cast<acc_t>(dirs[k][d]), r);
-    y[d] = static_cast<T>(r);
-  }
-}
 
 // The K x K Cholesky factor of Z Z^T + eps I in pivot order, into `chol` (row-major, upper part
 // zero), and its order (row_math.h's cholesky_inplace). Row a of the Gram is one pass over z_a
@@ -547,6 +175,55 @@ inline void with_direction_type(int K, int64_t D, Body&& body) {
   body(T{});
 }
 
+// The per-thread buffers of a kernel's work items, reused from item to item: Z is the type the
+// directions are read as (with_direction_type).
+template <typename T, typename Z_>
+struct ItemBuffers {
+  using Z = Z_;
+  using acc_t = accumulate_t<T>;
+  explicit ItemBuffers(int K)
+      : z_rows(K), L(static_cast<size_t>(K) * K), solution(K), weights(K), work(K), order(K) {}
+  std::vector<const T*> z_rows;
+  WidenedDirections<T> widened;
+  // The item's factor and its pivot order; a row's solution (c or u) and the forward's weights.
+  std::vector<acc_t> L, solution, weights, work;
+  std::vector<int> order;
+  ScaledDirections<T, Z> scaled_dirs;
+  const T* streams[kMaxPrefetchedDirections + 2];
+};
+
+// One work item, as its prologue finds it: the rows it serves, its z row's offsets, and its
+// directions as the kernels read them (a 16-bit z row widened once, here).
+template <typename Z>
+struct WorkItem {
+  int64_t index;
+  ItemRows r;
+  RowOffsets go;
+  const Z* const* dirs;
+};
+
+// The loop both kernels share: the work items over the threads, each thread with its buffers,
+// body(item, buffers, cursor) per item after the prologue; then this thread's non-temporal
+// stores fenced where the kernel streams its outputs.
+template <typename T, typename Body>
+inline void for_each_work_item(const RowGrid& grid, int64_t chunks, const T* z_data, bool stream, Body&& body) {
+  with_direction_type<T>(grid.K, grid.D, [&](auto z_type) {
+    using Z = decltype(z_type);
+    at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
+      ItemBuffers<T, Z> buffers(grid.K);
+      const RowCursor cursor{grid, chunks, end};
+      for (int64_t item = begin; item < end; ++item) {
+        const ItemRows r = item_rows(grid, chunks, item);
+        const RowOffsets go = decode_offsets(grid.group, r.group);
+        const Z* const* dirs =
+            buffers.widened.template directions<Z>(z_data + go.z, grid.z_dir_stride, grid.K, grid.D, buffers.z_rows);
+        body(WorkItem<Z>{item, r, go, dirs}, buffers, cursor);
+      }
+      if (stream) fence_streaming_stores();
+    });
+  });
+}
+
 template <typename T, bool kHw>
 void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, double eps,
                     at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
@@ -564,61 +241,53 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& z, double strength, d
   const acc_t e = static_cast<acc_t>(eps);
   const bool stream = use_streaming_stores<T>(y_data, D, y.numel() * static_cast<int64_t>(sizeof(T)));
 
-  with_direction_type<T>(K, D, [&](auto z_type) {
-    using Z = decltype(z_type);
-    at::parallel_for(0, grid.groups * chunks, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
-      std::vector<const T*> z_rows(K);
-      WidenedDirections<T> widened;
-      std::vector<acc_t> L(static_cast<size_t>(K) * K), c(K), w(K), work(K);
-      std::vector<int> order(K);
-      ScaledDirections<T, Z> scaled_dirs;
-      const T* streams[kMaxPrefetchedDirections + 2];
-      const RowCursor cursor{grid, chunks, end};
-      for (int64_t item = begin; item < end; ++item) {
-        const ItemRows r = item_rows(grid, chunks, item);
-        const RowOffsets go = decode_offsets(grid.group, r.group);
-        const Z* const* dirs = widened.template directions<Z>(z_data + go.z, grid.z_dir_stride, K, D, z_rows);
-        factor_gram<T>(dirs, K, D, e, L.data(), order.data());
-        // Where the factor overflowed (|z|^2 beyond the accumulate type) or, below, a row's
-        // solution did (z.x), that row and the rest of the item work with Z / m, eps / m^2
-        // (row_math.h): c = c' / m, and the factor returned is m L'.
-        bool scaled = false;
-        acc_t m = 1, inv_m = 1;
-        const auto scale_item = [&] {
-          const DirectionScale<acc_t> sc = forward_scale<T>(dirs, K, D, e, scaled_dirs, L.data(), order.data());
-          scaled = true;
-          m = sc.m;
-          inv_m = sc.inv_m;
-        };
-        if (!all_finite(L.data(), static_cast<int64_t>(K) * K)) scale_item();
-        if (r.begin == 0) {
-          acc_t* chol_out = chol_data + r.group * K * K;
-          factor_rows_by_direction(L.data(), order.data(), K, chol_out);
-          if (scaled)
-            for (int i = 0; i < K * K; ++i) chol_out[i] *= m;
-        }
-        for (int64_t j = r.begin; j < r.end; ++j) {
-          const RowOffsets so = decode_offsets(grid.shared, j);
-          const T* xr = x_data + go.x + so.x;
-          const int64_t row = go.row + so.row;
-          dots<T>(xr, scaled ? scaled_dirs.dirs.data() : dirs, K, D, c.data());
-          pivoted_solve_inplace(L.data(), order.data(), K, c.data(), work.data());
-          if (!scaled && !all_finite(c.data(), K)) {
-            scale_item();
-            --j;  // the row again, scaled
-            continue;
-          }
-          for (int k = 0; k < K; ++k) {
-            const acc_t ck = scaled ? c[k] * inv_m : c[k];
-            coeff_data[row * K + k] = ck;
-            w[k] = s * ck;
-          }
-          const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, nullptr, z_data, streams);
-          subtract_combination<T, kHw>(xr, dirs, w.data(), K, D, y_data + row * D, next, stream);
-        }
+  for_each_work_item<T>(grid, chunks, z_data, stream, [&](const auto& it, auto& b, const RowCursor& cursor) {
+    using Z = typename std::remove_reference_t<decltype(b)>::Z;
+    const ItemRows& r = it.r;
+    const RowOffsets& go = it.go;
+    const Z* const* dirs = it.dirs;
+    std::vector<acc_t>&L = b.L, &c = b.solution, &w = b.weights, &work = b.work;
+    std::vector<int>& order = b.order;
+    ScaledDirections<T, Z>& scaled_dirs = b.scaled_dirs;
+    factor_gram<T>(dirs, K, D, e, L.data(), order.data());
+    // Where the factor overflowed (|z|^2 beyond the accumulate type) or, below, a row's
+    // solution did (z.x), that row and the rest of the item work with Z / m, eps / m^2
+    // (row_math.h): c = c' / m, and the factor returned is m L'.
+    bool scaled = false;
+    acc_t m = 1, inv_m = 1;
+    const auto scale_item = [&] {
+      const DirectionScale<acc_t> sc = forward_scale<T>(dirs, K, D, e, scaled_dirs, L.data(), order.data());
+      scaled = true;
+      m = sc.m;
+      inv_m = sc.inv_m;
+    };
+    if (!all_finite(L.data(), static_cast<int64_t>(K) * K)) scale_item();
+    if (r.begin == 0) {
+      acc_t* chol_out = chol_data + r.group * K * K;
+      factor_rows_by_direction(L.data(), order.data(), K, chol_out);
+      if (scaled)
+        for (int i = 0; i < K * K; ++i) chol_out[i] *= m;
+    }
+    for (int64_t j = r.begin; j < r.end; ++j) {
+      const RowOffsets so = decode_offsets(grid.shared, j);
+      const T* xr = x_data + go.x + so.x;
+      const int64_t row = go.row + so.row;
+      dots<T>(xr, scaled ? scaled_dirs.dirs.data() : dirs, K, D, c.data());
+      pivoted_solve_inplace(L.data(), order.data(), K, c.data(), work.data());
+      if (!scaled && !all_finite(c.data(), K)) {
+        scale_item();
+        --j;  // the row again, scaled
+        continue;
       }
-      if (stream) fence_streaming_stores();
-    });
+      for (int k = 0; k < K; ++k) {
+        const acc_t ck = scaled ? c[k] * inv_m : c[k];
+        coeff_data[row * K + k] = ck;
+        w[k] = s * ck;
+      }
+      const auto next = next_row_streams<T>(grid, cursor, it.index, j, r.end, r.group, x_data, nullptr, z_data,
+                                            b.streams);
+      subtract_combination<T, kHw>(xr, dirs, w.data(), K, D, y_data + row * D, next, stream);
+    }
   });
 }
 
@@ -773,53 +442,45 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
     dz_part_data = dz_part.mutable_data_ptr<acc_t>();
   }
 
-  with_direction_type<T>(K, D, [&](auto z_type) {
-    using Z = decltype(z_type);
-    at::parallel_for(0, items, item_grain(grid, chunks), [&](int64_t begin, int64_t end) {
-      std::vector<const T*> z_rows(K);
-      WidenedDirections<T> widened;
-      std::vector<acc_t> u(K), L(static_cast<size_t>(K) * K), work(K);
-      std::vector<int> order(K);
-      ScaledDirections<T, Z> scaled_dirs;
-      const T* streams[kMaxPrefetchedDirections + 2];
-      const RowCursor cursor{grid, chunks, end};
-      for (int64_t item = begin; item < end; ++item) {
-        const ItemRows r = item_rows(grid, chunks, item);
-        const RowOffsets go = decode_offsets(grid.group, r.group);
-        const Z* const* dirs = widened.template directions<Z>(z_data + go.z, grid.z_dir_stride, K, D, z_rows);
-        const acc_t* chol_m = chol_data + r.group * K * K;
-        factor_order(chol_m, K, order.data());
-        factor_in_pivot_order(chol_m, order.data(), K, L.data());
-        // Where a row's Z g overflows, that row and the rest of the item solve with Z / m and
-        // L / m (m a power of two bringing the largest |z| entry to [1, 2)): u = u' / m.
-        bool scaled = false;
-        acc_t inv_m = 1;
-        acc_t* acc_dz = partial_dz ? dz_part_data + item * K * D : nullptr;
-        acc_t gdotp_sum = 0;
-        for (int64_t j = r.begin; j < r.end; ++j) {
-          const RowOffsets so = decode_offsets(grid.shared, j);
-          const T* gr = g_data + go.g + so.g;
-          const T* xr = x_data + go.x + so.x;
-          const int64_t row = go.row + so.row;
-          dots<T>(gr, scaled ? scaled_dirs.dirs.data() : dirs, K, D, u.data());
-          pivoted_solve_inplace(L.data(), order.data(), K, u.data(), work.data());
-          if (!scaled && !all_finite(u.data(), K)) {
-            inv_m = backward_scale<T>(dirs, K, D, scaled_dirs, L.data());
-            scaled = true;
-            --j;  // the row again, scaled
-            continue;
-          }
-          if (scaled)
-            for (int k = 0; k < K; ++k) u[k] *= inv_m;
-          T* dz_row = direct_dz ? dz_data + r.group * K * D : nullptr;
-          const auto next = next_row_streams<T>(grid, cursor, item, j, r.end, r.group, x_data, g_data, z_data, streams);
-          gdotp_sum += backward_row<T, kHw>(gr, xr, dirs, coeff_data + row * K, u.data(), K, D, s,
-                                            dx_data + row * D, dz_row, D, acc_dz, next, stream);
-        }
-        gdotp_part[item] = gdotp_sum;
+  for_each_work_item<T>(grid, chunks, z_data, stream, [&](const auto& it, auto& b, const RowCursor& cursor) {
+    using Z = typename std::remove_reference_t<decltype(b)>::Z;
+    const ItemRows& r = it.r;
+    const RowOffsets& go = it.go;
+    const Z* const* dirs = it.dirs;
+    std::vector<acc_t>&L = b.L, &u = b.solution, &work = b.work;
+    std::vector<int>& order = b.order;
+    ScaledDirections<T, Z>& scaled_dirs = b.scaled_dirs;
+    const acc_t* chol_m = chol_data + r.group * K * K;
+    factor_order(chol_m, K, order.data());
+    factor_in_pivot_order(chol_m, order.data(), K, L.data());
+    // Where a row's Z g overflows, that row and the rest of the item solve with Z / m and
+    // L / m (m a power of two bringing the largest |z| entry to [1, 2)): u = u' / m.
+    bool scaled = false;
+    acc_t inv_m = 1;
+    acc_t* acc_dz = partial_dz ? dz_part_data + it.index * K * D : nullptr;
+    acc_t gdotp_sum = 0;
+    for (int64_t j = r.begin; j < r.end; ++j) {
+      const RowOffsets so = decode_offsets(grid.shared, j);
+      const T* gr = g_data + go.g + so.g;
+      const T* xr = x_data + go.x + so.x;
+      const int64_t row = go.row + so.row;
+      dots<T>(gr, scaled ? scaled_dirs.dirs.data() : dirs, K, D, u.data());
+      pivoted_solve_inplace(L.data(), order.data(), K, u.data(), work.data());
+      if (!scaled && !all_finite(u.data(), K)) {
+        inv_m = backward_scale<T>(dirs, K, D, scaled_dirs, L.data());
+        scaled = true;
+        --j;  // the row again, scaled
+        continue;
       }
-      if (stream) fence_streaming_stores();
-    });
+      if (scaled)
+        for (int k = 0; k < K; ++k) u[k] *= inv_m;
+      T* dz_row = direct_dz ? dz_data + r.group * K * D : nullptr;
+      const auto next = next_row_streams<T>(grid, cursor, it.index, j, r.end, r.group, x_data, g_data, z_data,
+                                            b.streams);
+      gdotp_sum += backward_row<T, kHw>(gr, xr, dirs, coeff_data + row * K, u.data(), K, D, s,
+                                        dx_data + row * D, dz_row, D, acc_dz, next, stream);
+    }
+    gdotp_part[it.index] = gdotp_sum;
   });
 
   if (partial_dz) {

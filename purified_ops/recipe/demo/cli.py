@@ -7,7 +7,7 @@ import math
 import sys
 import time
 
-from ... import _arguments as arg
+from ... import _cli_types as arg
 from ..._extras import require_extra
 from .arms import (BANK_K, BANK_TOP, GRATING_ARMS, POOL_LABELS, PURIFIED_ARMS, SUBSPACE_K, VARIANTS,
                    demo_arms)

@@ -40,6 +40,13 @@ def integer(lo: int, hi: int | None = None):
     return parse
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def real(lo: float, hi: float | None = None, *, open_lo: bool = False):
     """A finite float in [lo, hi] ((lo, hi] with open_lo; hi None: no upper bound)."""
     lower = f"> {lo}" if open_lo else f">= {lo}"
@@ -72,7 +79,7 @@ def output_file(text: str) -> str:
 
 
 def device(*names: str):
-    """A device name among `names` ("cpu", "cuda", "auto"; "cuda:N" where "cuda:N" is listed);
+    """A device name among `names` ("cpu", "cuda", "auto", "all"; "cuda:N" where "cuda:N" is listed);
     CUDA only where torch sees a GPU (and N below their count)."""
 
     def parse(text: str) -> str:

@@ -1,364 +1,23 @@
-"""Testing utilities: the float64 truth, docs/DESIGN.md's accuracy bounds, and :func:`verify`, the check
-of the kernels and gradients against the reference that a user runs on their own machine
-(``purified-ops verify``). The repository's tests take their bounds from here too.
-
-A *backend* is a pair of raw ops with the schemas of ``purified_ops::purify_forward`` and
-``purified_ops::purify_backward`` plus the device its tensors live on (:class:`Backend`);
-:func:`verify` checks each one available on the chosen device, or the ones it is given.
-"""
+"""The verify matrix: the fixed cases :func:`verify` runs on each backend (accuracy over K, D, layouts
+and dtypes; rank-deficient, ill-conditioned and dependent directions; large magnitudes; gradcheck,
+opcheck, determinism), and :func:`verify` itself."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
-from . import _extension, reference
-from .ops import PurifyFunction, available_backends, build_info, emulated_cuda_ops, purify
+from .. import reference
+from ..ops import PurifyFunction, available_backends, build_info, purify
+from .backends import EPS, STRENGTH, Backend, discover_backends, strength_tensor
+from .bounds import (DTYPES, TOLERANCE, conditioned_row_bound, dependent_row_bound, error_scales, gram_condition,
+                     magnitude_errors, rank_deficient_bound, rank_deficient_in_float64, reference_grads_in_float64,
+                     reference_in_float64, rel_err, row_err, span_condition, sum_err)
+from .report import Row, VerifyReport, cuda_image_row, dtype_name
 
-__all__ = ["TOLERANCE", "ROW_TOLERANCE", "truth", "rel_err", "sum_err", "unit_roundoff", "regularized_gram",
-           "gram_condition", "conditioned_row_bound", "error_scales", "span_condition", "dependent_row_bound",
-           "truth_rank_deficient", "rank_deficient_bound", "row_err", "magnitude_errors",
-           "Backend", "Row", "VerifyReport", "discover_backends", "verify", "DTYPES",
-           "ROUNDING_BIAS", "Rounding", "rounding", "rounding_of_16bit_outputs"]
-
-# ---- the truth and the bounds -------------------------------------------------------------------
-
-# docs/DESIGN.md: ||out - ref|| / ||ref|| against float64, for the output and every gradient.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-# Per-row error relative to |x| (the computation's scale), before the conditioning term.
-ROW_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
-
-
-def truth(x, z, strength=1.0, eps=1e-6):
-    """The result computed in float64 by the reference, from the very same (rounded) inputs."""
-    s = strength.double() if isinstance(strength, torch.Tensor) else strength
-    return reference.purify(x.double(), z.double(), strength=s, eps=eps)
-
-
-def rel_err(out, ref) -> float:
-    """||out - ref|| / ||ref|| (the absolute error where ref is zero)."""
-    ref = ref.double()
-    denom = ref.norm()
-    diff = (out.double().reshape(ref.shape) - ref).norm()
-    return (diff / denom).item() if denom > 0 else diff.item()
-
-
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Machine epsilon of the arithmetic dtype for inputs of ``dtype`` (float32 for 16-bit)."""
-    return torch.finfo(reference.accumulate_dtype(dtype)).eps
-
-
-def regularized_gram(z, eps) -> torch.Tensor:
-    """``G = Z Z^T + eps I`` in float64 on z's device, for directions ``z`` of shape ``[..., K, D]``."""
-    zd = z.detach().double()
-    return zd @ zd.transpose(-1, -2) + eps * torch.eye(zd.shape[-2], dtype=torch.float64, device=zd.device)
-
-
-def gram_condition(x, z, eps) -> torch.Tensor:
-    """cond(Z Z^T + eps I) per row of x (float64), z broadcast as purify broadcasts it."""
-    return torch.linalg.cond(regularized_gram(reference.as_directions(x, z), eps)).expand(x.shape[:-1])
-
-
-def conditioned_row_bound(dtype, kappa, strength=1.0):
-    """Bound on the per-row error of the output and of every gradient relative to its scale
-    (:func:`error_scales`: |x| for y, |g| for dx, |s| (|c| |g| + |u| |x|) for dz, and for
-    dstrength, one sum over the rows, sum |g_i p_i|): rounding in G = Z Z^T + eps I is amplified by
-    its condition number kappa in any evaluation (near-square K, D; nearly dependent z), so the
-    bound grows with it: ``(ROW_TOLERANCE + 8 u kappa) max(1, |s|)``, u the unit roundoff of the
-    accumulate dtype. Measured worst (float32; K = 1 .. 16 with D = K + 1 .. 1000, random and
-    nearly dependent directions, cond(G) up to ~7e6, four seeds of 32 rows each; fused CPU kernels
-    of each capability, the float32 reference, the emulated CUDA kernels alike): 0.4 of the bound
-    for dz, 0.17 for y and dx, 0.005 for dstrength."""
-    return (ROW_TOLERANCE[dtype] + 8 * unit_roundoff(dtype) * kappa) * max(1.0, abs(float(strength)))
-
-
-def error_scales(x, z, grad_y, strength=1.0, eps=1e-6):
-    """What :func:`conditioned_row_bound` is relative to, in float64 from the same (rounded) inputs,
-    z broadcast as purify broadcasts it: per row of x, ``kappa`` (cond(G)) and the scales of y
-    (|x|), dx (|g|) and dz (``|s| (|c| |g| + |u| |x|)``, c = G^{-1} Z x, u = G^{-1} Z g: the size of
-    the two terms dz sums, which cancel where x and g lie in the span); and for dstrength, one sum
-    over all rows, ``sum |g_i p_i|`` with p = Z^T c. Returns a dict of those."""
-    xd, gd = x.double(), grad_y.double()
-    zd = reference.as_directions(x, z).double()
-    gram = regularized_gram(zd, eps)
-    c = torch.linalg.solve(gram, (zd @ xd.unsqueeze(-1))).squeeze(-1)
-    u = torch.linalg.solve(gram, (zd @ gd.unsqueeze(-1))).squeeze(-1)
-    p = (c.unsqueeze(-2) @ zd).squeeze(-2)
-    s = abs(float(strength))
-    return {"kappa": torch.linalg.cond(gram).expand(x.shape[:-1]), "y": xd.norm(dim=-1), "dx": gd.norm(dim=-1),
-            "dz": s * (c.norm(dim=-1) * gd.norm(dim=-1) + u.norm(dim=-1) * xd.norm(dim=-1)),
-            "ds": (gd * p).abs().sum()}
-
-
-def span_condition(z, rank: int) -> torch.Tensor:
-    """cond of the span of z's rows per row, ``(sigma_1 / sigma_rank)^2`` of z (float64), for z
-    ``[..., K, D]`` of rank ``rank``: what conditions y where some directions depend on others
-    (cond(G) itself is then about |z|^2 / eps, which y does not depend on)."""
-    sv = torch.linalg.svdvals(z.double())
-    return (sv[..., 0] / sv[..., rank - 1]).square()
-
-
-def dependent_row_bound(dtype, k: int, kappa):
-    """Bound on the per-row error of y relative to |x| where directions depend on others (rank <
-    K, or K > D) with |z|^2 >> eps, kappa the condition of their span (``span_condition``):
-    ``ROW_TOLERANCE + 8 K u kappa``, the factor's rounding amplified by the span's conditioning.
-    It holds because the factorization pivots (docs/DESIGN.md section 2): measured worst (float32,
-    K = 4 .. 100 of rank 1 .. 50 in D = 8 .. 64, 64 to 2048 rows, three seeds each; fused CPU
-    kernels of each capability, the float32 reference, the emulated CUDA kernels alike) under a
-    twentieth of the bound; without pivoting one row in ~1000 was off by up to 0.27 |x| at span
-    condition 1.4."""
-    return ROW_TOLERANCE[dtype] + 8 * k * unit_roundoff(dtype) * kappa
-
-
-def truth_rank_deficient(x, z, strength=1.0, eps=1e-6):
-    """The output in float64 through the D x D system, well conditioned where K >= D directions
-    span R^D with |z|^2 >> eps: ``Z^T (Z Z^T + eps)^-1 Z = I - eps (Z^T Z + eps)^-1``, so
-    ``y = (1 - s) x + s eps (Z^T Z + eps I)^-1 x``."""
-    x64, z64 = x.double(), reference.as_directions(x, z).double()
-    s = float(strength)
-    m = z64.transpose(-1, -2) @ z64 + eps * torch.eye(x.shape[-1], dtype=torch.float64, device=x.device)
-    return (1 - s) * x64 + s * eps * torch.linalg.solve(m, x64.expand(m.shape[:-1]))
-
-
-def rank_deficient_bound(dtype, k: int) -> float:
-    """K >= D, |z|^2 >> eps: y is ~eps/|z|^2 of x, a cancellation no float32 evaluation resolves.
-    The error is bounded relative to |x| instead (backward stability): ``64 K u`` for the
-    arithmetic, plus the rounding of y to ``dtype`` (|y| <= |x| at s = 1)."""
-    return 64 * k * unit_roundoff(dtype) + torch.finfo(dtype).eps
-
-
-def sum_err(out, ref, terms) -> float:
-    """|out - ref| / sum |terms| for a value that is the sum of ``terms``: the error relative to
-    the sum's own scale. Where the terms cancel (|sum| << sum |terms|) no float32 summation is
-    within 1e-5 of |sum| itself, whatever its order."""
-    scale = terms.double().abs().sum()
-    diff = (out.double() - ref.double()).abs().max()
-    return (diff / scale).item() if scale > 0 else diff.item()
-
-
-def row_err(out, ref, x) -> torch.Tensor:
-    """Per-row ||out - ref|| / ||x||."""
-    return (out.double() - ref.double()).norm(dim=-1) / (x.double().norm(dim=-1) + 1e-300)
-
-
-def magnitude_errors(run, x0, z0, grad_y, strength, eps, z_exp: int, x_exp: int = 0) -> dict:
-    """Errors of y and every gradient for z = z0 2^z_exp and x = x0 2^x_exp (exact in their dtype):
-    ``run(x, z, grad_y, strength) -> (y, dx, dz, dstrength)``. The truth is the float64 op on
-    (x0, z0) with eps 2^(-2 z_exp) (the op is invariant to scaling z with eps by the square, and
-    linear in x; eps no smaller than float64's smallest normal, which changes nothing there) and
-    the outputs are scaled back by the same powers of two (exact). Returns the relative errors
-    (dstrength: against the sum of its terms, as :func:`sum_err`) by name, and ``"finite"``: whether
-    every output is finite."""
-    x, z = x0 * 2.0 ** x_exp, z0 * 2.0 ** z_exp
-    outs = run(x, z, grad_y, strength)
-    eps0 = max(eps * 2.0 ** (-2 * z_exp), torch.finfo(torch.float64).tiny)
-    true, ds_terms = _float64_truth(x0, z0, strength, grad_y, eps0)
-    back = (2.0 ** -x_exp, 1.0, 2.0 ** (z_exp - x_exp), 2.0 ** -x_exp)
-    errors = {name: rel_err(o.double() * f, t) for name, o, t, f in zip(("y", "dx", "dz"), outs, true, back)}
-    errors["dstrength"] = sum_err(outs[3].double() * back[3], true[3], ds_terms)
-    errors["finite"] = all(bool(torch.isfinite(o).all()) for o in outs)
-    return errors
-
-
-# ---- backends -------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Backend:
-    """Raw forward and backward ops with the schemas of ``purified_ops::purify_forward(x, z,
-    strength, eps) -> (y, coeff, chol)`` and ``purified_ops::purify_backward(grad_y, x, z, strength,
-    coeff, chol, compute_grad_z) -> (dx, dz, ds)``, and the device their tensors live on.
-    ``public``: the public entry points (``PurifyFunction``, ``purify(backend=name)``) run these
-    ops, and are checked with them."""
-
-    name: str
-    device: str
-    forward: Callable
-    backward: Callable
-    public: bool = False
-
-
-def discover_backends(device: str = "all") -> list[Backend]:
-    """The backends that run here on ``device`` ("cpu", "cuda" or "all")."""
-    if device not in ("cpu", "cuda", "all"):
-        raise ValueError(f"verify: device must be 'cpu', 'cuda' or 'all', got {device!r}")
-    found = []
-    compiled = available_backends()
-    if "cuda" in compiled and not _cuda_image_row().passed:
-        compiled = tuple(b for b in compiled if b != "cuda")  # no kernel image for this GPU: verify says so
-    ops = torch.ops.purified_ops
-    for name in ("cpu", "cuda"):
-        if name in compiled and device in (name, "all"):
-            found.append(Backend(name, name, ops.purify_forward, ops.purify_backward, public=True))
-    if device in ("cpu", "all") and (emu := emulated_cuda_ops()) is not None:
-        found.append(Backend("cuda-emulated", "cpu", emu.purify_forward, emu.purify_backward))
-    return found
-
-
-# ---- the rounding of 16-bit outputs ---------------------------------------------------------------
-
-# Bound on the mean error of a 16-bit output, in its units in the last place: rounding to nearest
-# even has none on random data (|mean| about 0.3 / sqrt(count)), truncation about 0.5.
-ROUNDING_BIAS = 0.05
-
-
-@dataclass(frozen=True)
-class Rounding:
-    """How one 16-bit output was rounded from the float32 value it stands for, in units in the
-    last place (ulps) of the 16-bit dtype at that value, over the ``count`` elements of magnitude
-    at least 1/64 of the output's RMS: ``worst``, the largest distance from that value rounded
-    to nearest even; ``bias``, the mean signed error; ``toward_zero``, the mean amount by which
-    the magnitude falls short (about 0.5 for truncation). The float32 value comes from a
-    separate call, whose sums may differ in their last bits: that can put it on the other side
-    of a rounding boundary (hence ``worst`` up to 1), and in the smallest elements, the results
-    of cancellation, it can be several of their ulps away (hence the cut)."""
-
-    output: str
-    dtype: str
-    count: int
-    worst: float
-    bias: float
-    toward_zero: float
-
-    @property
-    def passed(self) -> bool:
-        return self.worst <= 1 and abs(self.bias) <= ROUNDING_BIAS and abs(self.toward_zero) <= ROUNDING_BIAS
-
-
-def rounding(output: str, out: torch.Tensor, exact: torch.Tensor) -> Rounding:
-    """The :class:`Rounding` of ``out`` (float16 or bfloat16) from ``exact`` (float32)."""
-    dtype = out.dtype
-    finfo = torch.finfo(dtype)
-    nearest = exact.to(dtype).double().cpu().flatten()  # torch rounds to nearest even
-    out, exact = out.double().cpu().flatten(), exact.double().cpu().flatten()
-    kept = exact.abs() >= exact.square().mean().sqrt() / 64
-    out, exact, nearest = out[kept], exact[kept], nearest[kept]
-    # exact = m 2^e with 1/2 <= |m| < 1: the ulp is 2^(e - 1) eps, or the subnormals' spacing below.
-    ulp = torch.ldexp(torch.full_like(exact, finfo.eps / 2), torch.frexp(exact).exponent)
-    ulp = ulp.clamp_min(finfo.tiny * finfo.eps)
-    if out.numel() == 0:  # none kept: the float32 result is NaN (the check fails)
-        return Rounding(output, _dtype_name(dtype), 0, math.nan, math.nan, math.nan)
-    return Rounding(output, _dtype_name(dtype), out.numel(), ((out - nearest).abs() / ulp).max().item(),
-                    ((out - exact) / ulp).mean().item(), ((exact.abs() - out.abs()) / ulp).mean().item())
-
-
-def rounding_of_16bit_outputs(backend: Backend, seed: int = 0) -> list[Rounding]:
-    """The rounding of every 16-bit output of a backend's raw ops (y, dx, dz; z per row and z
-    shared by rows) for float16 and bfloat16: each against the same op in float32 on the same
-    values. The ops compute in float32 for 16-bit inputs, so that is the value each output rounds
-    (up to the last bits of float32). About 10^5 elements per output and dtype; D is not a
-    multiple of any vector width (vector loops and scalar tails)."""
-    g = torch.Generator().manual_seed(seed)
-    found = []
-    for dtype in (torch.bfloat16, torch.float16):
-        for layout, xs, zs in (("z per row", (64, 1000), (64, 2, 1000)),
-                               ("z shared", (4, 16, 1001), (4, 1, 2, 1001))):
-            x, z, gy = (torch.randn(*shape, generator=g).to(dtype) for shape in (xs, zs, xs))
-            results = {}
-            for run_dtype in (dtype, torch.float32):
-                xd, zd, gd = (t.to(device=backend.device, dtype=run_dtype) for t in (x, z, gy))
-                s = _strength(run_dtype, backend.device)
-                y, coeff, chol = backend.forward(xd, zd, s, EPS)
-                dx, dz, _ = backend.backward(gd, xd, zd, s, coeff, chol, True)
-                results[run_dtype] = {"y": y, "dx": dx, "dz": dz}
-            for name, out in results[dtype].items():
-                found.append(rounding(f"{name} ({layout})", out, results[torch.float32][name]))
-    return found
-
-
-# ---- the report -----------------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    """One line of the table: a check of one backend on one case and dtype."""
-
-    backend: str
-    case: str
-    dtype: str
-    error: float | None       # worst error over what the case covers; None for pass/fail checks
-    tolerance: float | None   # the bound it is held to (the notes say which bound)
-    passed: bool
-    detail: str = ""          # where the worst error is, or why it failed
-
-
-def _cuda_image_row() -> Row | None:
-    """Whether an image of the CUDA build (its cuda_archs) serves the current GPU, as a row of the
-    report; None without a CUDA build or a visible GPU."""
-    info = build_info()
-    summary = _extension.cuda_device_summary(info)
-    if summary is None:
-        return None
-    served = _extension.cuda_device(info["cuda_archs"]).image is not None
-    return Row("cuda", "kernel image for this GPU", "-", None, None, served, summary)
-
-
-@dataclass
-class VerifyReport:
-    device: str
-    dtypes: list[str]
-    quick: bool
-    backends: list[str]
-    rows: list[Row] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    cpu_capability: str | None = None  # the CPU kernels' capability here (DEFAULT, AVX2, AVX512)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.rows) and all(r.passed for r in self.rows)
-
-    @property
-    def failures(self) -> list[Row]:
-        return [r for r in self.rows if not r.passed]
-
-    @property
-    def verdict(self) -> str:
-        checked = f"{len(self.rows)} checks of {', '.join(self.backends) or f'no backend on {self.device}'}"
-        if self.passed:
-            return f"verify: PASS: {checked} ({', '.join(self.dtypes)}) in {self.seconds:.1f} s"
-        bad = self.failures
-        named = "; ".join(f"{r.backend} {r.case} {r.dtype}" + (f" ({r.detail})" if r.detail else "") for r in bad[:5])
-        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
-        return f"verify: FAIL: {len(bad)} of {checked} failed: {named}{more}"
-
-    def to_dict(self) -> dict:
-        def finite(v):  # strict JSON has no NaN or Infinity
-            return v if v is None or math.isfinite(v) else str(v)
-
-        rows = [{**dataclasses.asdict(r), "error": finite(r.error), "tolerance": finite(r.tolerance)}
-                for r in self.rows]
-        return {"passed": self.passed, "verdict": self.verdict, "device": self.device, "dtypes": self.dtypes,
-                "quick": self.quick, "backends": self.backends, "cpu_capability": self.cpu_capability,
-                "seconds": round(self.seconds, 3),
-                "notes": self.notes, "rows": rows}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    def format_table(self) -> str:
-        def num(v):
-            return "-" if v is None else f"{v:.2e}"
-
-        head = ("backend", "case", "dtype", "worst rel. error", "tolerance", "pass", "worst at / why")
-        body = [(r.backend, r.case, r.dtype, num(r.error), num(r.tolerance), "ok" if r.passed else "FAIL", r.detail)
-                for r in self.rows]
-        widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-        line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
-
-
-# ---- the fixed matrix -----------------------------------------------------------------------------
-
-EPS = 1e-6
-STRENGTH = 0.75
 LAYOUTS = ("rows", "shared z", "transposed x", "offset x, z")
 
 
@@ -405,19 +64,6 @@ def _inputs(k, d, dtype, layout, device, seed):
     return x, z, make(*x.shape)
 
 
-def _strength(dtype, device, value=STRENGTH):
-    return torch.tensor(value, dtype=reference.accumulate_dtype(dtype), device=device)
-
-
-def _float64_truth(x, z, s, g, eps=None):
-    """(y, dx, dz, ds) in float64 from the same rounded inputs, and the terms g * p whose sum is
-    -ds (p = Z^T c, the removed part: (x - y) / s)."""
-    x64, z64, s64 = (t.detach().double().requires_grad_() for t in (x, z, s))
-    y = truth(x64, z64, s64, EPS if eps is None else eps)
-    grads = torch.autograd.grad(y, (x64, z64, s64), g.double())
-    return (y.detach(), *grads), g.double() * (x64.detach() - y.detach()) / s64.detach()
-
-
 def _entry_points(backend: Backend, x, z, s, g):
     """(entry name, (y, dx, dz, ds)) for the raw ops and, for a public backend, the public autograd
     path."""
@@ -437,12 +83,12 @@ def _worst(pairs):
 
 
 def _accuracy_case(backend: Backend, k, d, dtype, layouts):
-    """Output and every gradient against the float64 truth over the layouts and entry points."""
+    """Output and every gradient against the float64 reference over the layouts and entry points."""
     errors = []
     for i, layout in enumerate(layouts):
         x, z, g = _inputs(k, d, dtype, layout, backend.device, seed=10007 * k + 101 * d + i)
-        s = _strength(dtype, backend.device)
-        true, ds_terms = _float64_truth(x, z, s, g)
+        s = strength_tensor(dtype, backend.device)
+        true, ds_terms = reference_grads_in_float64(x, z, s, g, EPS)
         for entry, ours in _entry_points(backend, x, z, s, g):
             for name, o, t in zip(("y", "dx", "dz"), ours, true):
                 errors.append((rel_err(o, t), f"{name}, {layout}, {entry}"))
@@ -450,7 +96,7 @@ def _accuracy_case(backend: Backend, k, d, dtype, layouts):
     err, where = _worst(errors)
     tol = TOLERANCE[dtype]
     case = f"K={k} D={d}" + (" |z|^2~eps" if k >= d else "")
-    return Row(backend.name, case, _dtype_name(dtype), err, tol, err <= tol, where)
+    return Row(backend.name, case, dtype_name(dtype), err, tol, err <= tol, where)
 
 
 def _rank_deficient_case(backend: Backend, k, d, dtype):
@@ -458,21 +104,21 @@ def _rank_deficient_case(backend: Backend, k, d, dtype):
     g = torch.Generator().manual_seed(7 * k + d)
     x = torch.randn(64, d, generator=g).to(backend.device, dtype)
     z = torch.randn(64, k, d, generator=g).to(backend.device, dtype)
-    exact = truth_rank_deficient(x, z, 1.0, EPS)
-    errors = [(row_err(backend.forward(x, z, _strength(dtype, backend.device, 1.0), EPS)[0], exact, x)
+    exact = rank_deficient_in_float64(x, z, 1.0, EPS)
+    errors = [(row_err(backend.forward(x, z, strength_tensor(dtype, backend.device, 1.0), EPS)[0], exact, x)
                .max().item(), "y, raw ops")]
     if backend.public:
         errors.append((row_err(purify(x, z, eps=EPS, backend=backend.name), exact, x).max().item(), "y, purify"))
     err, where = _worst(errors)
     tol = rank_deficient_bound(dtype, k)
-    return Row(backend.name, f"K={k} D={d} rank-deficient, y per row / |x|", _dtype_name(dtype), err, tol,
+    return Row(backend.name, f"K={k} D={d} rank-deficient, y per row / |x|", dtype_name(dtype), err, tol,
                err <= tol, where)
 
 
 def _worst_y_row(backend: Backend, dtype, x, z, ref, bound):
     """y of the raw ops (and of `purify` where the backend is public) against `ref` per row
     relative to |x|: (the worst error / bound, where, that error, its bound)."""
-    s = _strength(dtype, backend.device)
+    s = strength_tensor(dtype, backend.device)
     outputs = [("y, raw ops", backend.forward(x, z, s, EPS)[0])]
     if backend.public:
         outputs.append(("y, purify", purify(x, z, strength=STRENGTH, eps=EPS, backend=backend.name)))
@@ -493,10 +139,10 @@ def _dependent_case(backend: Backend, dtype):
     a = torch.randn(32, 2, 1000, generator=g)
     z = torch.cat([a, a + 0.1 * torch.randn(32, 2, 1000, generator=g)], dim=1)
     x, z = x.to(backend.device, dtype), z.to(backend.device, dtype)
-    ref = truth(x, z, STRENGTH, EPS)
+    ref = reference_in_float64(x, z, STRENGTH, EPS)
     bound = conditioned_row_bound(dtype, gram_condition(x, z, EPS), STRENGTH)
     ratio, where, err, tol = _worst_y_row(backend, dtype, x, z, ref, bound)
-    return Row(backend.name, "K=4 D=1000 nearly dependent z, y per row / |x|", _dtype_name(dtype), err, tol,
+    return Row(backend.name, "K=4 D=1000 nearly dependent z, y per row / |x|", dtype_name(dtype), err, tol,
                ratio <= 1, where)
 
 
@@ -508,7 +154,7 @@ _MAGNITUDES = {torch.float32: ((70, 0), (30, 80)), torch.float64: ((600, 0), (35
 
 def _magnitude_case(backend: Backend, k, dtype):
     """Large directions, and large x with moderate directions (K well below D): y and every
-    gradient against the float64 truth of the same inputs scaled down by powers of two (exact), as
+    gradient against the float64 reference of the same inputs scaled down by powers of two (exact), as
     relative errors against the dtype's bound (float16 inputs are skipped: nothing they hold
     overflows float32)."""
     rows = []
@@ -520,7 +166,7 @@ def _magnitude_case(backend: Backend, k, dtype):
             continue
         g = torch.Generator().manual_seed(97 * k + i)
         x0, z0, gy = (torch.randn(*shape, generator=g).to(backend.device, dtype) for shape in ((5, d), (5, k, d), (5, d)))
-        s = _strength(dtype, backend.device)
+        s = strength_tensor(dtype, backend.device)
         errors = []
         for entry, run in _magnitude_runs(backend):
             found = magnitude_errors(run, x0, z0, gy, s, EPS, z_exp, x_exp)
@@ -529,7 +175,7 @@ def _magnitude_case(backend: Backend, k, dtype):
             errors.extend((e, f"{name}, {entry}") for name, e in found.items())
         err, where = _worst(errors)
         tol = TOLERANCE[dtype]
-        rows.append(Row(backend.name, case, _dtype_name(dtype), err, tol, err <= tol, where))
+        rows.append(Row(backend.name, case, dtype_name(dtype), err, tol, err <= tol, where))
     return rows
 
 
@@ -570,10 +216,10 @@ def _conditioned_case(backend: Backend, dtype):
     dstrength, one sum, against the largest cond(G) of the call); the row nearest its bound."""
     worst = []
     for name, x, z, gy in _conditioned_inputs(dtype, backend.device):
-        s = _strength(dtype, backend.device)
+        s = strength_tensor(dtype, backend.device)
         scales = error_scales(x, z, gy, s, EPS)
         bound = conditioned_row_bound(dtype, scales["kappa"], STRENGTH)
-        (ty, tdx, tdz, tds), _ = _float64_truth(x, z, s, gy)
+        (ty, tdx, tdz, tds), _ = reference_grads_in_float64(x, z, s, gy, EPS)
         for entry, run in _magnitude_runs(backend):
             y, dx, dz, ds = run(x, z, gy, s)
             errors = {"y": (y.double() - ty).norm(dim=-1) / scales["y"],
@@ -587,7 +233,7 @@ def _conditioned_case(backend: Backend, dtype):
             ds_bound = bound.max().item()
             worst.append((ds_err / ds_bound, f"dstrength, {name}, {entry}", ds_err, ds_bound))
     ratio, where, err, tol = max(worst, key=lambda w: math.inf if math.isnan(w[0]) else w[0])
-    return Row(backend.name, "ill-conditioned G, y and gradients per row / scale", _dtype_name(dtype), err, tol,
+    return Row(backend.name, "ill-conditioned G, y and gradients per row / scale", dtype_name(dtype), err, tol,
                ratio <= 1, where)
 
 
@@ -598,10 +244,10 @@ def _dependent_directions_case(backend: Backend, dtype):
     z = torch.randn(512, 16, 5, generator=g) @ torch.randn(512, 5, 32, generator=g)
     x = torch.randn(512, 32, generator=g)
     x, z = x.to(backend.device, dtype), z.to(backend.device, dtype)
-    ref = truth(x, z, STRENGTH, EPS)
+    ref = reference_in_float64(x, z, STRENGTH, EPS)
     bound = dependent_row_bound(dtype, 16, span_condition(z, 5))
     ratio, where, err, tol = _worst_y_row(backend, dtype, x, z, ref, bound)
-    return Row(backend.name, "K=16 D=32 rank 5 dependent z, y per row / |x|", _dtype_name(dtype), err, tol,
+    return Row(backend.name, "K=16 D=32 rank 5 dependent z, y per row / |x|", dtype_name(dtype), err, tol,
                ratio <= 1, where)
 
 
@@ -696,7 +342,7 @@ def _opcheck_case(backend: Backend, count):
                 ok, detail = True, ""
             except Exception as exc:
                 ok, detail = False, _first_line(exc)
-            rows.append(Row(backend.name, f"opcheck {name}, {label}", _dtype_name(x.dtype), None, None, ok, detail))
+            rows.append(Row(backend.name, f"opcheck {name}, {label}", dtype_name(x.dtype), None, None, ok, detail))
     return rows
 
 
@@ -706,7 +352,7 @@ def _determinism_case(backend: Backend, k, xs, zs, dtype):
     x = torch.randn(xs, generator=g).to(backend.device, dtype)
     z = torch.randn(zs, generator=g).to(backend.device, dtype)
     gy = torch.randn(xs, generator=g).to(backend.device, dtype)
-    s = _strength(dtype, backend.device)
+    s = strength_tensor(dtype, backend.device)
 
     def run():
         y, coeff, chol = backend.forward(x, z, s, EPS)
@@ -719,11 +365,7 @@ def _determinism_case(backend: Backend, k, xs, zs, dtype):
     same = all(torch.equal(a, b) for a, b in zip(first, second))
     worst, where = _worst(diffs)
     case = f"bitwise determinism, K={k} x{list(xs)} z{list(zs)}"
-    return Row(backend.name, case, _dtype_name(dtype), worst, 0.0, same, "" if same else f"{where} differs")
-
-
-def _dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
+    return Row(backend.name, case, dtype_name(dtype), worst, 0.0, same, "" if same else f"{where} differs")
 
 
 NOTES = [
@@ -745,7 +387,7 @@ NOTES = [
     "shows the row nearest its bound",
     "large |z|, |x|: z scaled by 2^70 (float32, bfloat16; |z|^2 overflows float32) or 2^600 (float64), and x "
     "by 2^80 with z by 2^30 (z.x overflows float32; float64: 2^700 and 2^350): y and every gradient against "
-    "the float64 truth of the inputs scaled back by the same powers of two (exact), with the bounds above",
+    "the float64 reference of the inputs scaled back by the same powers of two (exact), with the bounds above",
     "ill-conditioned G: 64 rows of random K = 16 directions in D = 17 (cond(G) ~1e2 to ~1e6) and 64 rows of "
     "K = 8 in D = 32 with four directions 1e-3 to 1e-1 away from the other four: per row the error of y, dx "
     "and dz relative to their scales (|x|, |g|, |s| (|c| |g| + |u| |x|)), dstrength's relative to sum |g_i p_i|, "
@@ -766,7 +408,7 @@ def _tasks(backends, dtypes, plan):
     for b in backends:
         add = lambda case, dtype, thunk, b=b: tasks.append((b.name, case, dtype, thunk))  # noqa: E731
         for dtype in dtypes:
-            dn = _dtype_name(dtype)
+            dn = dtype_name(dtype)
             for k in plan.ks:
                 for d in plan.ds:
                     add(f"K={k} D={d}", dn, lambda b=b, k=k, d=d, t=dtype: [_accuracy_case(b, k, d, t, plan.layouts)])
@@ -790,7 +432,7 @@ def _tasks(backends, dtypes, plan):
             add("opcheck", "-", lambda b=b: _opcheck_case(b, plan.opcheck_samples))
         for dtype in dtypes:
             for k, xs, zs in plan.determinism:
-                add(f"determinism K={k}", _dtype_name(dtype),
+                add(f"determinism K={k}", dtype_name(dtype),
                     lambda b=b, k=k, xs=xs, zs=zs, t=dtype: [_determinism_case(b, k, xs, zs, t)])
     return tasks
 
@@ -815,14 +457,14 @@ def verify(device: str = "all", dtypes=None, quick: bool = False, *, backends: l
     was found.
     """
     start = time.perf_counter()
-    names = list(DTYPES) if dtypes is None else [d if isinstance(d, str) else _dtype_name(d) for d in dtypes]
+    names = list(DTYPES) if dtypes is None else [d if isinstance(d, str) else dtype_name(d) for d in dtypes]
     unknown = [n for n in names if n not in DTYPES]
     if unknown or not names:
         raise ValueError(f"verify: dtypes must be among {list(DTYPES)}, got {names}")
     chosen = discover_backends(device) if backends is None else list(backends)
     report = VerifyReport(device=device, dtypes=names, quick=quick, backends=[b.name for b in chosen],
                           notes=list(NOTES), cpu_capability=build_info().get("cpu_capability"))
-    if backends is None and device in ("cuda", "all") and (image_row := _cuda_image_row()) is not None:
+    if backends is None and device in ("cuda", "all") and (image_row := cuda_image_row()) is not None:
         report.rows.append(image_row)
     if not chosen:
         report.rows.append(Row("-", f"backends on {device}", "-", None, None, False,
