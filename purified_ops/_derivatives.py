@@ -26,6 +26,7 @@ the kernels do, so the rules stay finite for directions of any magnitude.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -396,22 +397,33 @@ class _PurifyBackwardAutograd(torch.autograd.function._SingleLevelFunction):
         return dx, dz, ds
 
 
+def _rules_kernel(function, dispatch):
+    """The rules of ``function`` as an Autograd kernel's body: applied with ``dispatch`` (where its
+    forward continues) and the kernel's keyset, as a single-level Function."""
+
+    def kernel(keyset, *args):
+        # torch._functorch.utils.enable_single_level_autograd_function, without a generator
+        # context manager's cost on every call.
+        allowed = get_single_level_autograd_function_allowed()
+        set_single_level_autograd_function_allowed(True)
+        try:
+            return function.apply(*args, dispatch, keyset)
+        finally:
+            set_single_level_autograd_function_allowed(allowed)
+
+    return kernel
+
+
 def _autograd_kernel(function, op: torch._ops.OpOverload, dispatch):
-    """The Autograd kernel of ``op``: the op alone where nothing is differentiated (no Python
-    Function on the inference path), else ``function`` (applied with ``dispatch``, where its
-    forward continues, and the kernel's keyset)."""
+    """A Python op's Autograd kernel: the op alone where nothing is differentiated, else
+    ``function``'s rules (:func:`_rules_kernel`). The fused ops' kernels make this choice in C++
+    (``csrc/purify_autograd.h``) and call the rules only where a derivative is taken."""
+    rules = _rules_kernel(function, dispatch)
 
     def kernel(keyset, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if _transforms_active() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors)):
-            # torch._functorch.utils.enable_single_level_autograd_function, without a generator
-            # context manager's cost on every call.
-            allowed = get_single_level_autograd_function_allowed()
-            set_single_level_autograd_function_allowed(True)
-            try:
-                return function.apply(*args, dispatch, keyset)
-            finally:
-                set_single_level_autograd_function_allowed(allowed)
+            return rules(keyset, *args)
         return _Dispatch.below_autograd(op, keyset, *args)
 
     return kernel
@@ -502,19 +514,20 @@ def _register_gram_solve() -> None:
     _LIBRARIES.append(lib)
 
 
-def register(namespace: str) -> None:
-    """The Autograd kernels and batching rules of a namespace's ``purify_forward`` and
-    ``purify_backward`` (and, once, of ``purified_ops::gram_solve``, which their rules call)."""
+def register(namespace: str, module) -> None:
+    """The derivatives and batching rules of a namespace's ``purify_forward`` and
+    ``purify_backward`` (and, once, ``purified_ops::gram_solve``, which their rules call). The
+    ops' Autograd kernels are C++, registered by the extension ``module`` that defines them;
+    they call these rules where a derivative is taken."""
     if not hasattr(torch.ops.purified_ops, "gram_solve"):
         _register_gram_solve()
     ops = getattr(torch.ops, namespace)
     forward, backward = ops.purify_forward.default, ops.purify_backward.default
     dispatch = _Dispatch(forward, backward)
+    module._set_python_rules(_rules_kernel(_PurifyForwardAutograd, dispatch),
+                             _rules_kernel(_PurifyBackwardAutograd, dispatch),
+                             functools.partial(forward_vjp, dispatch))
     lib = torch.library.Library(namespace, "IMPL")
-    lib.impl("purify_forward", _autograd_kernel(_PurifyForwardAutograd, forward, dispatch), "Autograd",
-             with_keyset=True)
-    lib.impl("purify_backward", _autograd_kernel(_PurifyBackwardAutograd, backward, dispatch), "Autograd",
-             with_keyset=True)
     torch.library.register_vmap(f"{namespace}::purify_forward", _forward_vmap_rule(forward), lib=lib)
     torch.library.register_vmap(f"{namespace}::purify_backward", _backward_vmap_rule(backward), lib=lib)
     _LIBRARIES.append(lib)

@@ -75,7 +75,7 @@ def emulated_cuda_module():
         except ImportError:
             _EMULATED_CUDA.append(None)
         else:
-            _register_python_kernels("purified_ops_cuda_emu")
+            _register_python_kernels("purified_ops_cuda_emu", _EMULATED_CUDA[0])
     return _EMULATED_CUDA[0]
 
 
@@ -118,13 +118,13 @@ def _register_fakes(namespace: str) -> None:
     torch.library.register_fake(f"{namespace}::purify_backward")(_purify_backward_fake)
 
 
-def _register_python_kernels(namespace: str) -> None:
+def _register_python_kernels(namespace: str, module) -> None:
     _register_fakes(namespace)
-    _derivatives.register(namespace)
+    _derivatives.register(namespace, module)
 
 
 if _C is not None:
-    _register_python_kernels("purified_ops")
+    _register_python_kernels("purified_ops", _C)
 
     @torch.library.register_fake("purified_ops::purify_forward_out")
     def _purify_forward_out_fake(x, z, strength, eps, y, coeff, chol):

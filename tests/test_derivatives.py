@@ -121,3 +121,53 @@ def test_purify_function_is_an_autograd_function_whose_backward_is_the_op(no_ref
     names = _ops_run(lambda: y.sum().backward())
     assert names == {"purified_ops::purify_backward"}, names
     assert x.grad is not None and z.grad.shape == z.shape and s.grad.shape == ()
+
+
+def _python_calls_in(package: str, fn) -> list[str]:
+    """The functions of ``package`` that Python runs during ``fn()`` (its own frames excluded)."""
+    import sys
+    seen = []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_globals.get("__name__", "").startswith(package):
+            seen.append(frame.f_code.co_name)
+    sys.setprofile(tracer)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return seen
+
+
+def test_a_plain_training_step_of_the_op_runs_no_python_derivative():
+    # The Autograd kernels choose in C++: the op alone, or a C++ node whose backward is the fused
+    # backward op; the Python rules run only where a transform or a higher order needs them.
+    x, z, s = _inputs(torch.float32)
+    x.requires_grad_()
+    z.requires_grad_()
+    op = torch.ops.purified_ops.purify_forward.default
+    out = {}
+
+    def step():
+        out["y"] = op(x, z, s, 1e-6)[0]
+        out["grads"] = torch.autograd.grad(out["y"].sum(), (x, z))
+
+    assert _python_calls_in("purified_ops", step) == []
+    with torch.no_grad():
+        assert _python_calls_in("purified_ops", lambda: op(x, z, s, 1e-6)) == []
+    expected = torch.autograd.grad(reference.purify_forward(x, z, s, 1e-6)[0].sum(), (x, z))
+    for got, want in zip(out["grads"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_raw_ops_outputs_differentiate_through_the_eager_node():
+    # y and coeff of the op itself (outside PurifyFunction): first and second order, and the
+    # coefficients' gradient, which the eager node hands to the Python rule.
+    x, z, s = (t.requires_grad_() for t in _inputs())
+    op = torch.ops.purified_ops.purify_forward.default
+    assert torch.autograd.gradcheck(lambda a, b, c: op(a, b, c, 1e-3)[:2], (x, z, s))
+    assert torch.autograd.gradgradcheck(lambda a, b, c: op(a, b, c, 1e-3)[0], (x, z, s))
+    y, coeff, chol = op(x, z, s, 1e-3)
+    assert not chol.requires_grad
+    names = _ops_run(lambda: torch.autograd.grad(y.sum(), (x, z, s)))
+    assert names == {"purified_ops::purify_backward"}, names

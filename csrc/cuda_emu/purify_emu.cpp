@@ -1,9 +1,9 @@
 // purified_ops._cuda_emu: the CUDA ops on CPU tensors, through the real kernels and host code
 // of csrc/cuda run by the emulation (cuda_emu.h), registered as torch.ops.purified_ops_cuda_emu
 // with the schemas of torch.ops.purified_ops. A test backend: slow, exact CUDA semantics. The
-// library's own registrations are listed at the top of csrc/purify.cpp; this namespace's fake
-// kernels, Autograd kernels and batching rules come from the same Python
-// (purified_ops/ops.py, purified_ops/_derivatives.py).
+// library's own registrations are listed at the top of csrc/purify.cpp; this namespace's Autograd
+// kernels are the library's (purify_autograd.h), and its fake kernels, derivatives and batching
+// rules come from the same Python (purified_ops/ops.py, purified_ops/_derivatives.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "../cuda/purify_cuda_ops.h"
+#include "../purify_autograd.h"
 #include "../purify_schema.h"
 #include "cuda_emu.h"
 
@@ -30,7 +31,14 @@ struct EmulatedDevice {
   }
 };
 
+struct EmulatedOps {
+  static constexpr const char* kForward = "purified_ops_cuda_emu::purify_forward";
+  static constexpr const char* kBackward = "purified_ops_cuda_emu::purify_backward";
+};
+
 }  // namespace
+
+using EmulatedAutograd = autograd::Kernels<EmulatedOps>;
 
 void bind_memory_traffic(pybind11::module_& m);  // memory_traffic.cpp
 
@@ -46,6 +54,10 @@ TORCH_LIBRARY_IMPL(purified_ops_cuda_emu, CPU, m) {
   m.impl("purify_backward", &purify_backward_impl<EmulatedDevice>);
   m.impl("purify_forward_out", &purify_forward_out_impl<EmulatedDevice>);
   m.impl("purify_backward_out", &purify_backward_out_impl<EmulatedDevice>);
+}
+
+TORCH_LIBRARY_IMPL(purified_ops_cuda_emu, Autograd, m) {
+  EmulatedAutograd::register_kernels(m);
 }
 
 }  // namespace cuda
@@ -87,6 +99,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The byte every block's dynamic shared memory starts as: 0xff (NaN) by default; a byte such "
       "as 0x3c makes it finite, like the stale values a GPU leaves.");
   purified_ops::cuda::bind_memory_traffic(m);
+  purified_ops::cuda::EmulatedAutograd::bind(m);
 #if defined(__SANITIZE_ADDRESS__)
   m.attr("sanitized") = true;
 #else
