@@ -144,7 +144,7 @@ def cpu_kernel_extension(capability):
 
 def core_extension(capabilities):
     """purified_ops._C: schemas, autocast, build info, and the CUDA kernels when built with CUDA."""
-    sources = ["csrc/purify.cpp", "csrc/purify_autocast.cpp"]
+    sources = ["csrc/purify.cpp", "csrc/purify_autocast.cpp", "csrc/purify_public.cpp"]
     defines = [("PURIFIED_OPS_CPU_CAPABILITIES", c_string(" ".join(capabilities)))]
     if not want_cuda():
         return cpp_extension.CppExtension("purified_ops._C", sources, define_macros=defines,

@@ -2,6 +2,7 @@
 //
 // Where the ops are registered, one file per piece:
 //   C++     csrc/purify.cpp                 schemas (TORCH_LIBRARY), this file
+//           csrc/purify_public.cpp          purify's checks (CompositeImplicitAutograd)
 //           csrc/purify_autograd.h          Autograd kernels (here and in purify_emu.cpp)
 //           csrc/purify_autocast.cpp        Autocast kernels (AutocastCPU, AutocastCUDA)
 //           csrc/cpu/purify_cpu.cpp         CPU kernels (TORCH_LIBRARY_IMPL CPU, at its end)
@@ -31,6 +32,8 @@ TORCH_LIBRARY(purified_ops, m) {
   m.def(purified_ops::kBackwardSchema);
   m.def(purified_ops::kForwardOutSchema);
   m.def(purified_ops::kBackwardOutSchema);
+  m.def(purified_ops::kPurifySchema);
+  m.def(purified_ops::kPurifyTensorSchema);
 }
 
 namespace {

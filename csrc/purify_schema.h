@@ -23,4 +23,10 @@ constexpr const char* kBackwardOutSchema =
     "Tensor chol, bool compute_grad_z, Tensor(a!) grad_x, Tensor(b!) grad_z, "
     "Tensor(c!) grad_strength) -> ()";
 
+// The public entry point (purify_public.cpp): checks, then the canonical form of purify_forward's
+// arguments and its y. Library namespace only; a float strength has an overload of its own.
+constexpr const char* kPurifySchema = "purify(Tensor x, Tensor z, float strength, float eps) -> Tensor";
+constexpr const char* kPurifyTensorSchema =
+    "purify.strength_tensor(Tensor x, Tensor z, Tensor strength, float eps) -> Tensor";
+
 }  // namespace purified_ops

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from . import _derivatives, _extension, _settings, reference
-from ._input_checks import canonical_args, check_purify_args
+from ._input_checks import canonical_args, check_eps, check_purify_args, check_strength
 
 __all__ = ["PurifyFunction", "purify", "available_backends", "build_info", "empty_cpu_cache", "cpu_cache_bytes",
            "export_decompositions", "BACKENDS", "emulated_cuda_ops"]
@@ -293,8 +293,20 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6,
         raise TypeError(f"purify: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(backend, str):
         raise ValueError(f"purify: backend must be one of {BACKENDS}, got {backend!r}")
-    compiled = _resolve_backend(backend, x.device) == "compiled"
+    if _resolve_backend(backend, x.device) == "compiled" and not _exporting_to_onnx():
+        # The op checks the rest in C++ (purify_public.cpp). Here only what never reaches its
+        # kernel: a z that is no tensor, nested tensors (no kernel of theirs), and numbers that are
+        # not Python floats (docs/DESIGN.md, "Errors").
+        if not isinstance(z, torch.Tensor) or x.is_nested or z.is_nested:
+            check_purify_args(x, z, strength, eps)  # raises
+        if type(eps) is not float:
+            eps = check_eps(eps)
+        if isinstance(strength, torch.Tensor):
+            if strength.is_nested:
+                check_strength(strength)  # raises
+            return torch.ops.purified_ops.purify.strength_tensor(x, z, strength, eps)
+        if type(strength) is not float:
+            strength = check_strength(strength)
+        return torch.ops.purified_ops.purify.default(x, z, strength, eps)
     args = check_purify_args(x, z, strength, eps)
-    if compiled and not _exporting_to_onnx():
-        return torch.ops.purified_ops.purify_forward(args.x, args.z, args.strength, args.eps)[0]
     return reference.purify_forward(args.x, args.z, args.strength, args.eps)[0]
