@@ -27,6 +27,7 @@ the kernels do, so the rules stay finite for directions of any magnitude.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -249,13 +250,28 @@ class _PurifyForwardAutograd(torch.autograd.function._SingleLevelFunction):
         return forward_jvp(ctx.dispatch, ctx.eps, ctx.saved_tensors, x_t, z_t, strength_t)
 
 
+# Inside forward_vjp's call of the backward op when ds is not wanted: every purify_backward
+# call in that extent (the op's own levels: its Autograd kernels, batching rules, forward-mode
+# rules) computes that ds or a derivative of it, which nothing reads.
+_DS_UNUSED = threading.local()
+
+
 def forward_vjp(dispatch: _Dispatch, eps, saved, need_z, need_s, grad_y, grad_coeff):
     """``purify_forward``'s backward: (dx, dz, ds) for the gradients of y and coeff (either None),
     ``saved`` its ``(x, z, strength, coeff, chol)``. y's through the fused backward op."""
     x, z, strength, coeff, chol = saved
     dx = dz = ds = None
     if grad_y is not None:
-        dx, dz, ds = dispatch.backward(grad_y.to(x.dtype), x, z, strength, coeff, chol, need_z)
+        if need_s:
+            dx, dz, ds = dispatch.backward(grad_y.to(x.dtype), x, z, strength, coeff, chol, need_z)
+        else:
+            # ds is dropped: its batching rule may skip its per-entry sums (the op itself computes
+            # ds in the same pass as dx and dz; the rule needs one more product over the rows).
+            _DS_UNUSED.depth = getattr(_DS_UNUSED, "depth", 0) + 1
+            try:
+                dx, dz, _ = dispatch.backward(grad_y.to(x.dtype), x, z, strength, coeff, chol, need_z)
+            finally:
+                _DS_UNUSED.depth -= 1
     if grad_coeff is not None:
         t = _Terms.of(dispatch.forward, eps, x, z, strength, coeff, chol)
         w = t.solve(grad_coeff.to(t.x.dtype) * t.inv_m_c)
@@ -439,6 +455,31 @@ def _expanded(t, bdim, size):
     return t if bdim is not None else t.expand(size, *t.shape[1:])
 
 
+def _entry_dots(c, z, g):
+    """``sum <c, Z g>`` over each batch entry's rows: c ``[n, ..., K]``, z ``[n or 1, ..., K, D]``
+    (a leading dim x's or 1), g ``[n, ..., D]``; returns ``[n]``. Each distinct Z meets all the rows
+    that share it in one matrix product, so z is never expanded per row (an einsum over the
+    broadcast dims takes a path several times slower)."""
+    lead = g.shape[:-1]
+    k, d = z.shape[-2:]
+    shared = [i for i in range(len(lead)) if z.shape[i] == 1 and lead[i] != 1]
+    own = [i for i in range(len(lead)) if i not in shared]
+    n_own = n_shared = 1
+    for i in own:
+        n_own *= lead[i]
+    for i in shared:
+        n_shared *= lead[i]
+    order = (*own, *shared, len(lead))
+    gp = g.permute(order).reshape(n_own, n_shared, d)
+    cp = c.permute(order).reshape(n_own, n_shared, k)
+    zg = torch.bmm(z.reshape(n_own, k, d), gp.transpose(1, 2))  # [own, K, shared]: Z g per row
+    dots = (zg.transpose(1, 2) * cp).sum(-1)  # [own, shared]
+    n = lead[0]
+    if shared and shared[0] == 0:  # z not batched: the entries are z's shared rows
+        return dots.sum(0).reshape(n, n_shared // n if n else 0).sum(1)
+    return dots.sum(1).reshape(n, n_own // n if n else 0).sum(1)
+
+
 def _forward_vmap_rule(forward: torch._ops.OpOverload):
     """The batching rule of ``forward``: one call for the whole batch, the vmapped dim a leading
     dim of x and z (of size 1 in z when z is not batched: shared, never expanded)."""
@@ -471,7 +512,8 @@ def _backward_vmap_rule(backward: torch._ops.OpOverload):
     """The batching rule of ``backward``: one call for the whole batch. Rows (g, x, coeff) get
     the vmapped dim first; z and its factor too where dz is wanted (each batch entry its own dz),
     else a shared size-1 dim where they are not vmapped. ds, one sum per batch entry, is
-    ``-sum <g, Z^T c>`` over that entry's rows; a batched strength scales the op's s = 1 result."""
+    ``-sum <g, Z^T c>`` over that entry's rows (:func:`_entry_dots`; zeros where forward_vjp drops
+    ds); a batched strength scales the op's s = 1 result."""
 
     def rule(info, in_dims, grad_y, x, z, strength, coeff, chol, compute_grad_z):
         n = info.batch_size
@@ -486,10 +528,10 @@ def _backward_vmap_rule(backward: torch._ops.OpOverload):
         s = strength if s_bdim is None else strength.new_ones(())
         dx, dz, _ = backward(g, x, z, s, coeff, chol, compute_grad_z)
         acc = coeff.dtype
-        rows = tuple(range(1, x.dim() - 1))  # the rows' dims besides the vmapped one
-        # einsum contracts z's broadcast (size-1) dims without expanding z per row
-        ds = -torch.einsum("...k,...kd,...d->...", coeff, z.to(acc), g.to(acc))
-        ds = ds.sum(rows) if rows else ds
+        if getattr(_DS_UNUSED, "depth", 0):
+            ds = coeff.new_zeros(n)  # nothing reads it
+        else:
+            ds = -_entry_dots(coeff, z.to(acc), g.to(acc))
         if s_bdim is not None:
             sb = strength.movedim(s_bdim, 0).to(acc)
             ga = g.to(acc)

@@ -49,6 +49,12 @@ TRANSFORMS = {
     "vmap_grad": lambda x, z, s: torch.func.vmap(torch.func.grad(_loss), in_dims=(0, 0, None))(x, z, s),
     "vmap_grad_shared_z": lambda x, z, s: torch.func.vmap(torch.func.grad(_loss, argnums=(0, 1)),
                                                           in_dims=(0, None, None))(x, z[0], s),
+    # Per-sample gradients of strength too (the batching rule's per-entry ds): a shared strength
+    # with batched z, and a batched strength with shared z.
+    "vmap_grad_strength": lambda x, z, s: torch.func.vmap(torch.func.grad(_loss, argnums=(0, 1, 2)),
+                                                          in_dims=(0, 0, None))(x, z, s),
+    "vmap_grad_batched_strength": lambda x, z, s: torch.func.vmap(
+        torch.func.grad(_loss, argnums=(1, 2)), in_dims=(0, None, 0))(x, z[0], s * torch.linspace(0.5, 1, 4)),
 }
 
 
