@@ -150,9 +150,13 @@ def export_decompositions() -> dict:
 
 def _exporting_to_onnx() -> bool:
     """Whether torch.onnx.export is tracing (ONNX has no purified_ops domain: the export gets
-    the op's decomposition into standard ops). Never imports torch.onnx itself."""
+    the op's decomposition into standard ops). Never imports torch.onnx itself, and asks it only
+    inside a trace (its exporters run torch.export or torch.jit.trace), since its own check
+    imports two modules on every call."""
     onnx = sys.modules.get("torch.onnx")
-    return onnx is not None and onnx.is_in_onnx_export()
+    if onnx is None or not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()):
+        return False
+    return onnx.is_in_onnx_export()
 
 
 class PurifyFunction(torch.autograd.Function):

@@ -124,8 +124,14 @@ def test_torch_export(device):
     x = torch.randn(4, 5, 12, device=device)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
+    # The program keeps the checked entry op (a custom CompositeImplicitAutograd op, which export
+    # preserves); decomposed, it is the canonical form and the fused op.
     names = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert "purified_ops.purify_forward.default" in names
+    assert "purified_ops.purify.strength_tensor" in names, names
+    decomposed = exported.run_decompositions()
+    names = {str(n.target) for n in decomposed.graph.nodes if n.op == "call_function"}
+    assert "purified_ops.purify_forward.default" in names, names
+    torch.testing.assert_close(decomposed.module()(x), model(x))
 
 
 def test_fake_tensor_shapes_match_real():
