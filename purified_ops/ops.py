@@ -123,8 +123,11 @@ def _register_python_kernels(namespace: str, module) -> None:
     _derivatives.register(namespace, module)
 
 
+_PURIFY_OP = None  # torch.ops.purified_ops.purify, where the extension loaded
+
 if _C is not None:
     _register_python_kernels("purified_ops", _C)
+    _PURIFY_OP = torch.ops.purified_ops.purify
 
     @torch.library.register_fake("purified_ops::purify_forward_out")
     def _purify_forward_out_fake(x, z, strength, eps, y, coeff, chol):
@@ -297,7 +300,9 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6,
         raise TypeError(f"purify: x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(backend, str):
         raise ValueError(f"purify: backend must be one of {BACKENDS}, got {backend!r}")
-    if _resolve_backend(backend, x.device) == "compiled" and not _exporting_to_onnx():
+    # The usual call (auto, a CPU tensor, the extension loaded) needs no lookup.
+    compiled = (backend == "auto" and x.is_cpu and _C is not None) or _resolve_backend(backend, x.device) == "compiled"
+    if compiled and not _exporting_to_onnx():
         # The op checks the rest in C++ (purify_public.cpp). Here only what never reaches its
         # kernel: a z that is no tensor, nested tensors (no kernel of theirs), and numbers that are
         # not Python floats (docs/DESIGN.md, "Errors").
@@ -308,9 +313,9 @@ def purify(x: torch.Tensor, z: torch.Tensor, *, strength=1.0, eps: float = 1e-6,
         if isinstance(strength, torch.Tensor):
             if strength.is_nested:
                 check_strength(strength)  # raises
-            return torch.ops.purified_ops.purify.strength_tensor(x, z, strength, eps)
+            return _PURIFY_OP.strength_tensor(x, z, strength, eps)
         if type(strength) is not float:
             strength = check_strength(strength)
-        return torch.ops.purified_ops.purify.default(x, z, strength, eps)
+        return _PURIFY_OP.default(x, z, strength, eps)
     args = check_purify_args(x, z, strength, eps)
     return reference.purify_forward(args.x, args.z, args.strength, args.eps)[0]

@@ -123,12 +123,18 @@ def test_layer_rejects_bad_arguments():
         PurifyLayer(dim=1)(torch.randn(2, 4, 3, 3), torch.randn(2, 1, 1, 1, 4))
 
 
-def test_errors_come_before_any_kernel(monkeypatch):
-    calls = []
-    monkeypatch.setattr(torch.ops.purified_ops.purify_forward, "default", lambda *a: calls.append(a))
-    with pytest.raises(ValueError):
-        purify(torch.randn(3, 8), torch.randn(4, 8))
-    assert calls == []
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_errors_come_before_any_kernel(case):
+    # The profiler records every dispatcher call: the C++ checks raise before purify_forward.
+    from torch.profiler import ProfilerActivity, profile
+
+    make_x, make_z, kwargs, error, _ = BAD_INPUTS[case]
+    x, z = make_x(), make_z()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with pytest.raises(error):
+            purify(x, z, **kwargs)
+    names = {e.name for e in prof.events()}
+    assert not any(n.startswith("purified_ops::purify_") for n in names), names
 
 
 def test_layer_nchw_matches_channels_last(device):
