@@ -525,6 +525,14 @@ at::Tensor cached_output(at::IntArrayRef sizes, at::ScalarType dtype, const at::
   return empty_cpu_output(sizes, dtype);
 }
 
+// The value of a checked strength (a 0-dim float or double CPU tensor), read in place: item()
+// would dispatch an op on every call.
+double strength_value(const at::Tensor& strength) {
+  if (strength.is_neg()) return strength.item<double>();  // a lazily negated view
+  return strength.scalar_type() == at::kDouble ? *strength.const_data_ptr<double>()
+                                               : static_cast<double>(*strength.const_data_ptr<float>());
+}
+
 // The forward into given outputs, for checked arguments (x and z with unit last stride); the
 // functional and the _out op differ only in where the outputs come from. A layout the row grid
 // cannot address runs grouped (forward_in_row_grid, purify_host.h).
@@ -534,7 +542,7 @@ void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& st
     chol.zero_();  // no rows: nothing reads the factor, but it is defined
     return;
   }
-  const double s = strength.item<double>();
+  const double s = strength_value(strength);
   forward_in_row_grid(x, z, y, coeff, chol, [&](const at::Tensor& xr, const at::Tensor& zr, at::Tensor& yr,
                                                 at::Tensor& coeffr, at::Tensor& cholr) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "purify_forward_cpu", [&] {
@@ -548,7 +556,7 @@ void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& st
 void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
                    const at::Tensor& coeff, const at::Tensor& chol, bool compute_grad_z, at::Tensor& dx,
                    at::Tensor& dz, at::Tensor& ds) {
-  const double s = strength.item<double>();
+  const double s = strength_value(strength);
   backward_in_row_grid(g, x, z, coeff, chol, compute_grad_z, dx, dz,
                        [&](const at::Tensor& gr, const at::Tensor& xr, const at::Tensor& zr, const at::Tensor& coeffr,
                            const at::Tensor& cholr, at::Tensor& dxr, at::Tensor& dzr) {
