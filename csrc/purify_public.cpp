@@ -13,8 +13,8 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
-#include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <sstream>
@@ -76,9 +76,14 @@ std::string shape_text(c10::SymIntArrayRef sizes) {
 std::string real_text(double v) {
   if (std::isnan(v)) return "nan";
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  // The fewest significant digits that read back as v (std::to_chars would do, but not every
+  // host compiler a CUDA build meets has its floating-point overloads).
   char buf[64];
-  const auto end = std::to_chars(buf, buf + sizeof(buf), v, std::chars_format::scientific).ptr;
-  std::string sci(buf, end);  // [-]d[.ddd]e(+|-)XX
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof(buf), "%.*e", digits - 1, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  std::string sci(buf);  // [-]d[.ddd]e(+|-)XX
   const auto e = sci.find('e');
   const int exponent = std::atoi(sci.c_str() + e + 1);
   if (exponent < -4 || exponent >= 16) return sci;
