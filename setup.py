@@ -143,8 +143,9 @@ def cpu_kernel_extension(capability):
 
 
 def core_extension(capabilities):
-    """purified_ops._C: schemas, autocast, build info, and the CUDA kernels when built with CUDA."""
-    sources = ["csrc/purify.cpp", "csrc/purify_autocast.cpp", "csrc/purify_public.cpp"]
+    """purified_ops._C: schemas, purify's checks, the Autograd and autocast kernels, build info, and
+    the CUDA kernels when built with CUDA."""
+    sources = ["csrc/purify.cpp", "csrc/purify_autocast.cpp", "csrc/purify_public.cpp", "csrc/purify_host.cpp"]
     defines = [("PURIFIED_OPS_CPU_CAPABILITIES", c_string(" ".join(capabilities)))]
     if not want_cuda():
         return cpp_extension.CppExtension("purified_ops._C", sources, define_macros=defines,
@@ -153,7 +154,7 @@ def core_extension(capabilities):
     nvcc = ["-O3", "-std=c++17", "-lineinfo"]
     if os.environ.get("PURIFIED_OPS_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
-    sources += ["csrc/purify_host.cpp", *sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))]
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     # cuda_archs: the images the extension carries (sm_XY cubins, compute_XY PTX); at run time
     # purified_ops tells from them whether the GPU it runs on is served.
     images = " ".join(cuda_archs.images_of_gencode(gencode))

@@ -29,6 +29,7 @@
 
 TORCH_LIBRARY(purified_ops, m) {
   m.def(purified_ops::kForwardSchema);
+  m.def(purified_ops::kForwardFloatSchema);
   m.def(purified_ops::kBackwardSchema);
   m.def(purified_ops::kForwardOutSchema);
   m.def(purified_ops::kBackwardOutSchema);

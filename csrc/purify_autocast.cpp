@@ -28,6 +28,16 @@ Triple forward_autocast(const at::Tensor& x, const at::Tensor& z, const at::Tens
 }
 
 template <c10::DispatchKey AutocastKey>
+Triple forward_float_autocast(const at::Tensor& x, const at::Tensor& z, double strength, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(AutocastKey);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("purified_ops::purify_forward", "float_strength")
+                       .typed<Triple(const at::Tensor&, const at::Tensor&, double, double)>();
+  const auto t = promoted(x, z);
+  return op.call(x.to(t), z.to(t), strength, eps);
+}
+
+template <c10::DispatchKey AutocastKey>
 Triple backward_autocast(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
                          const at::Tensor& strength, const at::Tensor& coeff, const at::Tensor& chol,
                          bool compute_grad_z) {
@@ -44,11 +54,13 @@ Triple backward_autocast(const at::Tensor& grad_y, const at::Tensor& x, const at
 
 TORCH_LIBRARY_IMPL(purified_ops, AutocastCPU, m) {
   m.impl("purify_forward", &forward_autocast<c10::DispatchKey::AutocastCPU>);
+  m.impl("purify_forward.float_strength", &forward_float_autocast<c10::DispatchKey::AutocastCPU>);
   m.impl("purify_backward", &backward_autocast<c10::DispatchKey::AutocastCPU>);
 }
 
 TORCH_LIBRARY_IMPL(purified_ops, AutocastCUDA, m) {
   m.impl("purify_forward", &forward_autocast<c10::DispatchKey::AutocastCUDA>);
+  m.impl("purify_forward.float_strength", &forward_float_autocast<c10::DispatchKey::AutocastCUDA>);
   m.impl("purify_backward", &backward_autocast<c10::DispatchKey::AutocastCUDA>);
 }
 

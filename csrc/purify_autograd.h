@@ -13,6 +13,10 @@
 //     Python rule);
 //   - anything else (torch.func transforms, forward-mode AD, purify_backward itself being
 //     differentiated): the Python kernel, which runs the rules as single-level Functions.
+// purify_forward.float_strength (the strength a number) takes the same routes; where the
+// Python rules serve, it calls purify_forward with the strength as a tensor, so the rules and
+// batching rules of one op serve both (its own batching rule, in _derivatives.py, serves vmap
+// without a derivative).
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -23,12 +27,16 @@
 
 #include <string>
 #include <tuple>
+#include <type_traits>
+
+#include "purify_host.h"
 
 namespace purified_ops {
 namespace autograd {
 
 using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using ForwardSignature = Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+using ForwardFloatSignature = Triple(const at::Tensor&, const at::Tensor&, double, double);
 using BackwardSignature = Triple(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, bool);
 
@@ -99,32 +107,64 @@ struct Kernels {
     return op;
   }
 
+  static const c10::TypedOperatorHandle<ForwardFloatSignature>& forward_float_op() {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(Ops::kForward, "float_strength")
+                               .template typed<ForwardFloatSignature>();
+    return op;
+  }
+
   static const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
     static const auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow(Ops::kBackward, "").template typed<BackwardSignature>();
     return op;
   }
 
-  struct ForwardNode : public torch::autograd::Function<ForwardNode> {
+  // A number strength as the tensor purify_forward and purify_backward take: 0-dim, x's
+  // accumulate dtype, on x's device.
+  static at::Tensor strength_tensor(double strength, const at::Tensor& x) {
+    return at::scalar_tensor(strength, at::TensorOptions().dtype(accumulate_type(x.scalar_type())).device(x.device()));
+  }
+
+  // The node of purify_forward (S = at::Tensor: the strength an input, with a gradient) or of
+  // purify_forward.float_strength (S = double: a constant, made a tensor for the backward only).
+  template <class S>
+  struct ForwardNode : public torch::autograd::Function<ForwardNode<S>> {
+    static constexpr bool kTensorStrength = std::is_same_v<S, at::Tensor>;
+
     static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                                  const at::Tensor& z, const at::Tensor& strength, double eps,
+                                                  const at::Tensor& z, const S& strength, double eps,
                                                   c10::DispatchKeySet keyset) {
       auto [y, coeff, chol] = [&] {
         at::AutoDispatchBelowADInplaceOrView below;
-        return forward_op().redispatch(keyset & c10::after_autograd_keyset, x, z, strength, eps);
+        const auto below_autograd = keyset & c10::after_autograd_keyset;
+        if constexpr (kTensorStrength) {
+          return forward_op().redispatch(below_autograd, x, z, strength, eps);
+        } else {
+          return forward_float_op().redispatch(below_autograd, x, z, strength, eps);
+        }
       }();
       ctx->mark_non_differentiable({chol});
       ctx->set_materialize_grads(false);
-      ctx->save_for_backward({x, z, strength, coeff, chol});
+      if constexpr (kTensorStrength) {
+        ctx->save_for_backward({x, z, strength, coeff, chol});
+      } else {
+        ctx->save_for_backward({x, z, coeff, chol});
+        ctx->saved_data["strength"] = strength;
+      }
       ctx->saved_data["eps"] = eps;
       return {y, coeff, chol};
     }
 
     static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                    torch::autograd::variable_list grads) {
-      const auto saved = ctx->get_saved_variables();
+      auto saved = ctx->get_saved_variables();  // (x, z, strength, coeff, chol)
+      if constexpr (!kTensorStrength) {
+        saved.insert(saved.begin() + 2, strength_tensor(ctx->saved_data["strength"].toDouble(), saved[0]));
+      }
+      // A number's position has no input edge to ask about.
       const bool need_x = ctx->needs_input_grad(0), need_z = ctx->needs_input_grad(1),
-                 need_s = ctx->needs_input_grad(2);
+                 need_s = kTensorStrength && ctx->needs_input_grad(2);
       const at::Tensor& grad_y = grads[0];
       const at::Tensor& grad_coeff = grads[1];
       at::Tensor dx, dz, ds;
@@ -149,11 +189,24 @@ struct Kernels {
       return call_python(python().forward_kernel, Ops::kForward, keyset, x, z, strength, eps);
     }
     if (records_graph({&x, &z, &strength})) {
-      auto out = ForwardNode::apply(x, z, strength, eps, keyset);
+      auto out = ForwardNode<at::Tensor>::apply(x, z, strength, eps, keyset);
       return {out[0], out[1], out[2]};
     }
     at::AutoDispatchBelowADInplaceOrView below;
     return forward_op().redispatch(keyset & c10::after_autograd_keyset, x, z, strength, eps);
+  }
+
+  static Triple forward_float(c10::DispatchKeySet keyset, const at::Tensor& x, const at::Tensor& z, double strength,
+                              double eps) {
+    if (needs_python_rules({&x, &z})) {
+      return forward_op().call(x, z, strength_tensor(strength, x), eps);
+    }
+    if (records_graph({&x, &z})) {
+      auto out = ForwardNode<double>::apply(x, z, strength, eps, keyset);
+      return {out[0], out[1], out[2]};
+    }
+    at::AutoDispatchBelowADInplaceOrView below;
+    return forward_float_op().redispatch(keyset & c10::after_autograd_keyset, x, z, strength, eps);
   }
 
   static Triple backward(c10::DispatchKeySet keyset, const at::Tensor& grad_y, const at::Tensor& x,
@@ -171,6 +224,7 @@ struct Kernels {
 
   static void register_kernels(torch::Library& m) {
     m.impl("purify_forward", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(forward)));
+    m.impl("purify_forward.float_strength", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(forward_float)));
     m.impl("purify_backward", torch::dispatch(c10::DispatchKey::Autograd, TORCH_FN(backward)));
   }
 

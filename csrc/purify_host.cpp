@@ -4,12 +4,21 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 
 namespace purified_ops {
 
 at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+double arithmetic_tiny(at::ScalarType acc) {
+  return acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+}
+
+double arithmetic_max(at::ScalarType acc) {
+  return acc == at::kDouble ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
 }
 
 // The saved per-row and per-z-row values: [*x.shape[:-1], K] and [*z.shape[:-2], K, K].
@@ -38,11 +47,15 @@ static bool is_supported_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
 
-// The raw ops' contract: the canonical form that purified_ops.purify produces after its own
-// checks (_validate.py, which owns the public API's checks and messages, for every backend).
-// These checks own what a direct caller of torch.ops.purified_ops.* gets: messages name the op
-// and the canonical form. Through the public API they never fire.
-static void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+at::Tensor Strength::as_tensor(const at::TensorOptions& options) const {
+  return tensor_ != nullptr ? *tensor_ : at::scalar_tensor(value_, options);
+}
+
+// The raw ops' contract: the canonical form that purified_ops::purify (purify_public.cpp, which
+// owns the public API's checks and messages) passes on. These checks own what a direct caller of
+// torch.ops.purified_ops.purify_* gets: messages name the op and the canonical form. Through the
+// public API they never fire.
+static void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& z, Strength strength,
                          c10::DeviceType device_type) {
   TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()),
                    op, ": x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
@@ -55,26 +68,31 @@ static void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
     TORCH_CHECK_VALUE(z.size(i) == x.size(i) || z.size(i) == 1, op, ": z's dim ", i, " (", z.size(i),
                       ") must be x's (", x.size(i), ") or 1; got x ", x.sizes(), " and z ", z.sizes());
   }
-  TORCH_CHECK_VALUE(x.device() == z.device() && x.device() == strength.device(),
-                    op, ": x, z and strength must be on one device; got ", x.device(), ", ", z.device(), " and ",
-                    strength.device());
+  TORCH_CHECK_VALUE(x.device() == z.device(), op, ": x and z must be on one device; got ", x.device(), " and ",
+                    z.device());
   TORCH_CHECK_VALUE(x.device().type() == device_type, op, ": this kernel serves ", device_type,
                     " tensors, got ", x.device());
-  TORCH_CHECK_VALUE(strength.dim() == 0 && strength.scalar_type() == accumulate_type(x.scalar_type()),
-                    op, ": strength must be a 0-dim ", accumulate_type(x.scalar_type()),
-                    " tensor, got shape ", strength.sizes(), " and dtype ", strength.scalar_type());
+  const auto acc = accumulate_type(x.scalar_type());
+  if (const at::Tensor* s = strength.tensor()) {
+    TORCH_CHECK_VALUE(s->device() == x.device(), op, ": strength must be on x's device (", x.device(), "), got ",
+                      s->device());
+    TORCH_CHECK_VALUE(s->dim() == 0 && s->scalar_type() == acc, op, ": strength must be a 0-dim ", acc,
+                      " tensor, got shape ", s->sizes(), " and dtype ", s->scalar_type());
+  } else {
+    // The kernels cast it to the arithmetic dtype: it must stay finite there.
+    TORCH_CHECK_VALUE(std::abs(strength.value()) <= arithmetic_max(acc), op, ": strength must be finite in ", acc,
+                      ", got ", strength.value());
+  }
 }
 
-void check_forward_args(const char* op, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+void check_forward_args(const char* op, const at::Tensor& x, const at::Tensor& z, Strength strength,
                         double eps, c10::DeviceType device_type) {
   check_inputs(op, x, z, strength, device_type);
   // A normal number of the arithmetic dtype: CUDA flushes a subnormal one to zero (and G of a
   // zero z would be singular).
   const auto acc = accumulate_type(x.scalar_type());
-  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-  const double big = acc == at::kDouble ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
-  TORCH_CHECK_VALUE(eps >= tiny && eps <= big, op, ": eps must be a normal ", acc, " number, in [", tiny, ", ",
-                    big, "], got ", eps);
+  TORCH_CHECK_VALUE(eps >= arithmetic_tiny(acc) && eps <= arithmetic_max(acc), op, ": eps must be a normal ", acc,
+                    " number, in [", arithmetic_tiny(acc), ", ", arithmetic_max(acc), "], got ", eps);
 }
 
 void check_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,

@@ -14,10 +14,30 @@ namespace purified_ops {
 
 // The accumulate type of an input dtype (accumulate_t in row_math.h, at compile time).
 at::ScalarType accumulate_type(at::ScalarType t);
+// The smallest normal and the largest finite number of an accumulate type.
+double arithmetic_tiny(at::ScalarType acc);
+double arithmetic_max(at::ScalarType acc);
+
+// The strength as the forward takes it: a 0-dim accumulate-dtype tensor on x's device
+// (purify_forward), or a number (purify_forward.float_strength). Refers to the caller's tensor:
+// lives for one call.
+class Strength {
+ public:
+  Strength(const at::Tensor& tensor) : tensor_(&tensor) {}  // NOLINT: a tensor is a strength
+  explicit Strength(double value) : value_(value) {}
+  const at::Tensor* tensor() const { return tensor_; }  // null: the strength is value()
+  double value() const { return value_; }
+  // The strength as a 0-dim tensor with these options (the tensor itself where there is one).
+  at::Tensor as_tensor(const at::TensorOptions& options) const;
+
+ private:
+  const at::Tensor* tensor_ = nullptr;
+  double value_ = 0;
+};
 
 // The raw ops' argument checks, shared by every backend's implementation (purify_host.cpp
 // says what they own). `op` names the op in messages; `device_type` is the backend's.
-void check_forward_args(const char* op, const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength,
+void check_forward_args(const char* op, const at::Tensor& x, const at::Tensor& z, Strength strength,
                         double eps, c10::DeviceType device_type);
 void check_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& z,
                          const at::Tensor& strength, const at::Tensor& coeff,

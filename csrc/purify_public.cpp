@@ -20,6 +20,7 @@
 #include <sstream>
 #include <string>
 
+#include "purify_host.h"
 
 namespace purified_ops {
 namespace {
@@ -151,11 +152,9 @@ struct Arithmetic {
 Arithmetic arithmetic_of(const at::Tensor& x, const at::Tensor& z) {
   const auto dtype = x.scalar_type() == z.scalar_type() ? x.scalar_type()
                                                          : at::promote_types(x.scalar_type(), z.scalar_type());
-  if (dtype == at::kDouble) {
-    return {dtype, at::kDouble, std::numeric_limits<double>::min(), std::numeric_limits<double>::max(), "float64"};
-  }
-  return {dtype, at::kFloat, std::numeric_limits<float>::min(), std::numeric_limits<float>::max(),
-          "float16, bfloat16 and float32"};
+  const auto acc = accumulate_type(dtype);
+  return {dtype, acc, arithmetic_tiny(acc), arithmetic_max(acc),
+          acc == at::kDouble ? "float64" : "float16, bfloat16 and float32"};
 }
 
 // Every check, in the order of the Python API's, then the canonical form of purify_forward's
@@ -186,18 +185,24 @@ at::Tensor purify_checked(const at::Tensor& x, const at::Tensor& z, const at::Te
                     "purify: strength must be on x's device (", x.device(), ") or a CPU scalar, got ",
                     (strength.defined() ? strength.device() : x.device()));
 
-  const auto acc_on_x = at::TensorOptions().dtype(a.acc).device(x.device());
-  const at::Tensor s = strength.defined()
-                           ? (strength.dim() == 0 ? strength : strength.reshape({})).to(acc_on_x)
-                           : at::scalar_tensor(strength_value, acc_on_x);
   const at::Tensor z_rows = z.dim() == x.dim() ? z.unsqueeze(-2) : z;
+  const at::Tensor x_in = x.scalar_type() == a.dtype ? x : x.to(a.dtype);
+  const at::Tensor z_in = z_rows.scalar_type() == a.dtype ? z_rows : z_rows.to(a.dtype);
+  using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  if (!strength.defined()) {
+    // The number goes to the kernel as it is: nothing is allocated for it.
+    static const auto forward = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("purified_ops::purify_forward", "float_strength")
+                                    .typed<Outputs(const at::Tensor&, const at::Tensor&, double, double)>();
+    return std::get<0>(forward.call(x_in, z_in, strength_value, eps));
+  }
+  const auto acc_on_x = at::TensorOptions().dtype(a.acc).device(x.device());
+  const at::Tensor s = (strength.dim() == 0 ? strength : strength.reshape({})).to(acc_on_x);
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("purified_ops::purify_forward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, double)>();
-  return std::get<0>(forward.call(x.scalar_type() == a.dtype ? x : x.to(a.dtype),
-                                  z_rows.scalar_type() == a.dtype ? z_rows : z_rows.to(a.dtype), s, eps));
+          .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return std::get<0>(forward.call(x_in, z_in, s, eps));
 }
 
 at::Tensor purify_float_strength(const at::Tensor& x, const at::Tensor& z, double strength, double eps) {

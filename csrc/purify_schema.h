@@ -8,6 +8,10 @@ namespace purified_ops {
 // and the per-z-row Cholesky factor of the Gram matrix (accumulate dtype) for the backward.
 constexpr const char* kForwardSchema =
     "purify_forward(Tensor x, Tensor z, Tensor strength, float eps) -> (Tensor, Tensor, Tensor)";
+// The same with the strength by value (a float strength allocates nothing per call): what
+// purified_ops::purify calls for one. Not differentiable in the strength.
+constexpr const char* kForwardFloatSchema =
+    "purify_forward.float_strength(Tensor x, Tensor z, float strength, float eps) -> (Tensor, Tensor, Tensor)";
 // (dx, dz, ds); dz is an empty [0] tensor when compute_grad_z is false.
 constexpr const char* kBackwardSchema =
     "purify_backward(Tensor grad_y, Tensor x, Tensor z, Tensor strength, Tensor coeff, "

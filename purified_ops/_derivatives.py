@@ -571,5 +571,9 @@ def register(namespace: str, module) -> None:
                              functools.partial(forward_vjp, dispatch))
     lib = torch.library.Library(namespace, "IMPL")
     torch.library.register_vmap(f"{namespace}::purify_forward", _forward_vmap_rule(forward), lib=lib)
+    # The float-strength overload (a number: never batched) under vmap without a derivative;
+    # with one, its Autograd kernel calls purify_forward instead.
+    torch.library.register_vmap(f"{namespace}::purify_forward.float_strength",
+                                _forward_vmap_rule(ops.purify_forward.float_strength), lib=lib)
     torch.library.register_vmap(f"{namespace}::purify_backward", _backward_vmap_rule(backward), lib=lib)
     _LIBRARIES.append(lib)

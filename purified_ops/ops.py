@@ -115,6 +115,7 @@ def _register_fakes(namespace: str) -> None:
     """Fake kernels of a namespace's functional ops (the registered ops and the emulated CUDA
     ones share the schemas), so torch.compile, export and opcheck trace them."""
     torch.library.register_fake(f"{namespace}::purify_forward")(_purify_forward_fake)
+    torch.library.register_fake(f"{namespace}::purify_forward.float_strength")(_purify_forward_fake)
     torch.library.register_fake(f"{namespace}::purify_backward")(_purify_backward_fake)
 
 
@@ -141,13 +142,15 @@ if _C is not None:
 
 def export_decompositions() -> dict:
     """torch.export's default decomposition table plus the decomposition of
-    ``purified_ops::purify_forward`` into standard ops (:func:`purified_ops.reference.purify_forward`:
-    no linear-algebra op, no purified_ops op), for programs bound to runtimes without this package:
+    ``purified_ops::purify_forward`` (both overloads) into standard ops
+    (:func:`purified_ops.reference.purify_forward`: no linear-algebra op, no purified_ops op), for
+    programs bound to runtimes without this package:
     ``exported.run_decompositions(purified_ops.export_decompositions())`` gives core ATen."""
     if _C is None:
         raise RuntimeError(f"purified_ops: {_extension.load_failure_message(_LOAD_ERROR)}")
     table = torch.export.default_decompositions()
-    table[torch.ops.purified_ops.purify_forward.default] = reference.purify_forward
+    forward = torch.ops.purified_ops.purify_forward
+    table[forward.default] = table[forward.float_strength] = reference.purify_forward
     return table
 
 

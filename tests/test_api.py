@@ -10,6 +10,7 @@ import torch
 import purified_ops
 from purified_ops import PurifyFunction, PurifyLayer, purify, reference
 from purified_ops._cli_types import cpu_count
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ENTRY_POINTS = {
     "purify": lambda x, z, **kw: purify(x, z, **kw),
@@ -135,6 +136,41 @@ def test_errors_come_before_any_kernel(case):
             purify(x, z, **kwargs)
     names = {e.name for e in prof.events()}
     assert not any(n.startswith("purified_ops::purify_") for n in names), names
+
+
+class _DispatchedOps(TorchDispatchMode):
+    """The ops that reach the kernels' dispatch keys, in order (purify's C++ checks and canonical
+    form decompose before them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("entry", ["purify", "layer"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_float_strength_reaches_the_kernel_as_a_number(device, entry, requires_grad):
+    # The number is an argument of the float overload: no strength tensor is made (a fill kernel
+    # per call on a GPU), in inference and in training alike.
+    x = torch.randn(4, 16, device=device, requires_grad=requires_grad)
+    z = torch.randn(4, 2, 16, device=device)
+    call = (lambda: purify(x, z, strength=0.25)) if entry == "purify" else (lambda: layer(x, z))
+    layer = PurifyLayer(0.25)
+    with _DispatchedOps() as seen:
+        y = call()
+    # (Training adds the autograd node's detach of a saved tensor: an alias, nothing allocated.)
+    made = [op for op in seen.ops if op != "aten.detach.default"]
+    assert made == ["purified_ops.purify_forward.float_strength"], seen.ops
+    expect = purify(x, z, strength=torch.tensor(0.25, device=device))
+    assert torch.equal(y, expect)
+    if requires_grad:
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        (want,) = torch.autograd.grad(expect.square().sum(), x)
+        assert torch.equal(gx, want)
 
 
 def test_layer_nchw_matches_channels_last(device):

@@ -65,6 +65,10 @@ def test_opcheck_forward_and_backward(device):
             torch.library.opcheck(torch.ops.purified_ops.purify_backward_out.default, args + outs)
             torch.ops.purified_ops.purify_backward_out(*args, *outs)
             assert all(torch.equal(a, b) for a, b in zip((dx, dz, ds), outs))
+        # The strength by value: the same numbers, bit for bit.
+        torch.library.opcheck(torch.ops.purified_ops.purify_forward.float_strength, (x, z, 0.7, 1e-6))
+        by_value = torch.ops.purified_ops.purify_forward.float_strength(x, z, 0.7, 1e-6)
+        assert all(torch.equal(a, b) for a, b in zip((y, coeff, chol), by_value))
         outs = (torch.empty_like(y), torch.empty_like(coeff), torch.empty_like(chol))
         torch.library.opcheck(torch.ops.purified_ops.purify_forward_out.default, (x, z, s, 1e-6) + outs)
         torch.ops.purified_ops.purify_forward_out(x, z, s, 1e-6, *outs)
@@ -83,13 +87,13 @@ def test_out_variants_reject_wrong_outputs(device):
                                                    torch.empty(0, device=device), s.clone())
 
 
-def _model(device):
+def _model(device, learnable_strength=True):
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.enc = torch.nn.Linear(12, 24)
             self.irr = torch.nn.Linear(12, 2 * 24)
-            self.purify = PurifyLayer(learnable_strength=True)
+            self.purify = PurifyLayer(0.8, learnable_strength=learnable_strength)
             self.head = torch.nn.Linear(24, 3)
 
         def forward(self, x):
@@ -119,19 +123,28 @@ def test_torch_compile_fullgraph_matches_eager(device, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-def test_torch_export(device):
-    model = _model(device)
+@pytest.mark.parametrize("learnable_strength", [True, False])
+def test_torch_export(device, learnable_strength):
+    model = _model(device, learnable_strength)
     x = torch.randn(4, 5, 12, device=device)
     exported = torch.export.export(model, (x,))
     torch.testing.assert_close(exported.module()(x), model(x))
     # The program keeps the checked entry op (a custom CompositeImplicitAutograd op, which export
-    # preserves); decomposed, it is the canonical form and the fused op.
+    # preserves); decomposed, it is the canonical form and the fused op (a fixed strength: the
+    # overload that takes it as a number).
+    entry, fused = (("purify.strength_tensor", "purify_forward.default") if learnable_strength
+                    else ("purify.default", "purify_forward.float_strength"))
     names = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert "purified_ops.purify.strength_tensor" in names, names
+    assert f"purified_ops.{entry}" in names, names
     decomposed = exported.run_decompositions()
     names = {str(n.target) for n in decomposed.graph.nodes if n.op == "call_function"}
-    assert "purified_ops.purify_forward.default" in names, names
+    assert f"purified_ops.{fused}" in names, names
     torch.testing.assert_close(decomposed.module()(x), model(x))
+    # For runtimes without purified_ops: core ATen alone.
+    core = exported.run_decompositions(purified_ops.export_decompositions())
+    names = {str(n.target) for n in core.graph.nodes if n.op == "call_function"}
+    assert not any(name.startswith("purified_ops.") for name in names), names
+    torch.testing.assert_close(core.module()(x), model(x))
 
 
 def test_fake_tensor_shapes_match_real():
@@ -183,6 +196,9 @@ def test_raw_op_rejects_bad_arguments():
         torch.ops.purified_ops.purify_forward(x, z.double(), s, 1e-6)
     with pytest.raises(ValueError, match="purify_forward: strength"):
         torch.ops.purified_ops.purify_forward(x, z, s.double(), 1e-6)
+    for value in (float("inf"), float("nan"), 1e39):  # 1e39 is inf in float32
+        with pytest.raises(ValueError, match="purify_forward: strength must be finite in Float"):
+            torch.ops.purified_ops.purify_forward.float_strength(x, z, value, 1e-6)
     for eps in (0.0, -1.0, float("nan"), float("inf"), 1e-40):
         with pytest.raises(ValueError, match="purify_forward: eps must be a normal Float number"):
             torch.ops.purified_ops.purify_forward(x, z, s, eps)

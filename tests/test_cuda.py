@@ -425,6 +425,22 @@ EMULATED_LAYOUTS = [  # (x shape, z shape): own z rows; z shared by several work
 ]
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=str)
+@pytest.mark.parametrize("K", [2, 16, 20])
+def test_strength_by_value_equals_the_strength_tensor(target, dtype, K):
+    # purify_forward.float_strength passes the number in the launch parameters (the fused path)
+    # or makes it a tensor (K > 16): the strength tensor's numbers, bit for bit, in every dtype.
+    torch.manual_seed(K)
+    x = torch.randn(2, 5, 40).to(target.device, dtype)
+    z = directions((2, 1, K, 40), dtype, target.device, 40)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for s in (0.3, -1.7):
+        by_tensor = target.ops.purify_forward(x, z, torch.tensor(s, dtype=acc, device=target.device), 1e-4)
+        by_value = target.ops.purify_forward.float_strength(x, z, s, 1e-4)
+        for a, b in zip(by_tensor, by_value):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("xs,zs", EMULATED_LAYOUTS)
 def test_emulated_schedules_and_grids_bitwise_equal(xs, zs):
     # Emulation only: the results may not depend on the order the threads of a block run in,

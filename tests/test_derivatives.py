@@ -146,13 +146,16 @@ def _python_calls_in(package: str, fn) -> list[str]:
     return seen
 
 
-def test_a_plain_training_step_of_the_op_runs_no_python_derivative():
+@pytest.mark.parametrize("overload", ["default", "float_strength"])
+def test_a_plain_training_step_of_the_op_runs_no_python_derivative(overload):
     # The Autograd kernels choose in C++: the op alone, or a C++ node whose backward is the fused
     # backward op; the Python rules run only where a transform or a higher order needs them.
     x, z, s = _inputs(torch.float32)
     x.requires_grad_()
     z.requires_grad_()
-    op = torch.ops.purified_ops.purify_forward.default
+    if overload == "float_strength":
+        s = s.item()
+    op = getattr(torch.ops.purified_ops.purify_forward, overload)
     out = {}
 
     def step():
@@ -177,4 +180,31 @@ def test_the_raw_ops_outputs_differentiate_through_the_eager_node():
     y, coeff, chol = op(x, z, s, 1e-3)
     assert not chol.requires_grad
     names = _ops_run(lambda: torch.autograd.grad(y.sum(), (x, z, s)))
+    assert names == {"purified_ops::purify_backward"}, names
+
+
+def test_the_float_strength_overload_differentiates_like_the_tensor_one():
+    # Its own node in eager code (the strength a constant), purify_forward's rules under
+    # torch.func and forward mode, its batching rule under vmap: the tensor overload's numbers.
+    x, z, s = _inputs()
+    x.requires_grad_()
+    z.requires_grad_()
+    ops = torch.ops.purified_ops.purify_forward
+    by_value = lambda a, b: ops.float_strength(a, b, 0.6, 1e-3)[:2]  # noqa: E731
+    by_tensor = lambda a, b: ops.default(a, b, torch.tensor(0.6, dtype=torch.float64), 1e-3)[:2]  # noqa: E731
+    assert torch.autograd.gradcheck(by_value, (x, z))
+    assert torch.autograd.gradgradcheck(lambda a, b: by_value(a, b)[0], (x, z))
+    assert torch.autograd.gradcheck(by_value, (x, z), check_forward_ad=True, check_backward_ad=False,
+                                    check_undefined_grad=False)
+    g = torch.randn_like(x)
+    for how in (lambda f: torch.autograd.grad(f(x, z)[0], (x, z), g),
+                lambda f: torch.autograd.grad(f(x, z)[1].sum(), (x, z)),  # coeff's gradient
+                lambda f: torch.func.grad(lambda a, b: (f(a, b)[0] * g).sum(), argnums=(0, 1))(x, z),
+                lambda f: torch.func.jvp(lambda a: f(a, z)[0], (x,), (g,)),
+                lambda f: torch.func.vmap(lambda a: f(a, z)[0])(x.detach().unsqueeze(0).expand(3, *x.shape)),
+                lambda f: torch.func.vmap(torch.func.grad(lambda a: f(a, z[:1])[0].sum()))(x.unsqueeze(1))):
+        for got, want in zip(how(by_value), how(by_tensor)):
+            assert torch.equal(got, want)
+    y = by_value(x, z)[0]
+    names = _ops_run(lambda: torch.autograd.grad(y.sum(), (x, z)))
     assert names == {"purified_ops::purify_backward"}, names

@@ -525,18 +525,20 @@ at::Tensor cached_output(at::IntArrayRef sizes, at::ScalarType dtype, const at::
   return empty_cpu_output(sizes, dtype);
 }
 
-// The value of a checked strength (a 0-dim float or double CPU tensor), read in place: item()
-// would dispatch an op on every call.
-double strength_value(const at::Tensor& strength) {
-  if (strength.is_neg()) return strength.item<double>();  // a lazily negated view
-  return strength.scalar_type() == at::kDouble ? *strength.const_data_ptr<double>()
-                                               : static_cast<double>(*strength.const_data_ptr<float>());
+// The value of a checked strength: the number, or the 0-dim float or double CPU tensor read in
+// place (item() would dispatch an op on every call).
+double strength_value(Strength strength) {
+  const at::Tensor* s = strength.tensor();
+  if (s == nullptr) return strength.value();
+  if (s->is_neg()) return s->item<double>();  // a lazily negated view
+  return s->scalar_type() == at::kDouble ? *s->const_data_ptr<double>()
+                                         : static_cast<double>(*s->const_data_ptr<float>());
 }
 
 // The forward into given outputs, for checked arguments (x and z with unit last stride); the
 // functional and the _out op differ only in where the outputs come from. A layout the row grid
 // cannot address runs grouped (forward_in_row_grid, purify_host.h).
-void forward_into(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
+void forward_into(const at::Tensor& x, const at::Tensor& z, Strength strength, double eps,
                   at::Tensor& y, at::Tensor& coeff, at::Tensor& chol) {
   if (x.numel() == 0 && x.size(-1) != 0) {
     chol.zero_();  // no rows: nothing reads the factor, but it is defined
@@ -569,14 +571,24 @@ void backward_into(const at::Tensor& g, const at::Tensor& x, const at::Tensor& z
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cpu(const at::Tensor& x_in, const at::Tensor& z_in,
-                                                                 const at::Tensor& strength, double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x_in, const at::Tensor& z_in,
+                                                           Strength strength, double eps) {
   check_forward_args("purify_forward", x_in, z_in, strength, eps, c10::DeviceType::CPU);
   const at::Tensor x = unit_last_stride(x_in);
   const at::Tensor z = unit_last_stride(z_in);
   auto [y, coeff, chol] = allocate_forward_outputs(x, z, cached_output);
   forward_into(x, z, strength, eps, y, coeff, chol);
   return {y, coeff, chol};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_cpu(const at::Tensor& x, const at::Tensor& z,
+                                                                 const at::Tensor& strength, double eps) {
+  return forward_cpu(x, z, strength, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> purify_forward_float_cpu(const at::Tensor& x, const at::Tensor& z,
+                                                                       double strength, double eps) {
+  return forward_cpu(x, z, Strength(strength), eps);
 }
 
 void purify_forward_out_cpu(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength,
@@ -612,6 +624,7 @@ void purify_backward_out_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in
 // The CPU kernels of the ops; the other registrations are listed at the top of csrc/purify.cpp.
 TORCH_LIBRARY_IMPL(purified_ops, CPU, m) {
   m.impl("purify_forward", &purify_forward_cpu);
+  m.impl("purify_forward.float_strength", &purify_forward_float_cpu);
   m.impl("purify_backward", &purify_backward_cpu);
   m.impl("purify_forward_out", &purify_forward_out_cpu);
   m.impl("purify_backward_out", &purify_backward_out_cpu);

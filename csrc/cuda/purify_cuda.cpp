@@ -38,6 +38,7 @@ struct CudaDevice {
 
 TORCH_LIBRARY_IMPL(purified_ops, CUDA, m) {
   m.impl("purify_forward", &purify_forward_impl<CudaDevice>);
+  m.impl("purify_forward.float_strength", &purify_forward_float_impl<CudaDevice>);
   m.impl("purify_backward", &purify_backward_impl<CudaDevice>);
   m.impl("purify_forward_out", &purify_forward_out_impl<CudaDevice>);
   m.impl("purify_backward_out", &purify_backward_out_impl<CudaDevice>);

@@ -1,8 +1,8 @@
 // The torch side of the CUDA ops, shared by the CUDA build (purify_cuda.cpp) and the emulated
 // one (csrc/cuda_emu/purify_emu.cpp): outputs, the launch plan (purify_launch_plan.h) into the
 // launchers of purify_kernels_*.cu, and the K > 16 path (ATen batched products around
-// launch_factor_grams). No host sync anywhere (strength is read by the kernels from device
-// memory), so the ops can be captured in a CUDA graph.
+// launch_factor_grams). No host sync anywhere (a strength tensor is read by the kernels from
+// device memory, a number is passed by value), so the ops can be captured in a CUDA graph.
 //
 // `Dev` is where the kernels run:
 //   kDeviceType         the tensors' device type (CUDA; CPU for the emulation)
@@ -83,7 +83,7 @@ inline at::Tensor pivoted_solve(const at::Tensor& rhs, const at::Tensor& lower, 
 
 template <typename Dev>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor& x, const at::Tensor& z,
-                                                               const at::Tensor& strength, double eps) {
+                                                               Strength strength, double eps) {
   // The products below are cuBLAS matmuls: with torch.backends.cuda.matmul.allow_tf32 (or
   // float32 matmul precision "high") they would round float32 to TF32's 10-bit mantissa, and the
   // Gram matrix would lose the accuracy the op promises. Off for this thread, for this call.
@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_unfused(const at::Tensor&
   const at::Tensor idx = order.to(at::kLong);
   // c = c' / m: y and the backward work with the unscaled z
   const at::Tensor c = (pivoted_solve(at::bmm(zs, xg.transpose(1, 2)), L, idx) * inv_m).transpose(1, 2);  // [G, T, K]
-  const at::Tensor y = xg - strength * at::bmm(c, zg);
+  const at::Tensor y = xg - strength.as_tensor(xg.options().dtype(acc)) * at::bmm(c, zg);
   // The factor in direction rows (row_math.h's factor_rows_by_direction), of the unscaled G: m L'.
   const at::Tensor chol = at::zeros_like(L).scatter_(1, idx.unsqueeze(-1).expand_as(L), L) / inv_m;
   std::vector<int64_t> chol_shape = z.sizes().vec();
@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_unfused(const at::Tensor
 // The fused forward into given outputs (K <= kMaxCudaFusedK); x and z have unit last stride,
 // the device guard is held.
 template <typename Dev>
-void fused_forward_into(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& strength, double eps,
+void fused_forward_into(const at::Tensor& x_in, const at::Tensor& z_in, Strength strength, double eps,
                         at::Tensor& y_out, at::Tensor& coeff_out, at::Tensor& chol_out) {
   if (leading_rows(x_in) == 0) {
     chol_out.zero_();  // no rows: nothing reads the factor, but it is defined
@@ -165,7 +165,11 @@ void fused_forward_into(const at::Tensor& x_in, const at::Tensor& z_in, const at
     ForwardParams p;
     p.x = x.const_data_ptr();
     p.z = z.const_data_ptr();
-    p.strength = strength.const_data_ptr();
+    if (const at::Tensor* s = strength.tensor()) {
+      p.strength = s->const_data_ptr();
+    } else {
+      p.strength_value = strength.value();
+    }
     p.y = y.mutable_data_ptr();
     p.coeff = coeff.mutable_data_ptr();
     p.chol = chol.mutable_data_ptr();
@@ -240,8 +244,7 @@ Outputs run_path(int64_t K, Outputs* out, Unfused&& unfused, Allocate&& allocate
 
 // x and z (and g) have unit last stride and the device guard is held.
 template <typename Dev>
-Outputs run_forward(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps,
-                    Outputs* out) {
+Outputs run_forward(const at::Tensor& x, const at::Tensor& z, Strength strength, double eps, Outputs* out) {
   return run_path(
       z.size(-2), out, [&] { return forward_unfused<Dev>(x, z, strength, eps); },
       [&] { return allocate_forward_outputs(x, z); },
@@ -262,10 +265,20 @@ Outputs run_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
 }
 
 template <typename Dev>
-Outputs purify_forward_impl(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps) {
+Outputs forward_impl(const at::Tensor& x, const at::Tensor& z, Strength strength, double eps) {
   check_forward_args("purify_forward", x, z, strength, eps, Dev::kDeviceType);
   const typename Dev::Guard guard(x.device());
   return run_forward<Dev>(unit_last_stride(x), unit_last_stride(z), strength, eps, nullptr);
+}
+
+template <typename Dev>
+Outputs purify_forward_impl(const at::Tensor& x, const at::Tensor& z, const at::Tensor& strength, double eps) {
+  return forward_impl<Dev>(x, z, strength, eps);
+}
+
+template <typename Dev>
+Outputs purify_forward_float_impl(const at::Tensor& x, const at::Tensor& z, double strength, double eps) {
+  return forward_impl<Dev>(x, z, Strength(strength), eps);
 }
 
 template <typename Dev>

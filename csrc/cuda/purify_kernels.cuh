@@ -65,7 +65,10 @@ __global__ void __launch_bounds__(kBlock, min_blocks(KB)) purify_forward_kernel(
   const A eps = static_cast<A>(p.eps);
   const int ntiles = tiles.ntiles;
   // The strength, once per team (the first team.sync publishes it): no global round trip per row.
-  if (team.tid == 0) sm[S::strength(team.warps)] = global_load(static_cast<const A*>(p.strength));
+  if (team.tid == 0) {
+    sm[S::strength(team.warps)] =
+        p.strength != nullptr ? global_load(static_cast<const A*>(p.strength)) : static_cast<A>(p.strength_value);
+  }
 
   Pack<T> zr[KB][V], xr[V];
   for (int64_t item = tiles.first_item(); item < items; item += tiles.item_stride()) {

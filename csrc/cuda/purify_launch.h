@@ -17,7 +17,8 @@ namespace cuda {
 struct ForwardParams {
   const void* x = nullptr;       // T, read in place through grid's strides
   const void* z = nullptr;       // T
-  const void* strength = nullptr;  // acc_t, 0-dim, device memory
+  const void* strength = nullptr;  // acc_t, 0-dim, device memory; null: strength_value
+  double strength_value = 0;
   void* y = nullptr;             // T, contiguous [rows, D]
   void* coeff = nullptr;         // acc_t, contiguous [rows, K]
   void* chol = nullptr;          // acc_t, contiguous [groups, K, K]

@@ -44,6 +44,7 @@ void bind_memory_traffic(pybind11::module_& m);  // memory_traffic.cpp
 
 TORCH_LIBRARY(purified_ops_cuda_emu, m) {
   m.def(kForwardSchema);
+  m.def(kForwardFloatSchema);
   m.def(kBackwardSchema);
   m.def(kForwardOutSchema);
   m.def(kBackwardOutSchema);
@@ -51,6 +52,7 @@ TORCH_LIBRARY(purified_ops_cuda_emu, m) {
 
 TORCH_LIBRARY_IMPL(purified_ops_cuda_emu, CPU, m) {
   m.impl("purify_forward", &purify_forward_impl<EmulatedDevice>);
+  m.impl("purify_forward.float_strength", &purify_forward_float_impl<EmulatedDevice>);
   m.impl("purify_backward", &purify_backward_impl<EmulatedDevice>);
   m.impl("purify_forward_out", &purify_forward_out_impl<EmulatedDevice>);
   m.impl("purify_backward_out", &purify_backward_out_impl<EmulatedDevice>);
