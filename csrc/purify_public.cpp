@@ -220,4 +220,11 @@ TORCH_LIBRARY_IMPL(purified_ops, CompositeImplicitAutograd, m) {
   m.impl("purify.strength_tensor", &purify_tensor_strength);
 }
 
+// vmap meets purify before any autograd key (so before the kernel above): the same decomposition
+// there, so that purify_forward's batching rule serves instead of a loop over the batch.
+TORCH_LIBRARY_IMPL(purified_ops, FuncTorchBatchedDecomposition, m) {
+  m.impl("purify", &purify_float_strength);
+  m.impl("purify.strength_tensor", &purify_tensor_strength);
+}
+
 }  // namespace purified_ops

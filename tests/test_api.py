@@ -173,6 +173,23 @@ def test_a_float_strength_reaches_the_kernel_as_a_number(device, entry, requires
         assert torch.equal(gx, want)
 
 
+def test_vmap_of_purify_runs_the_batching_rule():
+    # Without a derivative, vmap meets purify before its autograd keys: the op's decomposition
+    # serves there too, so one batched kernel call runs, not a loop over the batch with a warning.
+    from torch.profiler import ProfilerActivity, profile
+
+    x, z = torch.randn(5, 3, 16), torch.randn(5, 1, 2, 16)  # per sample: 3 rows, 2 shared directions
+    for strength in (0.5, torch.tensor(0.5)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                y = torch.func.vmap(lambda a, b: purify(a, b, strength=strength))(x, z)
+        # The call on the batched tensors (of a sample's shape), and the rule's on the whole batch.
+        shapes = [e.input_shapes[0] for e in prof.events() if e.name == "purified_ops::purify_forward"]
+        assert [5, 3, 16] in shapes and len(shapes) < x.shape[0], shapes
+        torch.testing.assert_close(y, purify(x, z, strength=strength), rtol=0, atol=1e-6)
+
+
 def test_layer_nchw_matches_channels_last(device):
     layer = PurifyLayer(dim=1)
     x = torch.randn(2, 6, 5, 4, device=device)
