@@ -49,14 +49,15 @@ def test_compiled_torch_func_transforms_equal_eager(device, transform):
 # ---- export ----------------------------------------------------------------------------------
 
 class _Net(torch.nn.Module):
-    """Linear features, per-sample directions shared by the sample's tokens, a learnable strength."""
+    """Linear features, per-sample directions shared by the sample's tokens, a learnable strength
+    (or a fixed one)."""
 
-    def __init__(self, k=2, shared=True, d=24):
+    def __init__(self, k=2, shared=True, d=24, learnable_strength=True):
         super().__init__()
         self.k, self.shared, self.d = k, shared, d
         self.enc = torch.nn.Linear(12, d)
         self.irr = torch.nn.Linear(12, k * d)
-        self.purify = PurifyLayer(0.75, learnable_strength=True)
+        self.purify = PurifyLayer(0.75, learnable_strength=learnable_strength)
         self.head = torch.nn.Linear(d, 3)
 
     def features(self, x):  # x [B, T, 12] -> (h [B, T, d], z)
@@ -130,6 +131,33 @@ def test_compiled_graphs_call_the_fused_ops_not_the_decomposition(device):
     assert not any("solve" in t or "cholesky" in t for t in forward | backward)
 
 
+def test_compiled_graph_calls_the_float_overload_and_a_tensor_strength_never_recompiles(device):
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def capture(gm, _inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm
+
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    z = torch.randn(8, 2, 16, device=device)
+    backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+    fixed = torch.compile(lambda a, b: purify(a, b, strength=0.5).square().sum(), backend=backend, fullgraph=True)
+    fixed(x, z).backward()
+    assert "purified_ops.purify_forward.float_strength" in graphs[0], graphs[0]
+    assert "purified_ops.purify_backward.default" in graphs[1], graphs[1]
+    # A strength that changes between calls, as a 0-dim tensor (docs/api.md): one graph for all.
+    torch._dynamo.reset()
+    counters.clear()
+    scheduled = torch.compile(lambda a, b, s: purify(a, b, strength=s).square().sum(), fullgraph=True)
+    for value in (0.5, 0.6, 0.7, 0.8):
+        s = torch.tensor(value, device=device)
+        torch.testing.assert_close(scheduled(x, z, s), purify(x, z, strength=s).square().sum())
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 # ---- ONNX and onnxruntime ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("k, shared", [(1, False), (2, False), (16, False), (16, True)])
@@ -158,9 +186,10 @@ def test_onnx_export_runs_in_onnxruntime_with_standard_operators(k, shared, tmp_
 
 # ---- AOTInductor ------------------------------------------------------------------------------
 
-def test_aot_inductor_package_runs_the_op(tmp_path):
+@pytest.mark.parametrize("learnable_strength", [True, False], ids=["tensor strength", "float strength"])
+def test_aot_inductor_package_runs_the_op(tmp_path, learnable_strength):
     torch.manual_seed(0)
-    model = _Net(2).eval()
+    model = _Net(2, learnable_strength=learnable_strength).eval()
     x = torch.randn(4, 5, 12)
     ep = torch.export.export(model, (x,))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
